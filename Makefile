@@ -1,0 +1,44 @@
+# e2kd-fast: `make demo` and `make test` create the virtual environment on first use.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.e2kd-installed
+
+# CPU-only machines: the toolkit nvcc belongs to lives here (platform_notes.md §7); DeepSpeed runs
+# on its CPU accelerator; caches stay inside the checkout.
+export CUDA_HOME ?= /usr/local/cuda
+export DS_ACCELERATOR ?= cpu
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_ext
+
+.PHONY: venv test test-gpu lint format demo clean
+
+venv: $(STAMP)
+
+# pip (not uv) sees the machine's local wheels; pip 23.2 builds the DeepSpeed sdist without
+# isolation, so do not upgrade pip here. The extension is built for the CPU only (no CUDA sources
+# are compiled in the default test run).
+$(STAMP): requirements-ci.txt setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	DS_BUILD_OPS=0 $(PY) -m pip install --disable-pip-version-check -q -r requirements-ci.txt
+	E2KD_SKIP_CUDA_BUILD=1 $(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q tests -m requires_cuda
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: $(STAMP)
+	$(PY) -m e2kd_fast.demo --out runs/demo
+
+clean:
+	rm -rf build *.egg-info e2kd_fast/_C*.so e2kd_fast/_build_config.py .cache .pytest_cache

@@ -1,0 +1,42 @@
+"""Explanations: B-cos dynamic weights, contribution maps, pictures."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from e2kd_fast.explain.visualize import contribution_map, explanation_to_rgba
+from e2kd_fast.reference.explain import dynamic_weights_autograd
+
+BACKENDS = ("autograd",)
+
+
+def dynamic_weights(
+    model: nn.Module,
+    x6: Tensor,
+    target: Tensor,
+    *,
+    backend: str = "autograd",
+    create_graph: bool | None = None,
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The dynamic linear weights W = ∂logit_target/∂x6 of a B-cos model in explanation mode.
+
+    Args:
+        model: a B-cos model.
+        x6: [N, 6, H, W] input in the [x, 1 − x] encoding.
+        target: [N] LongTensor, the class explained for each sample.
+        backend: ``"autograd"`` (the reference: one backward through the model, official semantics).
+        create_graph: keep W differentiable (default: when the model has trainable parameters and
+            grad mode is on). Gradients of functions of W then include the paths through the
+            dynamic scales, as in the official e²KD implementation.
+        return_logits: also return the logits of the same forward.
+
+    Returns:
+        W [N, 6, H, W] (and logits [N, num_classes] if asked).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown dynamic_weights backend {backend!r}; available: {', '.join(BACKENDS)}")
+    return dynamic_weights_autograd(model, x6, target, create_graph=create_graph, return_logits=return_logits)
+
+
+__all__ = ["BACKENDS", "contribution_map", "dynamic_weights", "explanation_to_rgba"]

@@ -1,0 +1,202 @@
+"""Loading and saving model weights: official B-cos teachers, torchvision files, our own checkpoints.
+
+`load_checkpoint` accepts a path or an in-memory object and recognises:
+
+* plain state dicts, as the official B-cos v2 / GoodTeachersExplain teacher files are
+  (``densenet_169-7037ee0604.pth``, ``resnet_34-a63425a03e.pth``, ...) and torchvision files;
+* this project's checkpoints (`save_checkpoint`: ``{"format": "e2kd-fast/checkpoint", "model": ...}``);
+* Lightning-style ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers, and the ``module.``
+  (DDP) and ``_orig_mod.`` (torch.compile) key prefixes.
+
+Models may define ``convert_state_dict(sd) -> sd`` to map foreign key names (the official ViT's
+``0.`` prefix, torchvision's legacy DenseNet names). Files are read with ``weights_only=True``:
+nothing in them is executed. All mismatches are reported together and nothing is loaded unless
+everything matches.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+CHECKPOINT_FORMAT = "e2kd-fast/checkpoint"
+_STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.")
+_LIST_LIMIT = 8
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not match the model; the model is left untouched."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What `load_checkpoint` found and loaded."""
+
+    source: str
+    kind: str  # "state_dict", "e2kd-fast", "wrapped:<key>"
+    num_tensors: int
+    stripped_prefix: str
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Reads a checkpoint file without executing code from it (``torch.load(weights_only=True)``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is not a PyTorch checkpoint, or it needs code execution to load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused: the file holds Python objects that can only be restored by executing code "
+            f"from it, and checkpoints are read with weights_only=True ({first_line}). If you trust the file, "
+            "re-save its state dict (torch.save(model.state_dict(), new_path)) and load that."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+
+
+def extract_state_dict(obj: Any, source: str = "checkpoint", prefix: str | None = None) -> tuple[dict, str, str]:
+    """Finds the model state dict inside a loaded checkpoint object.
+
+    Args:
+        obj: what `read_checkpoint` returned, or a state dict.
+        source: a name for error messages (the file path).
+        prefix: keep only keys starting with this prefix, and remove it (e.g. ``"student."``).
+
+    Returns:
+        (state_dict, kind, stripped_prefix).
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    kind = "state_dict"
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        obj, kind = obj.get("model"), "e2kd-fast"
+    else:
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                obj, kind = inner, f"wrapped:{key}"
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: the checkpoint's 'model' entry is {type(obj).__name__}, not a state dict")
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{source}: not a state dict: {len(bad)} entries are not tensors ({_names(bad)}); "
+            f"for wrapped checkpoints the weights are expected under 'state_dict' or 'model'"
+        )
+    state = dict(obj)
+    stripped = ""
+    if prefix is not None:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f"{source}: no keys start with the prefix {prefix!r}")
+        stripped = prefix
+    else:
+        for candidate in _STRIPPABLE_PREFIXES:
+            if state and all(k.startswith(candidate) for k in state):
+                state = {k[len(candidate) :]: v for k, v in state.items()}
+                stripped += candidate
+    return state, kind, stripped
+
+
+def load_checkpoint(
+    model: nn.Module,
+    src: str | os.PathLike | Mapping[str, Any],
+    *,
+    prefix: str | None = None,
+) -> LoadReport:
+    """Loads weights into ``model``, all or nothing.
+
+    Args:
+        model: the model to fill (e.g. from `create_model`).
+        src: a file path, or an object as ``torch.load`` returns it (a state dict or a wrapper).
+        prefix: take only the keys under this prefix (e.g. ``"teacher."`` in a combined checkpoint).
+
+    Returns:
+        A `LoadReport`.
+
+    Raises:
+        FileNotFoundError: ``src`` is a path that does not exist.
+        CheckpointError: unreadable or unsafe file, or a mismatch: the message names every missing
+            and unexpected key and every tensor whose shape differs, with both shapes. The model is
+            unchanged when this is raised.
+    """
+    source = str(src) if isinstance(src, str | os.PathLike) else "<in-memory checkpoint>"
+    obj = read_checkpoint(src) if isinstance(src, str | os.PathLike) else src
+    state, kind, stripped = extract_state_dict(obj, source, prefix)
+    convert = getattr(model, "convert_state_dict", None)
+    if callable(convert):
+        state = convert(state)
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys ({_names(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys ({_names(unexpected)})")
+        if shapes:
+            problems.append(f"{len(shapes)} shape mismatches ({_names(shapes)})")
+        arch = getattr(model, "e2kd_name", type(model).__name__)
+        raise CheckpointError(f"{source} does not match {arch}: " + "; ".join(problems) + ". Nothing was loaded.")
+    model.load_state_dict(state, strict=True)
+    return LoadReport(source, kind, len(state), stripped)
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Writes ``model``'s weights as an e2kd-fast checkpoint, atomically.
+
+    The file is written next to its destination and renamed into place, so a crash never leaves a
+    truncated checkpoint. ``metadata`` must hold plain values (numbers, strings, lists, dicts,
+    tensors) so that the file stays loadable with ``weights_only=True``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "arch": getattr(model, "e2kd_name", None),
+        "model": model.state_dict(),
+        **metadata,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _names(items: list[str]) -> str:
+    shown = ", ".join(items[:_LIST_LIMIT])
+    return shown + (f", ... and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else "")

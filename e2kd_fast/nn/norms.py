@@ -1,0 +1,170 @@
+"""Normalisation layers for B-cos networks: no bias, and 1/std as a dynamic weight.
+
+An additive bias would make the network affine instead of dynamic-linear, so every norm here has
+none (``bias=False`` by default; the official models build them through ``NoBias``). Each divides by
+a data-dependent std; in explanation mode 1/std is a dynamic weight (constant for the explanation,
+differentiated for the loss). Mean subtraction is linear and stays as it is.
+
+State-dict keys match the official `bcos` norms (``weight``, and for batch norm the running
+statistics buffers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from e2kd_fast.nn.explanation import DynamicLinearModule
+
+
+def _drop_bias(norm: nn.Module, bias: bool) -> None:
+    if not bias and getattr(norm, "bias", None) is not None:
+        norm.bias = None
+
+
+class BatchNormUncentered2d(DynamicLinearModule, nn.BatchNorm2d):
+    """Uncentred batch norm ("bnu-linear", the official ImageNet default): y = γ · x / sqrt(var + eps).
+
+    The input is not mean-subtracted. In training, var is the biased batch variance over
+    (N, H, W) (computed centred) and ``running_var`` follows it with ``momentum``; in eval mode the
+    running variance is used. ``running_mean`` exists for state-dict compatibility and is unused.
+
+    Shapes:
+        input [N, C, H, W] → output [N, C, H, W].
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, bias: bool = False, **kw):
+        super().__init__(num_features, eps=eps, momentum=momentum, **kw)
+        _drop_bias(self, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"BatchNormUncentered2d expects [N, C, H, W] input, got shape {tuple(x.shape)}")
+        use_batch_stats = self.training or self.running_var is None
+        if use_batch_stats:
+            var = x.var(dim=(0, 2, 3), unbiased=False)
+            if self.training and self.track_running_stats and self.running_var is not None:
+                self._update_running_var(var.detach())
+        else:
+            var = self.running_var
+        inv_std = (var + self.eps).rsqrt()[None, :, None, None]
+        y = self.dyn_mul(inv_std, x)
+        if self.weight is not None:
+            y = self.weight[None, :, None, None] * y
+        if self.bias is not None:
+            y = y + self.bias[None, :, None, None]
+        return y
+
+    def _update_running_var(self, var: Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_var.mul_(1 - factor).add_(factor * var)
+
+
+class DetachableLayerNorm(DynamicLinearModule, nn.LayerNorm):
+    """Layer norm over the last dimension(s) with 1/std as a dynamic weight (the B-cos ViT's norm).
+
+    Shapes:
+        input [*, *normalized_shape] → same shape.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = False, **kw):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.explaining:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+        y = self.dyn_mul((var + self.eps).rsqrt(), x - mean)
+        if self.weight is not None:
+            y = self.weight * y
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class DetachableGroupNorm2d(DynamicLinearModule, nn.GroupNorm):
+    """Group norm of [N, C, H, W] maps with 1/std as a dynamic weight.
+
+    Shapes:
+        input [N, C, H, W] → output [N, C, H, W]; C must be divisible by ``num_groups``.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, bias: bool = False):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        _drop_bias(self, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] % self.num_groups:
+            raise ValueError(
+                f"{type(self).__name__} expects [N, C, H, W] with C divisible by {self.num_groups}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not self.explaining:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        grouped = x.unflatten(1, (self.num_groups, -1))
+        var, mean = torch.var_mean(grouped, dim=(2, 3, 4), unbiased=False, keepdim=True)
+        y = self.dyn_mul((var + self.eps).rsqrt(), grouped - mean).flatten(1, 2)
+        if self.weight is not None:
+            y = self.weight[None, :, None, None] * y
+        if self.bias is not None:
+            y = y + self.bias[None, :, None, None]
+        return y
+
+
+class DetachableGNLayerNorm2d(DetachableGroupNorm2d):
+    """Layer norm of conv maps (group norm with one group): normalises over (C, H, W)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, bias: bool = False):
+        super().__init__(1, num_channels, eps=eps, affine=affine, bias=bias)
+
+
+class DetachablePositionNorm2d(DynamicLinearModule, nn.LayerNorm):
+    """Position norm: layer norm over the channels at every spatial position (v2's default CNN norm).
+
+    Shapes:
+        input [N, C, H, W] → output [N, C, H, W].
+    """
+
+    def __init__(self, features: int, eps: float = 1e-5, affine: bool = True, bias: bool = False, **kw):
+        super().__init__(features, eps=eps, elementwise_affine=affine, bias=bias and affine, **kw)
+        self.features = features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"DetachablePositionNorm2d expects [N, C, H, W] input, got shape {tuple(x.shape)}")
+        if not self.explaining:
+            y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+            return y.permute(0, 3, 1, 2)
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+        y = self.dyn_mul((var + self.eps).rsqrt(), x - mean)
+        if self.weight is not None:
+            y = self.weight[None, :, None, None] * y
+        if self.bias is not None:
+            y = y + self.bias[None, :, None, None]
+        return y
+
+
+NORM_LAYERS: dict[str, type[nn.Module] | None] = {
+    "bnu": BatchNormUncentered2d,
+    "pn": DetachablePositionNorm2d,
+    "ln": DetachableGNLayerNorm2d,
+    "none": None,
+}
+
+
+def make_norm2d(kind: str):
+    """The constructor ``f(num_channels) -> nn.Module`` for a 2-d norm named ``kind``.
+
+    Kinds: ``bnu`` (uncentred batch norm, the ImageNet zoo's), ``pn`` (position norm), ``ln``
+    (layer norm over C, H, W), ``gn<G>`` (group norm with G groups, e.g. ``gn2``), ``none``.
+    """
+    if kind.startswith("gn") and kind[2:].isdigit():
+        groups = int(kind[2:])
+        return lambda channels: DetachableGroupNorm2d(groups, channels)
+    if kind not in NORM_LAYERS:
+        raise ValueError(f"unknown norm {kind!r}; expected one of {sorted(NORM_LAYERS)} or 'gn<groups>'")
+    layer = NORM_LAYERS[kind]
+    return nn.Identity if layer is None else layer

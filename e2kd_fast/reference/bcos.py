@@ -1,0 +1,187 @@
+"""B-cos layer maths in plain PyTorch: the specification every fast path is tested against.
+
+Everything here is dtype-generic, runs in float64 on the CPU and is twice differentiable.
+Formulas (bcos_and_e2kd.md §1.1), for output unit j, input patch x_p and exponent B:
+
+    ŵ_j = w_j / ‖w_j‖₂                       unit-norm weights, recomputed on every call
+    l_j = ŵ_jᵀ x_p                            the linear part (conv or linear, no bias)
+    n   = sqrt(Σ x_p² + 1e-6)   (conv)        patch norm over the receptive field and channels
+        = ‖x‖₂ + 1e-12          (linear)
+    s_j = |l_j| / n                 (B = 2)   the dynamic scale, |cos|^(B−1)·‖ŵ_j‖
+        = (|l_j / n| + 1e-6)^(B−1)  (B ≠ 2)
+    y_j = s_j · l_j                           (B = 1: y = l, no scale)
+
+The constants (1e-6, 1e-12) and the order of operations follow the official `bcos` package 0.1.3
+so that float64 results agree to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IntPair = int | tuple[int, int]
+
+
+def pair(v: IntPair) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def unit_norm_weight(weight: Tensor) -> Tensor:
+    """Normalises each output unit's weight to unit L2 norm.
+
+    Args:
+        weight: [O, ...] conv ([O, C/groups, kH, kW]) or linear ([O, C]) weight.
+
+    Returns:
+        Tensor of the same shape with ‖weight[o]‖₂ = 1 for every o.
+    """
+    dims = tuple(range(1, weight.dim()))
+    return weight / torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+
+
+def patch_norm(
+    x: Tensor,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    groups: int = 1,
+    out_channels: int | None = None,
+) -> Tensor:
+    """The L2 norm of every input patch a conv sees: square, channel sum, box sum, sqrt.
+
+    The box sum is an average pool times the patch size (zero padding counts), which is what the
+    official code does because ``divisor_override`` does not compile.
+
+    Args:
+        x: [N, C, H, W] input of the conv.
+        kernel_size, stride, padding: the conv's geometry (no dilation; see `patch_norm_slow`).
+        groups: the conv's groups; the norm is taken per group of input channels.
+        out_channels: required when groups > 1: each group's norm is repeated to its outputs.
+
+    Returns:
+        [N, 1, H_out, W_out] for groups == 1, else [N, out_channels, H_out, W_out].
+    """
+    kernel = pair(kernel_size)
+    squares = x * x
+    if groups == 1:
+        squares = squares.sum(1, keepdim=True)
+    else:
+        squares = squares.unflatten(1, (groups, x.shape[1] // groups)).sum(2)
+    box_sum = F.avg_pool2d(squares, kernel, stride=pair(stride), padding=pair(padding)) * math.prod(kernel)
+    norms = (box_sum + 1e-6).sqrt()
+    if groups > 1:
+        if out_channels is None:
+            raise ValueError("patch_norm: out_channels is required when groups > 1")
+        norms = norms.repeat_interleave(out_channels // groups, dim=1)
+    return norms
+
+
+def patch_norm_slow(
+    x: Tensor,
+    weight_shape: tuple[int, ...] | torch.Size,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """Obviously-correct patch norm: a conv of x² with a kernel of ones. Also handles dilation.
+
+    Args:
+        x: [N, C, H, W] input of the conv.
+        weight_shape: the conv weight's shape [O, C/groups, kH, kW].
+
+    Returns:
+        [N, O, H_out, W_out].
+    """
+    ones = torch.ones(weight_shape, dtype=x.dtype, device=x.device)
+    return (F.conv2d(x * x, ones, None, pair(stride), pair(padding), pair(dilation), groups) + 1e-6).sqrt()
+
+
+def dynamic_scale(linear_out: Tensor, norm: Tensor, b: float) -> Tensor:
+    """The B-cos scale s = |cos|^(B−1) (times ‖ŵ‖ = 1), so that the output is s · l.
+
+    Args:
+        linear_out: l = ŵᵀx, any shape.
+        norm: the input norm, broadcastable to ``linear_out``.
+        b: the exponent B (> 1; for B = 1 there is no scale).
+
+    Returns:
+        s with the shape of ``linear_out``.
+    """
+    if b == 2:
+        return linear_out.abs() / norm
+    return ((linear_out / norm).abs() + 1e-6).pow(b - 1)
+
+
+def max_out(linear_out: Tensor, units: int, dim: int) -> Tensor:
+    """MaxOut: views ``dim`` of size O·M as (O, M) and keeps the max over the M units."""
+    if units == 1:
+        return linear_out
+    out_size = linear_out.shape[dim] // units
+    # max(...).values, as the official code: its gradient goes to one unit even on ties.
+    return linear_out.unflatten(dim, (out_size, units)).max(dim=dim + 1 if dim >= 0 else dim).values
+
+
+def bcos_conv2d_parts(
+    x: Tensor,
+    weight: Tensor,
+    b: float = 2,
+    max_out_units: int = 1,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor | None]:
+    """The two factors of a B-cos conv: output = scale · linear (scale is None for B = 1).
+
+    Args:
+        x: [N, C, H, W] input.
+        weight: [O·M, C/groups, kH, kW] raw (unnormalised) weight, M = ``max_out_units``.
+
+    Returns:
+        (linear, scale), both [N, O, H_out, W_out]; scale is None when b == 1.
+    """
+    linear = F.conv2d(x, unit_norm_weight(weight), None, pair(stride), pair(padding), pair(dilation), groups)
+    linear = max_out(linear, max_out_units, dim=1)
+    if b == 1:
+        return linear, None
+    out_channels = linear.shape[1]
+    if pair(dilation) != (1, 1):
+        w_shape = (out_channels, *weight.shape[1:])
+        norm = patch_norm_slow(x, w_shape, stride, padding, dilation, groups)
+    else:
+        norm = patch_norm(x, weight.shape[-2:], stride, padding, groups, out_channels)
+    return linear, dynamic_scale(linear, norm, b)
+
+
+def bcos_conv2d(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1, **conv: IntPair) -> Tensor:
+    """A B-cos conv: [N, C, H, W] → [N, O, H_out, W_out]; ``conv`` holds stride/padding/dilation/groups."""
+    linear, scale = bcos_conv2d_parts(x, weight, b, max_out_units, **conv)
+    return linear if scale is None else scale * linear
+
+
+def bcos_linear_parts(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1) -> tuple[Tensor, Tensor | None]:
+    """The two factors of a B-cos linear layer: output = scale · linear.
+
+    Args:
+        x: [*, C] input.
+        weight: [O·M, C] raw weight.
+
+    Returns:
+        (linear, scale), both [*, O]; scale is None when b == 1.
+    """
+    linear = max_out(F.linear(x, unit_norm_weight(weight)), max_out_units, dim=-1)
+    if b == 1:
+        return linear, None
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-12
+    return linear, dynamic_scale(linear, norm, b)
+
+
+def bcos_linear(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1) -> Tensor:
+    """A B-cos linear layer: [*, C] → [*, O]."""
+    linear, scale = bcos_linear_parts(x, weight, b, max_out_units)
+    return linear if scale is None else scale * linear
