@@ -1,0 +1,33 @@
+"""Test helpers shared across files."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Gives every norm non-trivial affine weights and running statistics (in place)."""
+    with torch.no_grad():
+        for m in model.modules():
+            weight = getattr(m, "weight", None)
+            if isinstance(m, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm) or "Norm" in type(m).__name__:
+                if isinstance(weight, torch.Tensor):
+                    weight.uniform_(0.5, 1.5, generator=generator)
+                running_var = getattr(m, "running_var", None)
+                if isinstance(running_var, torch.Tensor):
+                    running_var.uniform_(0.25, 4.0, generator=generator)
+    return model
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual − expected| / max |expected|."""
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
+
+
+def official_input_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """W by the official `bcos` recipe: backward of the target logits in its explanation mode."""
+    x = x.detach().clone().requires_grad_(True)
+    with model.explanation_mode():
+        model(x).gather(1, target[:, None]).sum().backward(inputs=[x])
+    return x.grad
