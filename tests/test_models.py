@@ -126,7 +126,9 @@ def test_parity_with_official_model(name):
     assert rel_err(weights, official_input_grad(official, x6, target)) < 1e-10
 
 
-@pytest.mark.parametrize("name", ["bcos_resnet18", "bcos_densenet121", "bcos_resnet20_cifar", "bcos_vit_ti_patch16_224"])
+@pytest.mark.parametrize(
+    "name", ["bcos_resnet18", "bcos_densenet121", "bcos_resnet20_cifar", "bcos_vit_ti_patch16_224"]
+)
 def test_parity_in_train_mode(name):
     """Students train in train mode: batch statistics make the explanation batch-dependent."""
     torch.set_default_dtype(torch.float64)
@@ -143,7 +145,9 @@ def test_parity_in_train_mode(name):
 def test_official_cifar_config_without_norm_and_with_maxout():
     """The official CIFAR-10 configs: no norm layers, MaxOut with two units."""
     torch.set_default_dtype(torch.float64)
-    official = official_resnet.cifar10_resnet20(norm_layer=torch.nn.Identity, conv_layer=partial(OfficialConv, max_out=2))
+    official = official_resnet.cifar10_resnet20(
+        norm_layer=torch.nn.Identity, conv_layer=partial(OfficialConv, max_out=2)
+    )
     ours = create_model("bcos_resnet20_cifar", norm="none", max_out=2)
     load_checkpoint(ours, official.state_dict())
     x6 = AddInverse()(torch.rand(2, 3, 16, 16))
@@ -178,4 +182,3 @@ def test_vit_is_not_exactly_dynamic_linear():
 def test_model_entry_metadata():
     assert model_entry("bcos_resnet56_cifar").default_num_classes == 10
     assert model_entry("densenet169").family == "standard"
-

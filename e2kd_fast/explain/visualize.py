@@ -23,9 +23,7 @@ def contribution_map(x6: Tensor, weights: Tensor) -> Tensor:
     return (x6 * weights).sum(dim=-3)
 
 
-def explanation_to_rgba(
-    x6: Tensor, weights: Tensor, smooth: int = 0, alpha_percentile: float = 99.5
-) -> np.ndarray:
+def explanation_to_rgba(x6: Tensor, weights: Tensor, smooth: int = 0, alpha_percentile: float = 99.5) -> np.ndarray:
     """The B-cos explanation picture: colour from W's [x, 1 − x] channel pairs, opacity from ‖W‖.
 
     Per pixel: W is divided by its largest |W_c| and clamped at 0; each colour is
@@ -45,7 +43,9 @@ def explanation_to_rgba(
     if weights.dim() == 4:
         return np.stack([explanation_to_rgba(x, w, smooth, alpha_percentile) for x, w in zip(x6, weights, strict=True)])
     if weights.dim() != 3 or weights.shape[0] != 6 or x6.shape != weights.shape:
-        raise ValueError(f"expected x6 and weights of shape [6, H, W], got {tuple(x6.shape)} and {tuple(weights.shape)}")
+        raise ValueError(
+            f"expected x6 and weights of shape [6, H, W], got {tuple(x6.shape)} and {tuple(weights.shape)}"
+        )
     if not 0 < alpha_percentile <= 100:
         raise ValueError(f"alpha_percentile must be in (0, 100], got {alpha_percentile}")
     weights, x6 = weights.detach(), x6.detach()

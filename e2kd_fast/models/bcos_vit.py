@@ -62,7 +62,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, linear, norm) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            OrderedDict(norm=norm(dim), linear1=linear(dim, hidden_dim), act=nn.Identity(), linear2=linear(hidden_dim, dim))
+            OrderedDict(
+                norm=norm(dim), linear1=linear(dim, hidden_dim), act=nn.Identity(), linear2=linear(hidden_dim, dim)
+            )
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,7 +136,9 @@ class BcosViT(nn.Module):
         norm = DetachableLayerNorm
         self.to_patch_embedding = PatchEmbedding(patch_size, channels, dim, linear)
         self.transformer = nn.Sequential(
-            OrderedDict((f"encoder_{i}", Encoder(dim, heads, dim // heads, mlp_dim, linear, norm)) for i in range(depth))
+            OrderedDict(
+                (f"encoder_{i}", Encoder(dim, heads, dim // heads, mlp_dim, linear, norm)) for i in range(depth)
+            )
         )
         self.linear_head = nn.Sequential(OrderedDict(norm=norm(dim), linear=linear(dim, num_classes)))
         self.num_classes = num_classes

@@ -65,7 +65,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             f"from it, and checkpoints are read with weights_only=True ({first_line}). If you trust the file, "
             "re-save its state dict (torch.save(model.state_dict(), new_path)) and load that."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # corrupt files surface as many types (RuntimeError, EOFError, IndexError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
 
 
@@ -81,7 +81,9 @@ def extract_state_dict(obj: Any, source: str = "checkpoint", prefix: str | None 
         (state_dict, kind, stripped_prefix).
     """
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     kind = "state_dict"
     if obj.get("format") == CHECKPOINT_FORMAT:
         obj, kind = obj.get("model"), "e2kd-fast"
@@ -144,6 +146,9 @@ def load_checkpoint(
         state = convert(state)
 
     expected = model.state_dict()
+    for key in expected:  # files older than this buffer (torchvision's DenseNets) lack it; torch allows that
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = expected[key]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [

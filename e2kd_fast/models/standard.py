@@ -14,7 +14,9 @@ from torch import Tensor, nn
 from e2kd_fast.models._registry import register_model
 
 # Old torchvision DenseNet checkpoints name dense-layer modules "norm.1", "conv.2", ...
-_LEGACY_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 def _convert_densenet_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from e2kd_fast.nn.explanation import DynamicLinearModule
-from e2kd_fast.reference.bcos import IntPair, pair, bcos_conv2d_parts, bcos_linear_parts, unit_norm_weight
+from e2kd_fast.reference.bcos import IntPair, bcos_conv2d_parts, bcos_linear_parts, pair, unit_norm_weight
 
 
 class NormedConv2d(nn.Conv2d):
