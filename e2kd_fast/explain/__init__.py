@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from e2kd_fast.explain.gradcam import gradcam
 from e2kd_fast.explain.visualize import contribution_map, explanation_to_rgba
 from e2kd_fast.reference.explain import dynamic_weights_autograd
 
@@ -13,7 +14,7 @@ BACKENDS = ("autograd",)
 def dynamic_weights(
     model: nn.Module,
     x6: Tensor,
-    target: Tensor,
+    target: Tensor | None = None,
     *,
     backend: str = "autograd",
     create_graph: bool | None = None,
@@ -24,7 +25,7 @@ def dynamic_weights(
     Args:
         model: a B-cos model.
         x6: [N, 6, H, W] input in the [x, 1 − x] encoding.
-        target: [N] LongTensor, the class explained for each sample.
+        target: [N] LongTensor, the class explained for each sample; None explains the model's top-1.
         backend: ``"autograd"`` (the reference: one backward through the model, official semantics).
         create_graph: keep W differentiable (default: when the model has trainable parameters and
             grad mode is on). Gradients of functions of W then include the paths through the
@@ -39,4 +40,4 @@ def dynamic_weights(
     return dynamic_weights_autograd(model, x6, target, create_graph=create_graph, return_logits=return_logits)
 
 
-__all__ = ["BACKENDS", "contribution_map", "dynamic_weights", "explanation_to_rgba"]
+__all__ = ["BACKENDS", "contribution_map", "dynamic_weights", "explanation_to_rgba", "gradcam"]

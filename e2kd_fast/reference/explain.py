@@ -11,7 +11,7 @@ from e2kd_fast.nn.explanation import explanation_mode
 def dynamic_weights_autograd(
     model: nn.Module,
     x6: Tensor,
-    target: Tensor,
+    target: Tensor | None = None,
     *,
     create_graph: bool | None = None,
     return_logits: bool = False,
@@ -26,7 +26,8 @@ def dynamic_weights_autograd(
     Args:
         model: a B-cos model (its current train/eval mode is used as it is).
         x6: [N, C, H, W] input (the 6-channel encoding for B-cos models).
-        target: [N] integer class to explain per sample.
+        target: [N] integer class to explain per sample; None explains the model's own top-1 (one
+            forward, as the official code explains the teacher's prediction).
         create_graph: record the graph of W for a later backward; default: when grad mode is on
             and the model has parameters that require grad (a student, not a frozen teacher).
         return_logits: also return the logits of the same forward.
@@ -36,20 +37,27 @@ def dynamic_weights_autograd(
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError("explanations need autograd: compute them outside torch.inference_mode()")
-    if target.dim() != 1 or target.shape[0] != x6.shape[0]:
-        raise ValueError(f"target must be a 1-d tensor of {x6.shape[0]} class indices, got shape {tuple(target.shape)}")
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if target is not None:
+        check_target(target, x6.shape[0])
     if create_graph is None:
         create_graph = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
     x = x6.detach().requires_grad_(True)
     with torch.enable_grad(), explanation_mode(model):
         logits = model(x)
-        num_classes = logits.shape[1]
-        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-            raise ValueError(f"target holds class indices outside [0, {num_classes}): {target.tolist()}")
+        target = logits.argmax(1) if target is None else target
+        check_target(target, logits.shape[0], logits.shape[1])
         selected = logits.gather(1, target.to(logits.device)[:, None].long()).sum()
         (weights,) = torch.autograd.grad(
             selected, x, create_graph=create_graph, retain_graph=create_graph or return_logits
         )
     return (weights, logits) if return_logits else weights
+
+
+def check_target(target: Tensor, batch: int, num_classes: int | None = None) -> None:
+    """Raises a ValueError unless ``target`` is [batch] integer class indices in [0, num_classes)."""
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(f"target must be a 1-d tensor of {batch} class indices, got shape {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if num_classes is not None and target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(f"target holds class indices outside [0, {num_classes}): {target.tolist()}")

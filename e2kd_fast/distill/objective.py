@@ -1,0 +1,148 @@
+"""The e²KD objective, exactly as the official implementation computes it (bcos_and_e2kd.md §3).
+
+    L = gt_coef · L_gt + τ² · KL(p_T^τ ‖ p_S^τ) + λ · mean_i(1 − cos(E_S,i, E_T,i))
+
+Both explanations are taken for the teacher's top-1 class ĉ. B-cos models are explained by their
+dynamic weights W = ∂logit_ĉ/∂x6 ([N, 6, H, W]); standard models by ReLU-GradCAM of the last stage,
+resized to the input ([N, 1, H, W]). ``loss.backward()`` gives the official gradient: the student's
+explanation is differentiated through its dynamic weights (the exact total derivative), and the KD
+term gets the ordinary gradient although the student's forward ran in explanation mode.
+
+The teacher builds no autograd graph: its logits are computed under ``no_grad`` when no explanation
+is needed (the KD baseline), and its explanation with ``create_graph=False`` otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from e2kd_fast.explain import dynamic_weights, gradcam
+from e2kd_fast.reference.losses import explanation_cosine, kd_kl, uniform_off_label_bce
+
+EXPLANATIONS = ("bcos", "gradcam")
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """A teacher's stored ("frozen") outputs for one batch.
+
+    Attributes:
+        logits: [N, C] teacher logits; their argmax is the explained class.
+        explanation: the teacher's explanation for its top-1 class, [N, 6, H, W] (B-cos) or
+            [N, 1, H, W] (GradCAM), aligned with the batch's images (same crop and flip).
+    """
+
+    logits: Tensor
+    explanation: Tensor | None = None
+
+
+def e2kd_objective(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    x: Tensor,
+    *,
+    tau: float = 1.0,
+    lam: float = 1.0,
+    explanation: str = "bcos",
+    labels: Tensor | None = None,
+    gt_coef: float = 0.0,
+    step: int = 0,
+    guided_step_interval: int = 1,
+    frozen: TeacherOutputs | None = None,
+) -> dict[str, Tensor]:
+    """One batch of the e²KD objective (λ = 0 gives the KD baseline).
+
+    Args:
+        student: the model being trained (its train/eval mode is used as it is).
+        teacher: the teacher, in eval mode with frozen parameters; None with ``frozen`` outputs.
+        x: [N, C, H, W] the batch both models see (6-channel encoding for B-cos models, normalised
+            RGB for standard models).
+        tau: KD temperature τ > 0.
+        lam: weight λ ≥ 0 of the explanation term.
+        explanation: ``"bcos"`` (dynamic weights) or ``"gradcam"`` (standard networks).
+        labels: [N] class indices or [N, C] dense (mixup) targets, for the ground-truth term.
+        gt_coef: weight of the ground-truth term: BCE with uniform off-labels for B-cos, cross-entropy
+            for GradCAM students (0 in every official configuration).
+        step: the optimiser step index, for ``guided_step_interval``.
+        guided_step_interval: compute the explanation term only on steps divisible by this (K = 16
+            for ResNets, 4 for ViTs in the official "efficient" configs); other steps are KD only.
+        frozen: precomputed teacher outputs instead of running ``teacher``.
+
+    Returns:
+        A dict of tensors: ``loss`` (differentiable), and detached ``kd``, ``exp`` (0 on steps
+        without explanation), ``gt``, ``agreement`` (share of samples where the student's top-1 is
+        the teacher's), ``explanation_cosine`` (mean cosine, NaN on steps without explanation),
+        ``target`` ([N], the teacher's top-1), ``student_logits``, ``teacher_logits``.
+    """
+    if explanation not in EXPLANATIONS:
+        raise ValueError(f"explanation must be one of {EXPLANATIONS}, got {explanation!r}")
+    if tau <= 0 or lam < 0 or gt_coef < 0:
+        raise ValueError(f"need tau > 0, lam >= 0 and gt_coef >= 0; got tau={tau}, lam={lam}, gt_coef={gt_coef}")
+    if guided_step_interval < 1:
+        raise ValueError(f"guided_step_interval must be >= 1, got {guided_step_interval}")
+    if teacher is None and frozen is None:
+        raise ValueError("e2kd_objective needs a teacher model or its frozen outputs")
+    if gt_coef > 0 and labels is None:
+        raise ValueError("gt_coef > 0 needs the ground-truth labels")
+    explain_now = lam > 0 and step % guided_step_interval == 0
+    explain = dynamic_weights if explanation == "bcos" else gradcam
+
+    teacher_logits, teacher_map = _teacher_outputs(teacher, x, frozen, explain if explain_now else None)
+    target = teacher_logits.argmax(1)
+    if explain_now:
+        student_map, student_logits = explain(student, x, target, create_graph=True, return_logits=True)
+        if teacher_map is None:
+            raise ValueError("frozen teacher outputs hold no explanation, but this step needs one (lam > 0)")
+        if student_map.shape != teacher_map.shape:
+            raise ValueError(
+                f"student explanation {tuple(student_map.shape)} and teacher explanation "
+                f"{tuple(teacher_map.shape)} differ in shape"
+            )
+        cosine = explanation_cosine(student_map, teacher_map.to(student_map.dtype))
+        exp = (1 - cosine).mean()
+    else:
+        student_logits = student(x)
+        exp = student_logits.new_zeros(())
+        cosine = student_logits.new_full((1,), float("nan"))
+
+    kd = kd_kl(student_logits, teacher_logits.to(student_logits.dtype), tau)
+    gt = student_logits.new_zeros(())
+    if gt_coef > 0:
+        gt = (
+            uniform_off_label_bce(student_logits, labels)
+            if explanation == "bcos"
+            else F.cross_entropy(student_logits, labels)
+        )
+    loss = gt_coef * gt + kd + lam * exp
+    return {
+        "loss": loss,
+        "kd": kd.detach(),
+        "exp": exp.detach(),
+        "gt": gt.detach(),
+        "agreement": (student_logits.argmax(1) == target).float().mean().detach(),
+        "explanation_cosine": cosine.mean().detach(),
+        "target": target,
+        "student_logits": student_logits.detach(),
+        "teacher_logits": teacher_logits,
+    }
+
+
+def _teacher_outputs(teacher, x, frozen, explain) -> tuple[Tensor, Tensor | None]:
+    """(logits [N, C], explanation or None), both without any autograd graph."""
+    if frozen is not None:
+        if frozen.logits.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"frozen teacher logits cover {frozen.logits.shape[0]} samples, the batch has {x.shape[0]}"
+            )
+        explanation = None if frozen.explanation is None or explain is None else frozen.explanation.detach()
+        return frozen.logits.detach(), explanation
+    if explain is None:
+        with torch.no_grad():
+            return teacher(x), None
+    # One forward: the teacher explains its own top-1, which is the class the student explains too.
+    teacher_map, logits = explain(teacher, x, None, create_graph=False, return_logits=True)
+    return logits.detach(), teacher_map.detach()
