@@ -1,0 +1,185 @@
+"""ImageNet-style image folders (``root/<split>/<class_name>/<file>``) that skip unreadable images.
+
+A damaged file must not stop a 200-epoch run: `ImageFolderDataset.__getitem__` warns and returns None,
+and `collate_skipping` drops the Nones and reports how many it dropped in the batch itself, because
+DataLoader worker processes cannot share a counter with the trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+from torchvision.transforms.v2 import functional as TF
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+
+def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+    return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+
+
+def _sorted_subdirs(path: Path) -> list[str]:
+    """Names of the visible subfolders, sorted (hidden ones such as ``.ipynb_checkpoints`` are ignored)."""
+    with os.scandir(path) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+class ImageFolderDataset(Dataset):
+    """Images in ``root/<split>/<class_name>/<file>``; classes are the sorted folder names.
+
+    The order is deterministic: classes sorted by name get indices 0..C-1, files sorted by name within
+    each class. Extensions match case-insensitively (ImageNet's ``.JPEG``). Hidden folders and files are
+    ignored.
+
+    Items are dicts ``{"image", "target", "index"}`` (plus ``"mask"`` with ``masks_root``), or None when
+    the image (or its mask) cannot be decoded; use `collate_skipping` as the DataLoader's collate_fn.
+
+    Args:
+        root: data set folder.
+        split: subfolder of ``root`` (``"train"``, ``"val"``, ...).
+        transform: applied to the PIL RGB image; without ``masks_root`` it is called as
+            ``transform(image)``, with it as ``transform(image, mask)`` and must return
+            ``(image, mask)`` with one geometry for both (see `e2kd_fast.data.PairedTransform`).
+            None: the image becomes a float32 tensor [3, H, W] in [0, 1].
+        extensions: file endings that count as images.
+        masks_root: optional folder of object masks: ``masks_root/<split>/<class>/<stem>.png``, read as
+            a bool tensor [h, w] (pixel > 127). Every image must have one.
+
+    Attributes:
+        classes: class names, index = class id.
+        samples: (path, class id) of every image, in dataset order.
+        targets: [N] int64 class ids.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        transform: Callable[..., Any] | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        masks_root: str | os.PathLike | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.extensions = _normalise_extensions(extensions)
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(f"split folder not found: {split_dir}")
+        self.classes = _sorted_subdirs(split_dir)
+        if not self.classes:
+            raise ValueError(f"no class folders in {split_dir} (expected {split_dir}/<class_name>/<image>)")
+        self.samples: list[tuple[Path, int]] = []
+        for target, name in enumerate(self.classes):
+            class_dir = split_dir / name
+            with os.scandir(class_dir) as it:
+                files = sorted(
+                    e.name
+                    for e in it
+                    if not e.name.startswith(".")
+                    and os.path.splitext(e.name)[1].lower() in self.extensions
+                    and e.is_file()
+                )
+            if not files:
+                raise ValueError(f"class folder {class_dir} has no images with extensions {', '.join(self.extensions)}")
+            self.samples.extend((class_dir / f, target) for f in files)
+        self.targets = torch.tensor([t for _, t in self.samples], dtype=torch.long)
+        self.masks_root = None if masks_root is None else Path(masks_root)
+        if self.masks_root is not None:
+            self._check_masks()
+
+    def _check_masks(self) -> None:
+        """Fails at construction, not mid-epoch, when masks are missing (a layout error, not a damaged file)."""
+        mask_split = self.masks_root / self.split
+        if not mask_split.is_dir():
+            raise FileNotFoundError(f"mask split folder not found: {mask_split}")
+        missing = [p for p in map(self.mask_path, range(len(self))) if not p.is_file()]
+        if missing:
+            shown = ", ".join(str(p) for p in missing[:3])
+            raise FileNotFoundError(f"{len(missing)} of {len(self)} masks are missing, e.g. {shown}")
+
+    def mask_path(self, index: int) -> Path:
+        """``masks_root/<split>/<class>/<stem>.png`` for image ``index``."""
+        if self.masks_root is None:
+            raise ValueError("this dataset has no masks_root")
+        path, target = self.samples[index]
+        return self.masks_root / self.split / self.classes[target] / f"{path.stem}.png"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read(self, index: int) -> tuple[Image.Image, Tensor | None] | None:
+        """Decodes the image (and mask); warns and returns None if PIL cannot."""
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")  # forces the full decode, so truncated files fail here
+            mask = None
+            if self.masks_root is not None:
+                path = self.mask_path(index)
+                with Image.open(path) as im:
+                    mask = TF.pil_to_tensor(im.convert("L"))[0] > 127
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the codec
+            warnings.warn(f"skipping unreadable image file {path}: {type(exc).__name__}: {exc}", stacklevel=2)
+            return None
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        """Returns ``{"image": [C, H, W], "target": int, "index": int}`` (+ ``"mask"``: bool [H, W]) or None."""
+        if index < 0:
+            index += len(self)
+        read = self._read(index)
+        if read is None:
+            return None
+        image, mask = read
+        if mask is None:
+            image = self.transform(image) if self.transform is not None else TF.pil_to_tensor(image).float().div_(255)
+            return {"image": image, "target": self.samples[index][1], "index": index}
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        else:
+            image = TF.pil_to_tensor(image).float().div_(255)
+        return {"image": image, "target": self.samples[index][1], "index": index, "mask": mask}
+
+    def __repr__(self) -> str:
+        masks = f", masks_root={str(self.masks_root)!r}" if self.masks_root is not None else ""
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+            f"{len(self.classes)} classes, {len(self)} images{masks})"
+        )
+
+
+def collate_skipping(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """DataLoader collate_fn that drops unreadable samples (None) and counts them.
+
+    Args:
+        batch: items of `ImageFolderDataset` (or any dicts); None for a skipped image.
+
+    Returns:
+        ``{"image": [B, C, H, W], "target": int64 [B], "index": int64 [B], ..., "skipped": int}`` where B
+        is the number of readable items; other keys are collated the same way (``"mask"`` → bool
+        [B, H, W]). If every item was skipped: empty tensors ``image`` [0], ``target`` [0],
+        ``index`` [0] and ``skipped = len(batch)``.
+    """
+    kept = [item for item in batch if item is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return {
+            "image": torch.zeros(0),
+            "target": torch.zeros(0, dtype=torch.long),
+            "index": torch.zeros(0, dtype=torch.long),
+            "skipped": skipped,
+        }
+    out = default_collate(kept)  # stacks into shared memory inside worker processes
+    out["skipped"] = skipped
+    return out

@@ -1,0 +1,155 @@
+"""ImageNet-style folders: deterministic order, clear layout errors, unreadable files skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from e2kd_fast.data import ImageFolderDataset, collate_skipping, paired_eval_transform, train_transform
+
+
+def _save(path, seed: int, size=(12, 10), fmt=None) -> torch.Tensor:
+    """Writes a random RGB image (H, W = size) and returns it as uint8 [3, H, W]."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (*size, 3), generator=g, dtype=torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.numpy()).save(path, format=fmt)
+    return pixels.permute(2, 0, 1)
+
+
+def _truncated_jpeg(path) -> None:
+    buf = io.BytesIO()
+    g = torch.Generator().manual_seed(9)
+    Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy()).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """train/: b_dog (2 PNG + 1 JPEG with upper-case .JPEG), a_cat (2 PNG), plus non-images and a hidden dir."""
+    root = tmp_path / "data"
+    pixels = {}
+    pixels["b_dog/z.png"] = _save(root / "train/b_dog/z.png", 1)
+    pixels["b_dog/a.png"] = _save(root / "train/b_dog/a.png", 2)
+    _save(root / "train/b_dog/m.JPEG", 3, fmt="JPEG")
+    pixels["a_cat/x.PNG"] = _save(root / "train/a_cat/x.PNG", 4)
+    pixels["a_cat/c.png"] = _save(root / "train/a_cat/c.png", 5)
+    (root / "train/a_cat/readme.txt").write_text("not an image")
+    (root / "train/.ipynb_checkpoints").mkdir()
+    return root, pixels
+
+
+def test_classes_samples_targets_are_sorted_and_deterministic(tree):
+    root, _ = tree
+    ds = ImageFolderDataset(root, "train")
+    assert ds.classes == ["a_cat", "b_dog"]
+    names = [(p.parent.name, p.name, t) for p, t in ds.samples]
+    assert names == [
+        ("a_cat", "c.png", 0),
+        ("a_cat", "x.PNG", 0),
+        ("b_dog", "a.png", 1),
+        ("b_dog", "m.JPEG", 1),
+        ("b_dog", "z.png", 1),
+    ]
+    assert torch.equal(ds.targets, torch.tensor([0, 0, 1, 1, 1])) and ds.targets.dtype == torch.long
+    assert ImageFolderDataset(root, "train").samples == ds.samples
+    assert len(ImageFolderDataset(root, "train", extensions=("png",))) == 4
+
+
+def test_items_without_and_with_transform(tree):
+    root, pixels = tree
+    ds = ImageFolderDataset(root, "train")
+    item = ds[0]
+    assert set(item) == {"image", "target", "index"} and item["target"] == 0 and item["index"] == 0
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 12, 10)
+    torch.testing.assert_close(item["image"], pixels["a_cat/c.png"].float() / 255)  # PNG is lossless
+    assert ds[-1]["index"] == 4
+    ds = ImageFolderDataset(root, "train", transform=train_transform(8, encoding="bcos"))
+    assert ds[3]["image"].shape == (6, 8, 8)
+
+
+def test_layout_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "val")):
+        ImageFolderDataset(tmp_path, "val")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ValueError, match="no class folders in .*val"):
+        ImageFolderDataset(tmp_path, "val")
+    _save(tmp_path / "val/cat/1.png", 0)
+    (tmp_path / "val/dog").mkdir()
+    (tmp_path / "val/dog/notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"class folder .*val/dog has no images"):
+        ImageFolderDataset(tmp_path, "val")
+
+
+def test_unreadable_images_warn_and_are_skipped_in_batches(tree):
+    root, _ = tree
+    bad = root / "train/a_cat/bad.JPEG"
+    bad.write_bytes(torch.randint(0, 256, (500,), dtype=torch.uint8).numpy().tobytes())
+    _truncated_jpeg(root / "train/b_dog/trunc.jpg")
+    ds = ImageFolderDataset(root, "train", transform=train_transform(8, encoding="none"))
+    assert len(ds) == 7
+    bad_idx = [i for i, (p, _) in enumerate(ds.samples) if p.name in ("bad.JPEG", "trunc.jpg")]
+    for i in bad_idx:
+        with pytest.warns(UserWarning, match=ds.samples[i][0].name) as record:
+            assert ds[i] is None
+        assert str(ds.samples[i][0]) in str(record[0].message)  # the full path, to find and fix the file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(DataLoader(ds, batch_size=4, collate_fn=collate_skipping))
+    assert sum(b["skipped"] for b in batches) == 2
+    assert sum(len(b["target"]) for b in batches) == 5
+    for b in batches:
+        assert b["image"].shape == (len(b["target"]), 3, 8, 8)
+        assert b["target"].dtype == b["index"].dtype == torch.long
+    seen = torch.cat([b["index"] for b in batches]).tolist()
+    assert sorted(seen) == sorted(set(range(7)) - set(bad_idx))
+    assert torch.equal(torch.cat([b["target"] for b in batches]), ds.targets[seen])
+
+
+def test_collate_of_an_all_unreadable_batch_is_empty():
+    b = collate_skipping([None, None, None])
+    assert b["skipped"] == 3 and b["image"].numel() == 0
+    assert b["target"].shape == (0,) and b["target"].dtype == torch.long and b["index"].dtype == torch.long
+
+
+def test_loader_with_a_worker_process_counts_skips(tree):
+    root, _ = tree
+    (root / "train/b_dog/bad.jpeg").write_bytes(b"\x00" * 100)
+    ds = ImageFolderDataset(root, "train", transform=train_transform(8, encoding="bcos"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate_skipping))
+    assert sum(b["skipped"] for b in batches) == 1 and sum(len(b["index"]) for b in batches) == 5
+
+
+def test_masks_follow_the_image_geometry(tree, tmp_path):
+    root, _ = tree
+    masks = tmp_path / "masks"
+    ds = ImageFolderDataset(root, "train")
+    for path, target in ds.samples:
+        m = torch.zeros(24, 20, dtype=torch.uint8)  # masks at twice the image resolution
+        m[:, :10] = 255  # left half
+        out = masks / "train" / ds.classes[target] / f"{path.stem}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(m.numpy()).save(out)
+    plain = ImageFolderDataset(root, "train", masks_root=masks)
+    item = plain[1]
+    assert item["mask"].dtype == torch.bool and item["mask"].shape == (24, 20) and item["mask"][:, :10].all()
+    paired = ImageFolderDataset(root, "train", transform=paired_eval_transform(8, 8, encoding="bcos"), masks_root=masks)
+    item = paired[2]
+    assert item["image"].shape == (6, 8, 8) and item["mask"].shape == (8, 8)
+    assert item["mask"][:, :4].all() and not item["mask"][:, 4:].any()
+    batch = collate_skipping([paired[0], None, paired[2]])
+    assert batch["mask"].shape == (2, 8, 8) and batch["mask"].dtype == torch.bool and batch["skipped"] == 1
+
+    (masks / "train/b_dog/z.png").unlink()
+    with pytest.raises(FileNotFoundError, match="1 of 5 masks are missing.*b_dog/z.png"):
+        ImageFolderDataset(root, "train", masks_root=masks)
+    with pytest.raises(FileNotFoundError, match="mask split folder"):
+        ImageFolderDataset(root, "train", masks_root=tmp_path / "nowhere")
