@@ -120,12 +120,14 @@ setup(
         "pillow",
         "pyyaml",
         "tqdm",
+        "tensorboard",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "deepspeed": ["deepspeed>=0.15"],
         "test": ["bcos==0.1.3", "pytest", "ruff"],
     },
+    entry_points={"console_scripts": ["e2kd-fast=e2kd_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

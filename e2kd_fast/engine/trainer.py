@@ -1,0 +1,425 @@
+"""The training loop: e²KD / KD / supervised training of one student on one device.
+
+What a run writes into ``train.out_dir``:
+    config.yaml          the resolved configuration
+    metrics.jsonl        one JSON record per log line ("train") and per evaluation ("eval")
+    tb/                  the same scalars for TensorBoard
+    checkpoints/last.pt  the resume point: written atomically every ``checkpoint_every_steps`` and
+                         at the end of every epoch
+    checkpoints/epoch_XXXX.pt  per-epoch checkpoints; only the best ``keep_best`` by val top-1 stay
+    summary.json         final metrics, counts of skipped images, wall time
+
+Exact resume: data order, augmentation and all other randomness are functions of (seed, epoch,
+step) (`e2kd_fast.engine.sampling`), and the learning rate is a function of the step; resuming from
+``last.pt`` reproduces the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from e2kd_fast.config import Config, config_to_dict, save_config
+from e2kd_fast.distill import TeacherOutputs, e2kd_objective
+from e2kd_fast.engine.evaluate import evaluate
+from e2kd_fast.engine.logging import MetricsLogger
+from e2kd_fast.engine.optim import adaptive_clip_grad_, build_optimizer, set_learning_rate, warmup_cosine_factor
+from e2kd_fast.engine.sampling import EpochSampler, SeededDataset, mix_seed
+from e2kd_fast.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
+from e2kd_fast.reference.losses import uniform_off_label_bce
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); the last checkpoint is left intact."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # current epoch
+    step_in_epoch: int = 0  # optimiser steps done in the current epoch
+    skipped_images: int = 0
+    best: list[tuple[float, str]] = field(default_factory=list)  # (val top-1, checkpoint path), best first
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU (queried here, never at import)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_student(cfg: Config) -> nn.Module:
+    kwargs = dict(cfg.student.kwargs)
+    model = create_model(cfg.student.name, num_classes=cfg.student.num_classes, **kwargs)
+    if cfg.student.checkpoint:
+        load_checkpoint(model, cfg.student.checkpoint)
+    return model
+
+
+def build_teacher(cfg: Config) -> nn.Module | None:
+    """The teacher in eval mode with frozen parameters, or None when the config has none."""
+    if cfg.teacher.name is None:
+        return None
+    teacher = create_model(cfg.teacher.name, num_classes=cfg.teacher.num_classes)
+    if cfg.teacher.checkpoint:
+        load_checkpoint(teacher, cfg.teacher.checkpoint)
+    return teacher.eval().requires_grad_(False)
+
+
+class Trainer:
+    """Trains ``cfg.student`` on ``train_set`` and evaluates on ``val_set``.
+
+    Args:
+        cfg: the run's configuration.
+        train_set, val_set: map-style datasets whose items are dicts with ``image`` [C, H, W] (model
+            input: 6 channels for B-cos, normalised RGB otherwise), ``target`` and ``index``, or None
+            for an unreadable image; with a frozen teacher, train items also carry
+            ``teacher_logits`` [C] and ``teacher_map``.
+        train_indices: the subset of ``train_set`` to train on (few-shot, held-out split); default all.
+        val_indices: likewise for ``val_set``.
+        student, teacher: prebuilt models (default: built from ``cfg``).
+        show_progress: show a progress bar with img/s and ETA.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        train_set: Dataset,
+        val_set: Dataset | None = None,
+        *,
+        train_indices: Tensor | None = None,
+        val_indices: Tensor | None = None,
+        student: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.train_set, self.val_set = train_set, val_set
+        self.train_indices = torch.arange(len(train_set)) if train_indices is None else train_indices
+        self.val_indices = (
+            None if val_set is None else (torch.arange(len(val_set)) if val_indices is None else val_indices)
+        )
+        self.student = (student or build_student(cfg)).to(self.device)
+        self.teacher = teacher if teacher is not None else build_teacher(cfg)
+        if self.teacher is not None:
+            self.teacher = self.teacher.to(self.device).eval().requires_grad_(False)
+        self.is_bcos = getattr(self.student, "e2kd_family", "bcos") == "bcos"
+        if cfg.train.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(
+            self.student.parameters(), cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum
+        )
+        self.autocast = cfg.train.precision == "bf16" and self.device.type == "cuda"
+        self.micro_batches = cfg.train.grad_accum
+        self.steps_per_epoch = len(self.train_indices) // (cfg.data.batch_size * self.micro_batches)
+        if self.steps_per_epoch == 0:
+            raise TrainingError(
+                f"{len(self.train_indices)} training images are fewer than one optimiser step needs "
+                f"(data.batch_size={cfg.data.batch_size} × train.grad_accum={cfg.train.grad_accum})"
+            )
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.run_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.show_progress = show_progress
+        self.state = TrainState()
+        self.mixing = _batch_mixing(cfg, self._num_classes())
+
+    # ------------------------------------------------------------------ public
+
+    def fit(self, resume: str | Path | None = None) -> dict:
+        """Trains to ``train.epochs``; ``resume`` = a checkpoint path or ``"auto"`` (``last.pt`` if present)."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        if resume == "auto":
+            resume = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").is_file() else None
+        if resume is not None:
+            self._load_state(Path(resume))
+        logger = MetricsLogger(self.run_dir)
+        started = time.perf_counter()
+        steps_at_start = self.state.step
+        eval_metrics: dict = {}
+        try:
+            while self.state.epoch < cfg.train.epochs:
+                self._train_epoch(logger, started, steps_at_start)
+                epoch_done = self.state.epoch + 1
+                if self.val_set is not None and epoch_done % cfg.train.eval_every_epochs == 0:
+                    eval_metrics = self.evaluate()
+                    logger.log("eval", self.state.step, epoch=epoch_done, **eval_metrics)
+                self.state.epoch, self.state.step_in_epoch = epoch_done, 0
+                self._save_epoch(eval_metrics)
+        finally:
+            logger.close()
+        summary = {
+            "steps": self.state.step,
+            "epochs": self.state.epoch,
+            "skipped_train_images": self.state.skipped_images,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "final_eval": eval_metrics,
+            "best": [{"top1": m, "checkpoint": p} for m, p in self.state.best],
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def evaluate(self) -> dict:
+        """Top-1/top-5, agreement and explanation similarity on the validation set."""
+        loader = self._loader(self.val_set, self.val_indices, shuffle=False, epoch=0, start=0, train=False)
+        explanation = self.cfg.distill.explanation if self.teacher is not None else None
+        return evaluate(
+            self.student,
+            loader,
+            teacher=self.teacher,
+            explanation=explanation,
+            device=self.device,
+            prepare=self._prepare,
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def _train_epoch(self, logger: MetricsLogger, started: float, steps_at_start: int) -> None:
+        cfg, state = self.cfg, self.state
+        batch_size = cfg.data.batch_size
+        start = state.step_in_epoch * self.micro_batches * batch_size
+        loader = self._loader(
+            self.train_set, self.train_indices, shuffle=True, epoch=state.epoch, start=start, train=True
+        )
+        batches = iter(loader)
+        self.student.train()
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=state.step_in_epoch,
+            desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
+            unit="step",
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        while state.step_in_epoch < self.steps_per_epoch:
+            torch.manual_seed(mix_seed(cfg.train.seed, 7, state.step))  # dropout, drop-path, mixup
+            lr = self._set_lr()
+            totals: dict[str, float] = {}
+            images_this_step = 0
+            for _ in range(self.micro_batches):
+                batch = next(batches)
+                state.skipped_images += int(batch.get("skipped", 0))
+                if batch["image"].shape[0] == 0:
+                    continue
+                out = self._objective(batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss.detach()).all():
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {state.step} (epoch {state.epoch + 1}); the last "
+                        f"checkpoint ({self.ckpt_dir / 'last.pt'}) is intact. Lower optim.lr or check the data, "
+                        "then resume from it."
+                    )
+                (loss / self.micro_batches).backward()
+                images_this_step += batch["image"].shape[0]
+                for key in ("loss", "kd", "exp", "gt", "agreement"):
+                    if key in out:
+                        totals[key] = totals.get(key, 0.0) + float(out[key].detach()) / self.micro_batches
+            self._optimizer_step()
+            state.step += 1
+            state.step_in_epoch += 1
+            bar.update(1)
+            elapsed = time.perf_counter() - started
+            done = state.step - steps_at_start
+            rate = done * cfg.data.batch_size * self.micro_batches / max(elapsed, 1e-9)
+            eta = (self.total_steps - state.step) * elapsed / max(done, 1)
+            bar.set_postfix(loss=f"{totals.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}", eta=_hms(eta))
+            if state.step % cfg.train.log_every_steps == 0 or state.step_in_epoch == self.steps_per_epoch:
+                logger.log("train", state.step, epoch=state.epoch + 1, lr=lr, img_s=round(rate, 1), **totals)
+            if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
+                self._save(self.ckpt_dir / "last.pt")
+        bar.close()
+
+    def _objective(self, batch: dict) -> dict[str, Tensor]:
+        cfg = self.cfg
+        images = self._prepare(batch["image"].to(self.device, non_blocking=True))
+        labels = batch["target"].to(self.device)
+        frozen = None
+        if cfg.teacher.mode == "frozen" and cfg.distill.method != "none":
+            frozen = TeacherOutputs(
+                batch["teacher_logits"].to(self.device).float(),
+                batch["teacher_map"].to(self.device).float() if "teacher_map" in batch else None,
+            )
+        if self.mixing is not None:
+            images, labels = self.mixing(images, labels)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if cfg.distill.method == "none":
+                logits = self.student(images)
+                loss = uniform_off_label_bce(logits, labels) if self.is_bcos else F.cross_entropy(logits, labels)
+                return {"loss": loss, "gt": loss.detach()}
+            lam = cfg.distill.lam if cfg.distill.method == "e2kd" else 0.0
+            return e2kd_objective(
+                self.student,
+                self.teacher if frozen is None else None,
+                images,
+                tau=cfg.distill.tau,
+                lam=lam,
+                explanation=cfg.distill.explanation,
+                labels=labels,
+                gt_coef=cfg.distill.gt_coef,
+                step=self.state.step,
+                guided_step_interval=cfg.distill.guided_step_interval,
+                frozen=frozen,
+            )
+
+    def _optimizer_step(self) -> None:
+        optim = self.cfg.optim
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        if optim.agc and self.is_bcos:
+            adaptive_clip_grad_(params, optim.agc_clip, optim.agc_eps)
+        if optim.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _set_lr(self) -> float:
+        optim, state = self.cfg.optim, self.state
+        if optim.schedule == "constant":
+            return set_learning_rate(self.optimizer, optim.lr, 1.0)
+        if optim.schedule_unit == "epoch":
+            t, total, warmup = state.epoch, self.cfg.train.epochs, optim.warmup_epochs
+        else:
+            t, total, warmup = state.step, self.total_steps, optim.warmup_steps
+        return set_learning_rate(
+            self.optimizer, optim.lr, warmup_cosine_factor(t, total, warmup, optim.warmup_start_factor)
+        )
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _loader(self, dataset, indices, *, shuffle: bool, epoch: int, start: int, train: bool) -> DataLoader:
+        data = self.cfg.data
+        return make_loader(
+            dataset,
+            indices,
+            batch_size=data.batch_size if train else (data.eval_batch_size or data.batch_size),
+            num_workers=data.num_workers,
+            seed=self.cfg.train.seed if train else 0,
+            shuffle=shuffle,
+            epoch=epoch,
+            start=start,
+            drop_last=train,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _num_classes(self) -> int:
+        return int(getattr(self.student, "num_classes", 0) or self.cfg.student.num_classes or 1000)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self, path: Path) -> None:
+        s = self.state
+        save_checkpoint(
+            self.student,
+            path,
+            optimizer=self.optimizer.state_dict(),
+            step=s.step,
+            epoch=s.epoch,
+            step_in_epoch=s.step_in_epoch,
+            skipped_images=s.skipped_images,
+            best=[[m, p] for m, p in s.best],
+            config=config_to_dict(self.cfg),
+        )
+
+    def _save_epoch(self, eval_metrics: dict) -> None:
+        """Writes last.pt and epoch_XXXX.pt, keeping the best ``keep_best`` epoch files by val top-1."""
+        epoch_path = self.ckpt_dir / f"epoch_{self.state.epoch:04d}.pt"
+        score = float(eval_metrics.get("top1", -math.inf)) if eval_metrics else -math.inf
+        ranked = sorted([*self.state.best, (score, str(epoch_path))], key=lambda b: -b[0])
+        keep, drop = ranked[: self.cfg.train.keep_best], ranked[self.cfg.train.keep_best :]
+        self.state.best = keep
+        if any(p == str(epoch_path) for _, p in keep):
+            self._save(epoch_path)
+        self._save(self.ckpt_dir / "last.pt")  # after the epoch file, so last.pt lists it
+        for _, path in drop:
+            Path(path).unlink(missing_ok=True)
+
+    def _load_state(self, path: Path) -> None:
+        payload = read_checkpoint(path)
+        saved = payload.get("config", {})
+        for section in ("student",):
+            if saved.get(section, {}).get("name") != config_to_dict(self.cfg)[section]["name"]:
+                raise TrainingError(
+                    f"{path} was written for student {saved.get(section, {}).get('name')!r}, "
+                    f"this run trains {self.cfg.student.name!r}"
+                )
+        load_checkpoint(self.student, payload)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = TrainState(
+            step=int(payload["step"]),
+            epoch=int(payload["epoch"]),
+            step_in_epoch=int(payload["step_in_epoch"]),
+            skipped_images=int(payload.get("skipped_images", 0)),
+            best=[(float(m), str(p)) for m, p in payload.get("best", [])],
+        )
+
+
+def make_loader(
+    dataset: Dataset,
+    indices: Tensor,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    shuffle: bool = False,
+    epoch: int = 0,
+    start: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader over ``dataset[indices]`` with deterministic order and per-sample augmentation seeds.
+
+    Items that are None (unreadable images) are dropped and counted in each batch's ``skipped``.
+    """
+    from e2kd_fast.data import collate_skipping
+
+    sampler = EpochSampler(indices, seed, shuffle=shuffle)
+    sampler.set_epoch(epoch, start)
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_skipping,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+    )
+
+
+def _batch_mixing(cfg: Config, num_classes: int) -> Callable | None:
+    """Mixup / CutMix on the batch (live teachers see the same mixed batch), or None."""
+    if cfg.data.mixup_alpha <= 0 and cfg.data.cutmix_alpha <= 0:
+        return None
+    from torchvision.transforms import v2
+
+    choices = []
+    if cfg.data.mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=cfg.data.mixup_alpha, num_classes=num_classes))
+    if cfg.data.cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cfg.data.cutmix_alpha, num_classes=num_classes))
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
