@@ -31,3 +31,21 @@ def official_input_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor)
     with model.explanation_mode():
         model(x).gather(1, target[:, None]).sum().backward(inputs=[x])
     return x.grad
+
+
+def write_image_folder(root, classes: int = 4, per_split: dict | None = None, size=(40, 48), seed: int = 0):
+    """Writes small random JPEGs as ``root/<split>/class_<k>/<i>.jpg`` (an ImageNet-style folder)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (per_split or {"train": 3, "val": 1}).items():
+        for k in range(classes):
+            folder = Path(root) / split / f"class_{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    return Path(root)

@@ -1,0 +1,188 @@
+"""The ``e2kd-fast`` command line (also ``python -m e2kd_fast``).
+
+e2kd-fast train --config configs/x.yaml [--set optim.lr=3e-4 ...] [--resume auto|PATH]
+e2kd-fast eval --config configs/x.yaml --checkpoint runs/x/checkpoints/last.pt
+e2kd-fast explain --model bcos_resnet18 --checkpoint ckpt.pt --out explanations/ img1.jpg img2.png
+e2kd-fast precompute --config configs/x_frozen.yaml
+e2kd-fast demo [--out runs/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="YAML configuration file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value with a dotted key, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e2kd-fast", description="Explanation-enhanced knowledge distillation.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a student (e²KD, KD or supervised) from a config")
+    _add_config_args(train)
+    train.add_argument("--resume", default=None, help="'auto' (the run's last.pt if present) or a checkpoint path")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on the config's validation data")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, type=Path, help="student checkpoint to evaluate")
+
+    explain = commands.add_parser("explain", help="write PNG explanations of images for a model")
+    explain.add_argument("images", nargs="+", type=Path, help="image files")
+    explain.add_argument("--model", required=True, help="registered model name (e2kd_fast.models.list_models())")
+    explain.add_argument("--checkpoint", type=Path, default=None, help="weights to load (default: random init)")
+    explain.add_argument("--num-classes", type=int, default=None, help="number of classes of the checkpoint")
+    explain.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1)")
+    explain.add_argument("--image-size", type=int, default=224, help="center crop size (default 224)")
+    explain.add_argument("--resize", type=int, default=256, help="resize before cropping (default 256)")
+    explain.add_argument("--out", type=Path, default=Path("explanations"), help="output folder")
+
+    precompute = commands.add_parser("precompute", help="store a frozen teacher's logits and explanations")
+    _add_config_args(precompute)
+
+    demo = commands.add_parser("demo", help="the built-in demo (see README)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a tiny run that checks the pipeline (seconds)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Configuration and data errors name the key or file; a traceback would only hide that.
+        print(f"e2kd-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from e2kd_fast.config import load_config
+    from e2kd_fast.data.build import build_datasets
+    from e2kd_fast.engine import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    data = build_datasets(cfg)
+    trainer = Trainer(
+        cfg,
+        data.train,
+        data.val,
+        train_indices=data.train_indices,
+        val_indices=data.val_indices,
+        show_progress=not args.no_progress,
+    )
+    summary = trainer.fit(resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from e2kd_fast.config import load_config
+    from e2kd_fast.data.build import build_datasets
+    from e2kd_fast.engine import evaluate
+    from e2kd_fast.engine.trainer import build_student, build_teacher, make_loader, resolve_device
+    from e2kd_fast.models import load_checkpoint
+
+    cfg = load_config(args.config, args.overrides)
+    data = build_datasets(cfg, train=False)
+    device = resolve_device(cfg.train.device)
+    student = build_student(cfg)
+    load_checkpoint(student, args.checkpoint)
+    teacher = build_teacher(cfg)
+    loader = make_loader(
+        data.val,
+        data.val_indices if data.val_indices is not None else torch.arange(len(data.val)),
+        batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+    metrics = evaluate(
+        student.to(device),
+        loader,
+        teacher=None if teacher is None else teacher.to(device),
+        explanation=cfg.distill.explanation if teacher is not None else None,
+        device=device,
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from e2kd_fast.data.transforms import eval_transform
+    from e2kd_fast.explain import contribution_map, dynamic_weights, explanation_to_rgba, gradcam
+    from e2kd_fast.models import create_model, load_checkpoint, model_entry
+
+    family = model_entry(args.model).family
+    model = create_model(args.model, num_classes=args.num_classes)
+    if args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint)
+    model.eval()
+    transform = eval_transform(args.image_size, args.resize, encoding="bcos" if family == "bcos" else "standard")
+    plain = eval_transform(args.image_size, args.resize, encoding="none")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        image = Image.open(path).convert("RGB")
+        x = transform(image)[None]
+        target = None if args.target is None else torch.tensor([args.target])
+        if family == "bcos":
+            weights, logits = dynamic_weights(model, x, target, return_logits=True)
+            picture = explanation_to_rgba(x[0], weights[0])
+            rgb = picture[..., :3] * picture[..., 3:]
+            contributions = contribution_map(x, weights)[0]
+            np.save(args.out / f"{path.stem}_contributions.npy", contributions.detach().numpy())
+        else:
+            cam, logits = gradcam(model, x, target, return_logits=True)
+            heat = (cam[0, 0] / cam.max().clamp_min(1e-12)).detach().numpy()
+            rgb = 0.5 * plain(image).permute(1, 2, 0).numpy() + 0.5 * np.stack([heat, 0 * heat, 1 - heat], -1)
+        explained = int(logits.argmax(1)) if target is None else int(target)
+        side_by_side = np.concatenate([plain(image).permute(1, 2, 0).numpy(), rgb], axis=1)
+        out_path = args.out / f"{path.stem}_class{explained}.png"
+        Image.fromarray((side_by_side.clip(0, 1) * 255).round().astype(np.uint8)).save(out_path)
+        print(f"{path} -> {out_path} (class {explained}, logit {float(logits[0, explained].detach()):.3f})")
+    return 0
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from e2kd_fast.config import load_config
+    from e2kd_fast.data.frozen_store import precompute
+
+    cfg = load_config(args.config, args.overrides)
+    store = precompute(cfg)
+    print(f"frozen teacher outputs written to {store}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from e2kd_fast.demo import main as demo_main
+
+    flags = [flag for flag, on in (("--quick", args.quick), ("--no-progress", args.no_progress)) if on]
+    demo_main(["--out", str(args.out), *flags])
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "explain": _explain, "precompute": _precompute, "demo": _demo}
+
+if __name__ == "__main__":
+    sys.exit(main())
