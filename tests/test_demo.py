@@ -1,4 +1,4 @@
-"""`make demo` end to end at a tiny size: it trains, checkpoints, explains and writes its outputs."""
+"""`make demo` end to end at tiny sizes: data, teacher, KD and e²KD students, report and metrics."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import torch
 
+from e2kd_fast.cli import main
 from e2kd_fast.data import SHAPE_CLASSES, shapes_dataset
-from e2kd_fast.demo import run_demo
 
 
 def test_shapes_dataset_is_deterministic_and_masked():
@@ -19,9 +19,16 @@ def test_shapes_dataset_is_deterministic_and_masked():
     assert masks.any(dim=(1, 2)).all()
 
 
-def test_demo_runs_and_writes_its_outputs(tmp_path):
-    summary = run_demo(tmp_path, steps=3, batch_size=16)
-    assert (tmp_path / "model.pt").is_file() and (tmp_path / "explanations.png").is_file()
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert summary["max_abs_logit_reconstruction_error"] < 1e-3  # dynamic linearity in float32
-    assert 0 <= summary["positive_evidence_on_object"] <= 1
+def test_demo_writes_report_and_metrics(tmp_path, capsys):
+    """The quick demo through the command line (`e2kd-fast demo --quick`)."""
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == {"teacher", "kd", "e2kd"}
+    for values in metrics.values():
+        assert set(values) == {"id_acc", "ood_acc", "agreement", "explanation_similarity", "epg"}
+        assert all(0 <= v <= 1 for k, v in values.items() if k != "explanation_similarity")
+    assert metrics["teacher"]["agreement"] == 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "| kd |" in report and "| e2kd |" in report
+    assert (tmp_path / "explanations_ood.png").is_file()
+    assert (tmp_path / "e2kd" / "metrics.jsonl").is_file()
