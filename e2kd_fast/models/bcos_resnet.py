@@ -203,44 +203,40 @@ class BcosResNet(nn.Module):
         return self.logit_layer(x.flatten(1))
 
 
-def _imagenet(block, layers, num_classes: int, **kwargs) -> BcosResNet:
-    return BcosResNet(block, layers, num_classes=num_classes, **kwargs)
-
-
 @register_model("bcos")
 def bcos_resnet18(num_classes: int = 1000, **kwargs) -> BcosResNet:
     """B-cos ResNet-18 (11.69M parameters; official top-1 68.74 %)."""
-    return _imagenet(BasicBlock, [2, 2, 2, 2], num_classes, **kwargs)
+    return BcosResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, **kwargs)
 
 
 @register_model("bcos")
 def bcos_resnet34(num_classes: int = 1000, **kwargs) -> BcosResNet:
     """B-cos ResNet-34 (21.80M; 72.28 %). A GoodTeachersExplain teacher."""
-    return _imagenet(BasicBlock, [3, 4, 6, 3], num_classes, **kwargs)
+    return BcosResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
 
 
 @register_model("bcos")
 def bcos_resnet50(num_classes: int = 1000, **kwargs) -> BcosResNet:
     """B-cos ResNet-50 (25.54M with the official code; the official table says 25.52M; 75.88 %)."""
-    return _imagenet(Bottleneck, [3, 4, 6, 3], num_classes, **kwargs)
+    return BcosResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
 
 
 @register_model("bcos")
 def bcos_resnet101(num_classes: int = 1000, **kwargs) -> BcosResNet:
     """B-cos ResNet-101 (44.50M; 76.53 %)."""
-    return _imagenet(Bottleneck, [3, 4, 23, 3], num_classes, **kwargs)
+    return BcosResNet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, **kwargs)
 
 
 @register_model("bcos")
 def bcos_resnet152(num_classes: int = 1000, **kwargs) -> BcosResNet:
     """B-cos ResNet-152 (60.13M; 76.48 %)."""
-    return _imagenet(Bottleneck, [3, 8, 36, 3], num_classes, **kwargs)
+    return BcosResNet(Bottleneck, [3, 8, 36, 3], num_classes=num_classes, **kwargs)
 
 
 @register_model("bcos")
 def bcos_resnext50_32x4d(num_classes: int = 1000, **kwargs) -> BcosResNet:
     """B-cos ResNeXt-50 32×4d (25.00M; 75.82 %)."""
-    return _imagenet(Bottleneck, [3, 4, 6, 3], num_classes, groups=32, width_per_group=4, **kwargs)
+    return BcosResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, groups=32, width_per_group=4, **kwargs)
 
 
 def _cifar(depth: int, num_classes: int, **kwargs) -> BcosResNet:

@@ -11,6 +11,13 @@ from e2kd_fast.nn.explanation import DynamicLinearModule
 from e2kd_fast.reference.bcos import IntPair, bcos_conv2d_parts, bcos_linear_parts, pair, unit_norm_weight
 
 
+def _check_bcos_args(layer: str, b: float, max_out: int) -> None:
+    if b < 1:
+        raise ValueError(f"{layer}: b must be >= 1, got {b}")
+    if max_out < 1:
+        raise ValueError(f"{layer}: max_out must be >= 1, got {max_out}")
+
+
 class NormedConv2d(nn.Conv2d):
     """A conv with unit-norm weights per output channel (normalised on every forward)."""
 
@@ -58,10 +65,7 @@ class BcosConv2d(DynamicLinearModule):
         **kwargs,
     ) -> None:
         super().__init__()
-        if b < 1:
-            raise ValueError(f"BcosConv2d: b must be >= 1, got {b}")
-        if max_out < 1:
-            raise ValueError(f"BcosConv2d: max_out must be >= 1, got {max_out}")
+        _check_bcos_args(type(self).__name__, b, max_out)
         if padding_mode != "zeros":
             raise ValueError(f"BcosConv2d: only padding_mode='zeros' is supported, got {padding_mode!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -118,10 +122,7 @@ class BcosLinear(DynamicLinearModule):
         super().__init__()
         if bias:
             raise ValueError("BcosLinear has no bias: an additive bias would make the network affine")
-        if b < 1:
-            raise ValueError(f"BcosLinear: b must be >= 1, got {b}")
-        if max_out < 1:
-            raise ValueError(f"BcosLinear: max_out must be >= 1, got {max_out}")
+        _check_bcos_args(type(self).__name__, b, max_out)
         self.in_features, self.out_features = in_features, out_features
         self.b, self.max_out = b, max_out
         self.linear = NormedLinear(in_features, out_features * max_out, bias=False, device=device, dtype=dtype)
