@@ -233,3 +233,13 @@ def test_frozen_teacher_training_resumes_exactly(tmp_path):
     make("b").fit(resume="auto")
     resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b" / "run", "train")}
     assert [resumed[s] for s in range(4, 11)] == reference[3:]
+
+
+def test_channels_last_training_matches_contiguous(tmp_path):
+    """train.channels_last changes the memory format, not the result (bf16 autocast is CUDA-only)."""
+    plain = _trainer(tmp_path / "a", train={"epochs": 1})
+    plain.fit()
+    nhwc = _trainer(tmp_path / "b", train={"epochs": 1, "channels_last": True})
+    nhwc.fit()
+    a, b = _train_losses(tmp_path / "a" / "run"), _train_losses(tmp_path / "b" / "run")
+    assert a == pytest.approx(b, rel=1e-4)
