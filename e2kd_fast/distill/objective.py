@@ -15,6 +15,7 @@ is needed (the KD baseline), and its explanation with ``create_graph=False`` oth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ def e2kd_objective(
     step: int = 0,
     guided_step_interval: int = 1,
     frozen: TeacherOutputs | None = None,
+    backend: str = "autograd",
 ) -> dict[str, Tensor]:
     """One batch of the e²KD objective (λ = 0 gives the KD baseline).
 
@@ -71,6 +73,8 @@ def e2kd_objective(
         guided_step_interval: compute the explanation term only on steps divisible by this (K = 16
             for ResNets, 4 for ViTs in the official "efficient" configs); other steps are KD only.
         frozen: precomputed teacher outputs instead of running ``teacher``.
+        backend: how B-cos explanations are computed: ``"autograd"`` (the reference) or ``"sweep"``
+            (explicit reverse sweep, first-order autograd only); both give the same loss and gradient.
 
     Returns:
         A dict of tensors: ``loss`` (differentiable), and detached ``kd``, ``exp`` (0 on steps
@@ -89,7 +93,7 @@ def e2kd_objective(
     if gt_coef > 0 and labels is None:
         raise ValueError("gt_coef > 0 needs the ground-truth labels")
     explain_now = lam > 0 and step % guided_step_interval == 0
-    explain = dynamic_weights if explanation == "bcos" else gradcam
+    explain = partial(dynamic_weights, backend=backend) if explanation == "bcos" else gradcam
 
     teacher_logits, teacher_map = _teacher_outputs(teacher, x, frozen, explain if explain_now else None)
     target = teacher_logits.argmax(1)

@@ -8,7 +8,7 @@ from e2kd_fast.explain.gradcam import gradcam
 from e2kd_fast.explain.visualize import contribution_map, explanation_to_rgba
 from e2kd_fast.reference.explain import dynamic_weights_autograd
 
-BACKENDS = ("autograd",)
+BACKENDS = ("autograd", "sweep")
 
 
 def dynamic_weights(
@@ -26,7 +26,9 @@ def dynamic_weights(
         model: a B-cos model.
         x6: [N, 6, H, W] input in the [x, 1 − x] encoding.
         target: [N] LongTensor, the class explained for each sample; None explains the model's top-1.
-        backend: ``"autograd"`` (the reference: one backward through the model, official semantics).
+        backend: ``"autograd"`` (the reference: one backward through the model in explanation mode,
+            official semantics) or ``"sweep"`` (an explicit reverse sweep of the saved dynamic
+            factors: no double backward, first-order autograd only; `e2kd_fast.explain.sweep`).
         create_graph: keep W differentiable (default: when the model has trainable parameters and
             grad mode is on). Gradients of functions of W then include the paths through the
             dynamic scales, as in the official e²KD implementation.
@@ -37,6 +39,10 @@ def dynamic_weights(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown dynamic_weights backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if backend == "sweep":
+        from e2kd_fast.explain.sweep import dynamic_weights_sweep
+
+        return dynamic_weights_sweep(model, x6, target, create_graph=create_graph, return_logits=return_logits)
     return dynamic_weights_autograd(model, x6, target, create_graph=create_graph, return_logits=return_logits)
 
 

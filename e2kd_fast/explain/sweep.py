@@ -1,0 +1,549 @@
+"""The explanation as an explicit reverse sweep (DESIGN.md, decision 1).
+
+In explanation mode a B-cos network is dynamic-linear: logit = W(x)·x + b, where W(x) is a product
+of per-layer linear maps whose data-dependent factors (B-cos scales s, the norms' 1/std, attention
+matrices, MaxOut selections) are held fixed. So W = ∂logit_c/∂x is obtained without autograd:
+
+1. a *taped forward* computes the ordinary forward and records, per module, what its adjoint needs;
+2. the *adjoint sweep* starts from the one-hot of the class and applies each module's adjoint in
+   reverse: the scale, the transposed conv/linear with the unit-norm weight, the norms' 1/std with
+   their centring, pool adjoints, residual sums, concat splits.
+
+The recorded factors stay attached to the forward's autograd graph. For a student, the ordinary
+(first-order) backward of a loss on W therefore differentiates through them into the parameters:
+the exact total derivative of the official e²KD implementation. For a teacher the whole sweep runs
+under ``no_grad`` and builds no graph. No double backward and no ``autograd.Function`` are involved.
+
+Each supported module type registers a pair ``(taped_forward, adjoint)``; ``taped_forward(m, x, tape)``
+returns what ``m(x)`` returns and appends one record per leaf to ``tape``; ``adjoint(m, g, tape)``
+pops those records in reverse and returns ∂⟨g, m(x)⟩/∂x with the dynamic factors fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from e2kd_fast.models.bcos_densenet import BcosDenseNet, _DenseBlock, _DenseLayer
+from e2kd_fast.models.bcos_resnet import BasicBlock, BcosResNet, Bottleneck
+from e2kd_fast.models.bcos_vit import Attention, BcosViT, Encoder, PatchEmbedding, sincos_position_embedding
+from e2kd_fast.nn import (
+    BatchNormUncentered2d,
+    BcosConv2d,
+    BcosLinear,
+    DetachableGroupNorm2d,
+    DetachableLayerNorm,
+    DetachablePositionNorm2d,
+    LogitLayer,
+)
+from e2kd_fast.reference.bcos import dynamic_scale, patch_norm, patch_norm_slow, unit_norm_weight
+from e2kd_fast.reference.explain import check_target
+
+Tape = list
+TapedForward = Callable[[nn.Module, Tensor, Tape], Tensor]
+Adjoint = Callable[[nn.Module, Tensor, Tape], Tensor]
+
+_SWEEP: dict[type, tuple[TapedForward, Adjoint]] = {}
+
+
+def register_sweep(cls: type) -> Callable:
+    """Registers the sweep of a module type: ``register_sweep(Cls)((taped_forward, adjoint))``."""
+
+    def wrap(pair: tuple[TapedForward, Adjoint]) -> tuple[TapedForward, Adjoint]:
+        _SWEEP[cls] = pair
+        return pair
+
+    return wrap
+
+
+def _lookup(module: nn.Module) -> tuple[TapedForward, Adjoint]:
+    for cls in type(module).__mro__:
+        if cls in _SWEEP:
+            return _SWEEP[cls]
+    raise NotImplementedError(
+        f"the explanation sweep has no adjoint for {type(module).__name__}; "
+        "use dynamic_weights(..., backend='autograd') for this model"
+    )
+
+
+def taped_forward(module: nn.Module, x: Tensor, tape: Tape) -> Tensor:
+    """``module(x)``, recording in ``tape`` what the adjoint sweep needs."""
+    return _lookup(module)[0](module, x, tape)
+
+
+def adjoint(module: nn.Module, g: Tensor, tape: Tape) -> Tensor:
+    """The adjoint of ``module``'s dynamic-linear map applied to ``g`` (pops the module's records)."""
+    return _lookup(module)[1](module, g, tape)
+
+
+def dynamic_weights_sweep(
+    model: nn.Module,
+    x6: Tensor,
+    target: Tensor | None = None,
+    *,
+    create_graph: bool | None = None,
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """W = ∂logit_target/∂x6 in explanation mode, by a taped forward and an explicit adjoint sweep.
+
+    Same contract as `e2kd_fast.reference.explain.dynamic_weights_autograd` (equal to float64
+    rounding): ``create_graph`` (default: grad mode on and trainable parameters) keeps W attached to
+    the dynamic factors for the official total-derivative gradient; without it everything runs
+    under ``no_grad``. ``target=None`` explains the model's own top-1.
+
+    Returns:
+        W [N, C, H, W] (and the logits [N, num_classes] of the same forward if asked).
+    """
+    if target is not None:
+        check_target(target, x6.shape[0])
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    with torch.set_grad_enabled(create_graph):
+        tape: Tape = []
+        logits = taped_forward(model, x6, tape)
+        target = logits.argmax(1) if target is None else target.to(logits.device)
+        check_target(target, logits.shape[0], logits.shape[1])
+        seed = F.one_hot(target.long(), logits.shape[1]).to(logits.dtype)
+        weights = adjoint(model, seed, tape)
+    if tape:
+        raise RuntimeError(f"explanation sweep left {len(tape)} unused records: a taped forward and its adjoint differ")
+    return (weights, logits) if return_logits else weights
+
+
+# ---------------------------------------------------------------------------------------------- leaves
+
+
+def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
+    linear = F.conv2d(x, unit_norm_weight(m.linear.weight), None, m.stride, m.padding, m.dilation, m.groups)
+    selection = None
+    if m.max_out > 1:  # the selected unit of each MaxOut group is part of the dynamic map
+        linear, selection = linear.unflatten(1, (m.out_channels, m.max_out)).max(dim=2)
+    if m.b == 1:
+        tape.append((None, selection, x.shape[-2:]))
+        return linear
+    if m.dilation != (1, 1):
+        w_shape = (m.out_channels, *m.linear.weight.shape[1:])
+        norm = patch_norm_slow(x, w_shape, m.stride, m.padding, m.dilation, m.groups)
+    else:
+        norm = patch_norm(x, m.kernel_size, m.stride, m.padding, m.groups, m.out_channels)
+    scale = dynamic_scale(linear, norm, m.b)
+    tape.append((scale, selection, x.shape[-2:]))
+    return scale * linear
+
+
+def _unselect(g: Tensor, selection: Tensor | None, units: int, dim: int) -> Tensor:
+    """Adjoint of MaxOut: route each gradient to its selected unit."""
+    if selection is None:
+        return g
+    dim = dim % g.dim()
+    full = torch.zeros(*g.shape[: dim + 1], units, *g.shape[dim + 1 :], dtype=g.dtype, device=g.device)
+    full = full.scatter(dim + 1, selection.unsqueeze(dim + 1), g.unsqueeze(dim + 1))
+    return full.flatten(dim, dim + 1)
+
+
+def _conv_adj(m: BcosConv2d, g: Tensor, tape: Tape) -> Tensor:
+    scale, selection, in_size = tape.pop()
+    if scale is not None:
+        g = scale * g
+    g = _unselect(g, selection, m.max_out, 1)
+    w_hat = unit_norm_weight(m.linear.weight)
+    return _conv_transpose(g, w_hat, in_size, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _conv_transpose(g: Tensor, weight: Tensor, in_size, stride, padding, dilation, groups: int) -> Tensor:
+    """The adjoint of ``conv2d(·, weight, stride, padding, dilation, groups)`` for an input of ``in_size``."""
+    k = weight.shape[-2:]
+    out_pad = [
+        in_size[i] - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
+        for i in range(2)
+    ]
+    return F.conv_transpose2d(g, weight, None, stride, padding, out_pad, groups, dilation)
+
+
+register_sweep(BcosConv2d)((_conv_fwd, _conv_adj))
+
+
+def _linear_fwd(m: BcosLinear, x: Tensor, tape: Tape) -> Tensor:
+    linear = F.linear(x, unit_norm_weight(m.linear.weight))
+    selection = None
+    if m.max_out > 1:
+        linear, selection = linear.unflatten(-1, (m.out_features, m.max_out)).max(dim=-1)
+    if m.b == 1:
+        tape.append((None, selection))
+        return linear
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-12
+    scale = dynamic_scale(linear, norm, m.b)
+    tape.append((scale, selection))
+    return scale * linear
+
+
+def _linear_adj(m: BcosLinear, g: Tensor, tape: Tape) -> Tensor:
+    scale, selection = tape.pop()
+    if scale is not None:
+        g = scale * g
+    g = _unselect(g, selection, m.max_out, -1)
+    return g @ unit_norm_weight(m.linear.weight)
+
+
+register_sweep(BcosLinear)((_linear_fwd, _linear_adj))
+
+
+def _bnu_fwd(m: BatchNormUncentered2d, x: Tensor, tape: Tape) -> Tensor:
+    # The module call updates the running statistics exactly; the variance is recomputed for the
+    # record (a fused kernel will produce both in one pass).
+    y = m(x)
+    if m.training or m.running_var is None:
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        var = m.running_var
+    factor = (var + m.eps).rsqrt()[None, :, None, None]
+    if m.weight is not None:
+        factor = m.weight[None, :, None, None] * factor
+    tape.append(factor)
+    return y
+
+
+def _scale_adj(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
+    return tape.pop() * g
+
+
+register_sweep(BatchNormUncentered2d)((_bnu_fwd, _scale_adj))
+
+
+def _centred_norm_fwd(dims_of: Callable[[nn.Module, Tensor], tuple[Tensor, tuple[int, ...]]]) -> TapedForward:
+    """A centred norm y = γ ⊙ (x − mean)·r with r = 1/std fixed: its adjoint is r·(h − mean h), h = γ ⊙ g."""
+
+    def forward(m: nn.Module, x: Tensor, tape: Tape) -> Tensor:
+        grouped, dims = dims_of(m, x)
+        var, mean = torch.var_mean(grouped, dim=dims, unbiased=False, keepdim=True)
+        inv_std = (var + m.eps).rsqrt()
+        tape.append((inv_std, x.shape))
+        return m(x)
+
+    return forward
+
+
+def _layer_norm_dims(m: DetachableLayerNorm, x: Tensor):
+    return x, tuple(range(-len(m.normalized_shape), 0))
+
+
+def _layer_norm_adj(m: DetachableLayerNorm, g: Tensor, tape: Tape) -> Tensor:
+    inv_std, _ = tape.pop()
+    h = g * m.weight if m.weight is not None else g
+    dims = tuple(range(-len(m.normalized_shape), 0))
+    return inv_std * (h - h.mean(dim=dims, keepdim=True))
+
+
+register_sweep(DetachableLayerNorm)((_centred_norm_fwd(_layer_norm_dims), _layer_norm_adj))
+
+
+def _group_norm_dims(m: DetachableGroupNorm2d, x: Tensor):
+    return x.unflatten(1, (m.num_groups, -1)), (2, 3, 4)
+
+
+def _group_norm_adj(m: DetachableGroupNorm2d, g: Tensor, tape: Tape) -> Tensor:
+    inv_std, _ = tape.pop()
+    h = g * m.weight[None, :, None, None] if m.weight is not None else g
+    h = h.unflatten(1, (m.num_groups, -1))
+    return (inv_std * (h - h.mean(dim=(2, 3, 4), keepdim=True))).flatten(1, 2)
+
+
+register_sweep(DetachableGroupNorm2d)((_centred_norm_fwd(_group_norm_dims), _group_norm_adj))
+
+
+def _position_norm_dims(m: DetachablePositionNorm2d, x: Tensor):
+    return x, (1,)
+
+
+def _position_norm_adj(m: DetachablePositionNorm2d, g: Tensor, tape: Tape) -> Tensor:
+    inv_std, _ = tape.pop()
+    h = g * m.weight[None, :, None, None] if m.weight is not None else g
+    return inv_std * (h - h.mean(dim=1, keepdim=True))
+
+
+register_sweep(DetachablePositionNorm2d)((_centred_norm_fwd(_position_norm_dims), _position_norm_adj))
+
+
+def _identity_fwd(m: nn.Module, x: Tensor, tape: Tape) -> Tensor:
+    return m(x)
+
+
+def _identity_adj(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
+    return g
+
+
+register_sweep(nn.Identity)((_identity_fwd, _identity_adj))
+
+
+def _logit_adj(m: LogitLayer, g: Tensor, tape: Tape) -> Tensor:
+    return g if m.logit_temperature is None else g / m.logit_temperature
+
+
+register_sweep(LogitLayer)((_identity_fwd, _logit_adj))
+
+
+def _avg_pool_fwd(m: nn.AvgPool2d, x: Tensor, tape: Tape) -> Tensor:
+    if m.ceil_mode or not m.count_include_pad or m.divisor_override is not None:
+        raise NotImplementedError("the sweep supports AvgPool2d with count_include_pad=True, floor mode, no divisor")
+    tape.append(x.shape)
+    return m(x)
+
+
+def _avg_pool_adj(m: nn.AvgPool2d, g: Tensor, tape: Tape) -> Tensor:
+    in_shape = tape.pop()
+    k = nn.modules.utils._pair(m.kernel_size)
+    stride = nn.modules.utils._pair(m.stride if m.stride is not None else m.kernel_size)
+    padding = nn.modules.utils._pair(m.padding)
+    channels = g.shape[1]
+    box = torch.full((channels, 1, *k), 1.0 / math.prod(k), dtype=g.dtype, device=g.device)
+    return _conv_transpose(g, box, in_shape[-2:], stride, padding, (1, 1), channels)
+
+
+register_sweep(nn.AvgPool2d)((_avg_pool_fwd, _avg_pool_adj))
+
+
+def _global_pool_fwd(m: nn.Module, x: Tensor, tape: Tape) -> Tensor:
+    tape.append(x.shape)
+    return F.adaptive_avg_pool2d(x, 1)
+
+
+def _global_pool_adj(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
+    shape = tape.pop()
+    return g.expand(shape) / (shape[-1] * shape[-2])
+
+
+def _adaptive_pool_fwd(m: nn.AdaptiveAvgPool2d, x: Tensor, tape: Tape) -> Tensor:
+    if nn.modules.utils._pair(m.output_size) != (1, 1):
+        raise NotImplementedError("the sweep supports AdaptiveAvgPool2d only to 1×1 (global average pooling)")
+    return _global_pool_fwd(m, x, tape)
+
+
+register_sweep(nn.AdaptiveAvgPool2d)((_adaptive_pool_fwd, _global_pool_adj))
+
+
+def _flatten_fwd(m: nn.Flatten, x: Tensor, tape: Tape) -> Tensor:
+    tape.append(x.shape)
+    return m(x)
+
+
+def _flatten_adj(m: nn.Flatten, g: Tensor, tape: Tape) -> Tensor:
+    return g.reshape(tape.pop())
+
+
+register_sweep(nn.Flatten)((_flatten_fwd, _flatten_adj))
+
+
+# ---------------------------------------------------------------------------------------------- containers
+
+
+def _sequential_fwd(m: nn.Sequential, x: Tensor, tape: Tape) -> Tensor:
+    for child in m:
+        x = taped_forward(child, x, tape)
+    return x
+
+
+def _sequential_adj(m: nn.Sequential, g: Tensor, tape: Tape) -> Tensor:
+    for child in reversed(m):
+        g = adjoint(child, g, tape)
+    return g
+
+
+register_sweep(nn.Sequential)((_sequential_fwd, _sequential_adj))
+
+
+def _drop_path(m: nn.Module, out: Tensor, tape: Tape) -> Tensor:
+    """Stochastic depth as torchvision computes it, with the row mask recorded (a dynamic weight)."""
+    sd = m.stochastic_depth
+    if sd is None or not sd.training or sd.p == 0.0:
+        tape.append(None)
+        return out
+    survival = 1.0 - sd.p
+    noise = torch.empty([out.shape[0]] + [1] * (out.ndim - 1), dtype=out.dtype, device=out.device)
+    noise = noise.bernoulli_(survival)
+    if survival > 0.0:
+        noise.div_(survival)
+    tape.append(noise)
+    return out * noise
+
+
+def _drop_path_adj(g: Tensor, tape: Tape) -> Tensor:
+    noise = tape.pop()
+    return g if noise is None else g * noise
+
+
+def _block_fwd(m: BasicBlock | Bottleneck, x: Tensor, tape: Tape) -> Tensor:
+    convs = [(m.conv1, m.bn1), (m.conv2, m.bn2)] + ([(m.conv3, m.bn3)] if isinstance(m, Bottleneck) else [])
+    out = x
+    for conv, norm in convs:
+        out = taped_forward(norm, taped_forward(conv, out, tape), tape)
+    out = _drop_path(m, out, tape)
+    identity = x if m.downsample is None else taped_forward(m.downsample, x, tape)
+    return out + identity
+
+
+def _block_adj(m: BasicBlock | Bottleneck, g: Tensor, tape: Tape) -> Tensor:
+    g_identity = g if m.downsample is None else adjoint(m.downsample, g, tape)
+    g_main = _drop_path_adj(g, tape)
+    convs = [(m.conv1, m.bn1), (m.conv2, m.bn2)] + ([(m.conv3, m.bn3)] if isinstance(m, Bottleneck) else [])
+    for conv, norm in reversed(convs):
+        g_main = adjoint(conv, adjoint(norm, g_main, tape), tape)
+    return g_main + g_identity
+
+
+register_sweep(BasicBlock)((_block_fwd, _block_adj))
+register_sweep(Bottleneck)((_block_fwd, _block_adj))
+
+
+def _resnet_stages(m: BcosResNet) -> list[nn.Module]:
+    stem = [m.conv1, m.bn1] + ([m.pool] if m.pool is not None else [])
+    stages = [m.layer1, m.layer2, m.layer3] + ([m.layer4] if m.layer4 is not None else [])
+    return [*stem, *stages, m.fc, m.avgpool]
+
+
+def _resnet_fwd(m: BcosResNet, x: Tensor, tape: Tape) -> Tensor:
+    for child in _resnet_stages(m):
+        x = taped_forward(child, x, tape)
+    tape.append(x.shape)
+    return taped_forward(m.logit_layer, x.flatten(1), tape)
+
+
+def _resnet_adj(m: BcosResNet, g: Tensor, tape: Tape) -> Tensor:
+    g = adjoint(m.logit_layer, g, tape).reshape(tape.pop())
+    for child in reversed(_resnet_stages(m)):
+        g = adjoint(child, g, tape)
+    return g
+
+
+register_sweep(BcosResNet)((_resnet_fwd, _resnet_adj))
+
+
+def _dense_layer_fwd(m: _DenseLayer, features: list[Tensor], tape: Tape) -> Tensor:
+    if m.drop_rate > 0 and m.training:
+        raise NotImplementedError("the sweep does not support dropout in dense layers during training")
+    tape.append([f.shape[1] for f in features])
+    out = torch.cat(features, 1)
+    for child in (m.norm1, m.conv1, m.norm2, m.conv2):
+        out = taped_forward(child, out, tape)
+    return out
+
+
+def _dense_layer_adj(m: _DenseLayer, g: Tensor, tape: Tape) -> list[Tensor]:
+    for child in (m.conv2, m.norm2, m.conv1, m.norm1):
+        g = adjoint(child, g, tape)
+    return list(g.split(tape.pop(), dim=1))
+
+
+def _dense_block_fwd(m: _DenseBlock, x: Tensor, tape: Tape) -> Tensor:
+    features = [x]
+    for layer in m.values():
+        features.append(_dense_layer_fwd(layer, features, tape))
+    tape.append([f.shape[1] for f in features])
+    return torch.cat(features, 1)
+
+
+def _dense_block_adj(m: _DenseBlock, g: Tensor, tape: Tape) -> Tensor:
+    grads = list(g.split(tape.pop(), dim=1))  # one per feature map: the block input and each layer's output
+    for j, layer in reversed(list(enumerate(m.values()))):
+        for i, part in enumerate(_dense_layer_adj(layer, grads[j + 1], tape)):
+            grads[i] = grads[i] + part
+    return grads[0]
+
+
+register_sweep(_DenseBlock)((_dense_block_fwd, _dense_block_adj))
+
+
+def _densenet_fwd(m: BcosDenseNet, x: Tensor, tape: Tape) -> Tensor:
+    x = taped_forward(m.classifier, taped_forward(m.features, x, tape), tape)
+    x = _global_pool_fwd(m, x, tape)
+    tape.append(x.shape)
+    return taped_forward(m.logit_layer, x.flatten(1), tape)
+
+
+def _densenet_adj(m: BcosDenseNet, g: Tensor, tape: Tape) -> Tensor:
+    g = adjoint(m.logit_layer, g, tape).reshape(tape.pop())
+    g = _global_pool_adj(m, g, tape)
+    return adjoint(m.features, adjoint(m.classifier, g, tape), tape)
+
+
+register_sweep(BcosDenseNet)((_densenet_fwd, _densenet_adj))
+
+
+def _attention_fwd(m: Attention, x: Tensor, tape: Tape) -> Tensor:
+    x = taped_forward(m.norm, x, tape)
+    n, t, _ = x.shape
+    q, k, v = m.to_qkv(x).view(n, t, 3, m.heads, -1).permute(2, 0, 3, 1, 4)
+    attn = torch.softmax(q @ k.transpose(-1, -2) * m.scale, dim=-1)
+    tape.append((attn, v.shape))
+    out = (attn @ v).transpose(1, 2).reshape(n, t, -1)
+    return taped_forward(m.to_out, out, tape)
+
+
+def _attention_adj(m: Attention, g: Tensor, tape: Tape) -> Tensor:
+    g = adjoint(m.to_out, g, tape)
+    attn, v_shape = tape.pop()
+    n, heads, t, d = v_shape
+    g_v = attn.transpose(-1, -2) @ g.view(n, t, heads, d).transpose(1, 2)  # [N, heads, T, d]
+    w_v = m.to_qkv.weight[2 * heads * d :]  # only the values are linear in x; q and k act through attn
+    g = g_v.transpose(1, 2).reshape(n, t, heads * d) @ w_v
+    return adjoint(m.norm, g, tape)
+
+
+register_sweep(Attention)((_attention_fwd, _attention_adj))
+
+
+def _encoder_fwd(m: Encoder, x: Tensor, tape: Tape) -> Tensor:
+    x = taped_forward(m.attn, x, tape) + x
+    return taped_forward(m.ff.net, x, tape) + x
+
+
+def _encoder_adj(m: Encoder, g: Tensor, tape: Tape) -> Tensor:
+    g = adjoint(m.ff.net, g, tape) + g
+    return adjoint(m.attn, g, tape) + g
+
+
+register_sweep(Encoder)((_encoder_fwd, _encoder_adj))
+
+
+def _patch_fwd(m: PatchEmbedding, x: Tensor, tape: Tape) -> Tensor:
+    tape.append(x.shape)
+    n, c, h, w = x.shape
+    p = m.patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}×{w} is not divisible by the patch size {p}")
+    patches = x.view(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(n, h // p, w // p, p * p * c)
+    return taped_forward(m.linear, patches, tape)
+
+
+def _patch_adj(m: PatchEmbedding, g: Tensor, tape: Tape) -> Tensor:
+    g = adjoint(m.linear, g, tape)
+    n, c, h, w = tape.pop()
+    p = m.patch_size
+    return g.view(n, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
+
+
+register_sweep(PatchEmbedding)((_patch_fwd, _patch_adj))
+
+
+def _vit_fwd(m: BcosViT, x: Tensor, tape: Tape) -> Tensor:
+    patches = taped_forward(m.to_patch_embedding, x, tape)
+    n, h, w, dim = patches.shape
+    # The positional embedding is an input-independent term: it is not part of W(x).
+    tokens = patches.reshape(n, h * w, dim) + sincos_position_embedding(h, w, dim, patches.dtype, patches.device)
+    pooled = taped_forward(m.transformer, tokens, tape).mean(dim=1)
+    tape.append(patches.shape)  # pushed after the transformer's records: popped before them
+    return taped_forward(m.logit_layer, taped_forward(m.linear_head, pooled, tape), tape)
+
+
+def _vit_adj(m: BcosViT, g: Tensor, tape: Tape) -> Tensor:
+    g = adjoint(m.linear_head, adjoint(m.logit_layer, g, tape), tape)
+    token_shape = tape.pop()
+    tokens = token_shape[1] * token_shape[2]
+    g = adjoint(m.transformer, g[:, None, :].expand(-1, tokens, -1) / tokens, tape)
+    return adjoint(m.to_patch_embedding, g.reshape(token_shape), tape)
+
+
+register_sweep(BcosViT)((_vit_fwd, _vit_adj))
