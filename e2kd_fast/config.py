@@ -405,7 +405,8 @@ class TrainConfig(_Section):
         keep_best: checkpoints kept by validation accuracy, besides the last one.
         eval_every_epochs: validate every N epochs.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        compile: wrap the training step in `torch.compile`.
+        compile: compile the step's forward-to-loss part with `torch.compile(fullgraph=True)` (the
+            first steps then take the compile time; `false` runs eagerly).
         log_every_steps: log training metrics every N optimiser steps.
     """
 
@@ -421,7 +422,7 @@ class TrainConfig(_Section):
     keep_best: int = 3
     eval_every_epochs: int = 1
     device: DeviceName = "auto"
-    compile: bool = False
+    compile: bool = True
     log_every_steps: int = 50
 
     def _validate(self) -> None:

@@ -74,7 +74,14 @@ def _run_config(settings: DemoSettings, out: Path, name: str, **sections) -> dic
             "num_workers": 0,
             "val_split": "val",
         },
-        "train": {"out_dir": str(out / name), "log_every_steps": 10, "seed": 0, "device": "auto"},
+        "train": {
+            "out_dir": str(out / name),
+            "log_every_steps": 10,
+            "seed": 0,
+            "device": "auto",
+            # On a 2-core CPU compiling takes minutes, more than these small models gain from it.
+            "compile": False,
+        },
     }
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}

@@ -32,7 +32,13 @@ def _config_dict(folder, tmp_path, **sections) -> dict:
         "teacher": {"name": "bcos_resnet20_cifar", "num_classes": 3},
         "distill": {"method": "e2kd", "lam": 1.0},
         "data": {"root": str(folder), "image_size": 16, "eval_resize": 16, "batch_size": 4, "num_workers": 0},
-        "train": {"epochs": 1, "out_dir": str(tmp_path / "run"), "device": "cpu", "log_every_steps": 1},
+        "train": {
+            "epochs": 1,
+            "out_dir": str(tmp_path / "run"),
+            "device": "cpu",
+            "log_every_steps": 1,
+            "compile": False,
+        },
     }
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}

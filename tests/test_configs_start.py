@@ -33,6 +33,7 @@ def test_config_starts(path, tiny_folder, tmp_path):
         "train.epochs=1",
         f"train.out_dir={tmp_path / 'run'}",
         "train.device=cpu",
+        "train.compile=false",  # compilation is tested once, in test_step.py
         "teacher.checkpoint=null",  # the official teacher files are not shipped; random weights start too
         "student.num_classes=4",
     ]

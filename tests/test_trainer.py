@@ -59,7 +59,13 @@ def _config(tmp_path, **sections) -> dict:
         "distill": {"method": "e2kd", "lam": 1.0},
         "optim": {"lr": 1e-3, "warmup_epochs": 1},
         "data": {"batch_size": 8, "num_workers": 0},
-        "train": {"epochs": 2, "out_dir": str(tmp_path / "run"), "log_every_steps": 1, "device": "cpu"},
+        "train": {
+            "epochs": 2,
+            "out_dir": str(tmp_path / "run"),
+            "log_every_steps": 1,
+            "device": "cpu",
+            "compile": False,
+        },
     }
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}

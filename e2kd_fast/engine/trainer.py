@@ -30,11 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from e2kd_fast.config import Config, config_to_dict, save_config
-from e2kd_fast.distill import TeacherOutputs, e2kd_objective
+from e2kd_fast.distill import TeacherOutputs
 from e2kd_fast.engine.evaluate import evaluate
 from e2kd_fast.engine.logging import MetricsLogger
 from e2kd_fast.engine.optim import adaptive_clip_grad_, build_optimizer, set_learning_rate, warmup_cosine_factor
 from e2kd_fast.engine.sampling import EpochSampler, SeededDataset, mix_seed
+from e2kd_fast.engine.step import make_train_step
 from e2kd_fast.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
 from e2kd_fast.reference.losses import uniform_off_label_bce
 
@@ -139,6 +140,12 @@ class Trainer:
         self.show_progress = show_progress
         self.state = TrainState()
         self.mixing = _batch_mixing(cfg, self._num_classes())
+        # The forward-to-loss part of the step; compiled whole when train.compile is set.
+        self.step_fn = make_train_step(self.student, self.teacher, cfg, log=self._log)
+
+    def _log(self, line: str) -> None:
+        if self.show_progress:
+            tqdm.write(f"[train] {line}")
 
     # ------------------------------------------------------------------ public
 
@@ -265,20 +272,7 @@ class Trainer:
                 logits = self.student(images)
                 loss = uniform_off_label_bce(logits, labels) if self.is_bcos else F.cross_entropy(logits, labels)
                 return {"loss": loss, "gt": loss.detach()}
-            lam = cfg.distill.lam if cfg.distill.method == "e2kd" else 0.0
-            return e2kd_objective(
-                self.student,
-                self.teacher if frozen is None else None,
-                images,
-                tau=cfg.distill.tau,
-                lam=lam,
-                explanation=cfg.distill.explanation,
-                labels=labels,
-                gt_coef=cfg.distill.gt_coef,
-                step=self.state.step,
-                guided_step_interval=cfg.distill.guided_step_interval,
-                frozen=frozen,
-            )
+            return self.step_fn(images, labels, self.state.step, frozen)
 
     def _optimizer_step(self) -> None:
         optim = self.cfg.optim

@@ -56,6 +56,11 @@ class _DenseNetHead(nn.Module):
         return self.model.classifier(torch.flatten(F.adaptive_avg_pool2d(a, (1, 1)), 1))
 
 
+def head_weight(model: nn.Module) -> Tensor:
+    """The classifier weight [num_classes, K] applied after global average pooling of A."""
+    return model.fc.weight if isinstance(model, torchvision.models.ResNet) else model.classifier.weight
+
+
 def gradcam(
     model: nn.Module,
     x: Tensor,
@@ -66,36 +71,31 @@ def gradcam(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """ReLU-GradCAM of the last conv stage for class ``target``, resized to the input.
 
+    The head after A is global average pooling and a linear layer, so ∂y_c/∂A_k is W[c, k]/(h·w) at
+    every position and the GradCAM channel weights are exactly W[c]/(h·w): computed in closed form,
+    without an autograd call (same values and gradient; compiles in one graph).
+
     Args:
         model: a torchvision ResNet or DenseNet (its current train/eval mode is used).
         x: [N, 3, H, W] normalised images.
         target: [N] classes to explain; None explains the model's own top-1.
         create_graph: keep the map differentiable (default: when grad mode is on and the model has
-            trainable parameters, i.e. a student).
+            trainable parameters, i.e. a student); otherwise it is computed under ``no_grad``.
         return_logits: also return the logits of the same forward.
 
     Returns:
         The map [N, 1, H, W] (and the logits [N, num_classes] if asked).
     """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("GradCAM needs autograd: compute it outside torch.inference_mode()")
     if create_graph is None:
         create_graph = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
-    with torch.enable_grad():
+    with torch.set_grad_enabled(create_graph):
         activations, head = split_forward(model, x)
-        if not activations.requires_grad:  # a frozen teacher: differentiate w.r.t. A only
-            activations = activations.detach().requires_grad_(True)
         logits = head(activations)
         if target is None:
             target = logits.argmax(1)
         check_target(target, logits.shape[0], logits.shape[1])
-        selected = logits.gather(1, target[:, None].long()).sum()
-        (grads,) = torch.autograd.grad(
-            selected, activations, create_graph=create_graph, retain_graph=create_graph or return_logits
-        )
-        channel_weights = grads.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((channel_weights * activations).sum(1, keepdim=True))
-        if not create_graph:
-            cam = cam.detach()
+        h, w = activations.shape[-2:]
+        channel_weights = head_weight(model)[target.long()] / (h * w)  # [N, K] = mean of ∂y_c/∂A_k
+        cam = F.relu((channel_weights[:, :, None, None] * activations).sum(1, keepdim=True))
         cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
     return (cam, logits) if return_logits else cam

@@ -59,5 +59,7 @@ def check_target(target: Tensor, batch: int, num_classes: int | None = None) -> 
         raise ValueError(f"target must be a 1-d tensor of {batch} class indices, got shape {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-    if num_classes is not None and target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+    if num_classes is None or torch.compiler.is_compiling():  # a data-dependent check cannot be traced
+        return
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
         raise ValueError(f"target holds class indices outside [0, {num_classes}): {target.tolist()}")

@@ -1,0 +1,96 @@
+"""The e²KD training step with its forward-to-loss part captured whole by ``torch.compile``.
+
+With the explanation computed by the explicit sweep (`e2kd_fast.explain.sweep`; GradCAM in closed
+form), everything from the batch to the loss is ordinary first-order autograd: the teacher's
+forward and sweep under ``no_grad``, the student's forward and sweep, the KD and cosine terms. That
+function is compiled with ``fullgraph=True`` (no graph breaks; one graph for steps with the
+explanation term and one for steps without it, so ``guided_step_interval`` causes no recompiles);
+``loss.backward()`` then runs the compiled backward.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from e2kd_fast.distill import TeacherOutputs, e2kd_objective
+
+
+class TrainStep:
+    """Computes the e²KD / KD objective of a batch, compiled or eager.
+
+    Args:
+        student, teacher: the models (teacher in eval mode, frozen; None with frozen outputs).
+        tau, lam, explanation, gt_coef, guided_step_interval: as `e2kd_objective`.
+        compile: compile the forward-to-loss function with ``fullgraph=True``.
+        log: called with one line per compilation (what was compiled and how long it took).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        *,
+        tau: float = 1.0,
+        lam: float = 1.0,
+        explanation: str = "bcos",
+        gt_coef: float = 0.0,
+        guided_step_interval: int = 1,
+        compile: bool = False,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.student, self.teacher = student, teacher
+        self.lam, self.guided_step_interval = lam, guided_step_interval
+        self.common = {"tau": tau, "explanation": explanation, "gt_coef": gt_coef, "backend": "sweep"}
+        self.compile, self.log = compile, log
+        self._fns: dict[tuple[bool, bool], Callable] = {}
+        self.compile_seconds: dict[str, float] = {}
+
+    def explains_at(self, step: int) -> bool:
+        return self.lam > 0 and step % self.guided_step_interval == 0
+
+    def __call__(
+        self, images: Tensor, labels: Tensor | None, step: int, frozen: TeacherOutputs | None = None
+    ) -> dict[str, Tensor]:
+        explain = self.explains_at(step)
+        key = (explain, frozen is not None)
+        if key not in self._fns:
+            self._fns[key] = self._build(explain, frozen is not None)
+            started = time.perf_counter()
+            out = self._fns[key](images, labels, frozen)
+            if self.compile:
+                name = f"{'e2kd' if explain else 'kd'} step ({'frozen' if frozen is not None else 'live'} teacher)"
+                self.compile_seconds[name] = time.perf_counter() - started
+                self.log(f"compiled the {name} forward-to-loss graph in {self.compile_seconds[name]:.1f} s")
+            return out
+        return self._fns[key](images, labels, frozen)
+
+    def _build(self, explain: bool, frozen: bool) -> Callable:
+        lam = self.lam if explain else 0.0
+        objective = partial(e2kd_objective, lam=lam, **self.common)
+        teacher = None if frozen else self.teacher
+
+        def forward_to_loss(images: Tensor, labels: Tensor | None, outputs: TeacherOutputs | None):
+            return objective(self.student, teacher, images, labels=labels, frozen=outputs)
+
+        return torch.compile(forward_to_loss, fullgraph=True) if self.compile else forward_to_loss
+
+
+def make_train_step(student: nn.Module, teacher: nn.Module | None, cfg, *, log=print) -> TrainStep:
+    """The `TrainStep` a `Config` describes (``train.compile`` chooses compiled or eager)."""
+    d = cfg.distill
+    return TrainStep(
+        student,
+        teacher,
+        tau=d.tau,
+        lam=d.lam if d.method == "e2kd" else 0.0,
+        explanation=d.explanation,
+        gt_coef=d.gt_coef,
+        guided_step_interval=d.guided_step_interval,
+        compile=cfg.train.compile,
+        log=log,
+    )
