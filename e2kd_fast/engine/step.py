@@ -65,7 +65,10 @@ class TrainStep:
             if self.compile:
                 name = f"{'e2kd' if explain else 'kd'} step ({'frozen' if frozen is not None else 'live'} teacher)"
                 self.compile_seconds[name] = time.perf_counter() - started
-                self.log(f"compiled the {name} forward-to-loss graph in {self.compile_seconds[name]:.1f} s")
+                self.log(
+                    f"compiled the {name} forward-to-loss graph in {self.compile_seconds[name]:.1f} s "
+                    "(its backward compiles during the first backward)"
+                )
             return out
         return self._fns[key](images, labels, frozen)
 

@@ -139,6 +139,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.show_progress = show_progress
         self.state = TrainState()
+        self._clock = (time.perf_counter(), 0)  # (time, step) that throughput and ETA are measured from
         self.mixing = _batch_mixing(cfg, self._num_classes())
         # The forward-to-loss part of the step; compiled whole when train.compile is set.
         self.step_fn = make_train_step(self.student, self.teacher, cfg, log=self._log)
@@ -244,13 +245,16 @@ class Trainer:
             state.step += 1
             state.step_in_epoch += 1
             bar.update(1)
-            elapsed = time.perf_counter() - started
-            done = state.step - steps_at_start
-            rate = done * cfg.data.batch_size * self.micro_batches / max(elapsed, 1e-9)
-            eta = (self.total_steps - state.step) * elapsed / max(done, 1)
+            if state.step == steps_at_start + 1:  # measure from here: the first step includes compiling
+                self._clock = (time.perf_counter(), state.step)
+            elapsed = time.perf_counter() - self._clock[0]
+            done = state.step - self._clock[1]
+            rate = done * cfg.data.batch_size * self.micro_batches / elapsed if done else float("nan")
+            eta = (self.total_steps - state.step) * elapsed / done if done else float("nan")
             bar.set_postfix(loss=f"{totals.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}", eta=_hms(eta))
+            rate = None if math.isnan(rate) else round(rate, 1)
             if state.step % cfg.train.log_every_steps == 0 or state.step_in_epoch == self.steps_per_epoch:
-                logger.log("train", state.step, epoch=state.epoch + 1, lr=lr, img_s=round(rate, 1), **totals)
+                logger.log("train", state.step, epoch=state.epoch + 1, lr=lr, img_s=rate, **totals)
             if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
                 self._save(self.ckpt_dir / "last.pt")
         bar.close()
@@ -415,5 +419,7 @@ def _batch_mixing(cfg: Config, num_classes: int) -> Callable | None:
 
 
 def _hms(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "?"
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
