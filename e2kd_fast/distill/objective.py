@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from e2kd_fast.explain import dynamic_weights, gradcam
-from e2kd_fast.reference.losses import explanation_cosine, kd_kl, uniform_off_label_bce
+from e2kd_fast.ops import distill_loss
+from e2kd_fast.reference.losses import kd_kl, uniform_off_label_bce
 
 EXPLANATIONS = ("bcos", "gradcam")
 
@@ -106,14 +107,21 @@ def e2kd_objective(
                 f"student explanation {tuple(student_map.shape)} and teacher explanation "
                 f"{tuple(teacher_map.shape)} differ in shape"
             )
-        cosine = explanation_cosine(student_map, teacher_map.to(student_map.dtype))
-        exp = (1 - cosine).mean()
+        distill, kd, exp = distill_loss(
+            student_logits,
+            teacher_logits.to(student_logits.dtype),
+            student_map,
+            teacher_map.to(student_map.dtype),
+            tau,
+            lam,
+        )
+        cosine = 1 - exp.detach()  # the batch mean of the cosines
     else:
         student_logits = student(x)
-        exp = student_logits.new_zeros(())
-        cosine = student_logits.new_full((1,), float("nan"))
+        kd = kd_kl(student_logits, teacher_logits.to(student_logits.dtype), tau)
+        distill, exp = kd, student_logits.new_zeros(())
+        cosine = student_logits.new_tensor(float("nan"))
 
-    kd = kd_kl(student_logits, teacher_logits.to(student_logits.dtype), tau)
     gt = student_logits.new_zeros(())
     if gt_coef > 0:
         gt = (
@@ -121,14 +129,14 @@ def e2kd_objective(
             if explanation == "bcos"
             else F.cross_entropy(student_logits, labels)
         )
-    loss = gt_coef * gt + kd + lam * exp
+    loss = gt_coef * gt + distill
     return {
         "loss": loss,
         "kd": kd.detach(),
         "exp": exp.detach(),
         "gt": gt.detach(),
         "agreement": (student_logits.argmax(1) == target).float().mean().detach(),
-        "explanation_cosine": cosine.mean().detach(),
+        "explanation_cosine": cosine,
         "target": target,
         "student_logits": student_logits.detach(),
         "teacher_logits": teacher_logits,
