@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from e2kd_fast import ops
 from e2kd_fast.models.bcos_densenet import BcosDenseNet, _DenseBlock, _DenseLayer
 from e2kd_fast.models.bcos_resnet import BasicBlock, BcosResNet, Bottleneck
 from e2kd_fast.models.bcos_vit import Attention, BcosViT, Encoder, PatchEmbedding, sincos_position_embedding
@@ -40,7 +41,7 @@ from e2kd_fast.nn import (
     DetachablePositionNorm2d,
     LogitLayer,
 )
-from e2kd_fast.reference.bcos import dynamic_scale, patch_norm, patch_norm_slow, unit_norm_weight
+from e2kd_fast.reference.bcos import dynamic_scale, patch_norm_slow, unit_norm_weight
 from e2kd_fast.reference.explain import check_target
 
 Tape = list
@@ -129,7 +130,7 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
         w_shape = (m.out_channels, *m.linear.weight.shape[1:])
         norm = patch_norm_slow(x, w_shape, m.stride, m.padding, m.dilation, m.groups)
     else:
-        norm = patch_norm(x, m.kernel_size, m.stride, m.padding, m.groups, m.out_channels)
+        norm = ops.patch_norm(x, list(m.kernel_size), list(m.stride), list(m.padding), m.groups, m.out_channels)
     scale = dynamic_scale(linear, norm, m.b)
     tape.append((scale, selection, x.shape[-2:]))
     return scale * linear
@@ -147,10 +148,13 @@ def _unselect(g: Tensor, selection: Tensor | None, units: int, dim: int) -> Tens
 
 def _conv_adj(m: BcosConv2d, g: Tensor, tape: Tape) -> Tensor:
     scale, selection, in_size = tape.pop()
+    w_hat = unit_norm_weight(m.linear.weight)
+    if scale is not None and selection is None:  # the common case: one op, the fusion target
+        geometry = (list(m.stride), list(m.padding), list(m.dilation), m.groups)
+        return ops.scaled_conv_adjoint(g, scale, w_hat, list(in_size), *geometry)
     if scale is not None:
         g = scale * g
     g = _unselect(g, selection, m.max_out, 1)
-    w_hat = unit_norm_weight(m.linear.weight)
     return _conv_transpose(g, w_hat, in_size, m.stride, m.padding, m.dilation, m.groups)
 
 
