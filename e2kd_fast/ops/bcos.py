@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from e2kd_fast.ops._registry import register_op_test
+from e2kd_fast.reference.bcos import dynamic_scale, unit_norm_weight
 from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
 
 
@@ -134,4 +135,88 @@ def _adjoint_inputs() -> list[tuple]:
 register_op_test(patch_norm, _patch_norm_inputs)
 register_op_test(scaled_conv_adjoint, _adjoint_inputs)
 
-__all__ = ["patch_norm", "scaled_conv_adjoint"]
+
+@torch.library.custom_op("e2kd::bcos_conv2d", mutates_args=())
+def bcos_conv2d(
+    x: Tensor, weight: Tensor, b: float, stride: list[int], padding: list[int], groups: int
+) -> tuple[Tensor, Tensor]:
+    """The two factors of a B-cos conv (B > 1, no MaxOut, no dilation): (linear, scale).
+
+    x [N, C, H, W], weight [O, C/groups, kH, kW] (raw; normalised per output unit inside) →
+    linear = conv(x, ŵ) and scale = |cos|^(B−1), both [N, O, H_out, W_out]; the layer's output is
+    scale · linear, and the scale is what the explanation sweep needs. Returning the linear part
+    lets the backward reuse it instead of recomputing the conv.
+    """
+    linear = F.conv2d(x, unit_norm_weight(weight), None, stride, padding, 1, groups)
+    norm = patch_norm_reference(x, weight.shape[-2:], stride, padding, groups, weight.shape[0] if groups > 1 else None)
+    return linear, dynamic_scale(linear, norm, b)
+
+
+@bcos_conv2d.register_fake
+def _(x, weight, b, stride, padding, groups):
+    h = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    w = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
+    linear = x.new_empty(x.shape[0], weight.shape[0], h, w)
+    return linear, linear.new_empty(linear.shape)
+
+
+def _bcos_conv_setup(ctx, inputs, output) -> None:
+    x, weight, b, stride, padding, groups = inputs
+    ctx.save_for_backward(x, weight, output[0])
+    ctx.geometry = (b, stride, padding, groups)
+
+
+def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
+    """s = f(l/n) with l = conv(x, ŵ) and n = patch_norm(x) (recomputed: a pooling of x²):
+    dl = g_l + g_s·∂s/∂l and dn = g_s·∂s/∂n, then through the conv, the patch norm and ŵ = w/‖w‖."""
+    x, weight, linear = ctx.saved_tensors
+    b, stride, padding, groups = ctx.geometry
+    out_channels, kernel = weight.shape[0], list(weight.shape[-2:])
+    w_norm = torch.linalg.vector_norm(weight, dim=(1, 2, 3), keepdim=True)
+    w_hat = weight / w_norm
+    norm = patch_norm_reference(x, kernel, stride, padding, groups, out_channels if groups > 1 else None)
+    ratio = linear / norm
+    if b == 2:  # s = |l| / n
+        ds_dratio = torch.sign(linear)
+    else:  # s = (|l/n| + 1e-6)^(B−1)
+        ds_dratio = (b - 1) * (ratio.abs() + 1e-6).pow(b - 2) * torch.sign(ratio)
+    grad_linear = grad_linear + grad_scale * ds_dratio / norm
+    grad_norm = -grad_scale * ds_dratio * ratio / norm
+    if groups == 1:
+        grad_norm = grad_norm.sum(1, keepdim=True)  # n was broadcast over the output channels
+    # Through the patch norm n = sqrt(S + 1e-6): dS = dn / 2n, dx = 2x · boxsumᵀ(dS).
+    grad_sq = grad_norm / (2 * norm)
+    if groups > 1:
+        grad_sq = grad_sq.unflatten(1, (groups, out_channels // groups)).sum(2)
+    grad_box = _box_sum_adjoint(grad_sq, kernel, stride, padding, x.shape[-2:])
+    if groups > 1:
+        grad_box = grad_box.repeat_interleave(x.shape[1] // groups, dim=1)
+    # Through l = conv(x, ŵ).
+    out_pad = [x.shape[2 + i] - ((linear.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + kernel[i]) for i in range(2)]
+    grad_x = 2 * x * grad_box + F.conv_transpose2d(grad_linear, w_hat, None, stride, padding, out_pad, groups)
+    grad_w_hat = torch.nn.grad.conv2d_weight(x, weight.shape, grad_linear, stride, padding, 1, groups)
+    # Through ŵ = w / ‖w‖ (per output unit): dw = (dŵ − ŵ ⟨ŵ, dŵ⟩) / ‖w‖.
+    grad_weight = (grad_w_hat - w_hat * (w_hat * grad_w_hat).sum(dim=(1, 2, 3), keepdim=True)) / w_norm
+    return grad_x, grad_weight, None, None, None, None
+
+
+bcos_conv2d.register_autograd(_bcos_conv_backward, setup_context=_bcos_conv_setup)
+
+
+def _bcos_conv_inputs() -> list[tuple]:
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    return [
+        (rand(2, 3, 5, 5), rand(4, 3, 3, 3), 2.0, [1, 1], [1, 1], 1),
+        (rand(1, 4, 6, 5), rand(6, 2, 3, 3), 2.0, [2, 2], [1, 1], 2),
+        (rand(2, 3, 4, 4), rand(2, 3, 1, 1), 2.5, [1, 1], [0, 0], 1),
+        (rand(1, 2, 7, 7), rand(3, 2, 7, 7), 1.5, [2, 2], [3, 3], 1),
+    ]
+
+
+register_op_test(bcos_conv2d, _bcos_conv_inputs)
+
+__all__ = ["bcos_conv2d", "patch_norm", "scaled_conv_adjoint"]
