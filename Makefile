@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_ext
 
-.PHONY: venv test test-gpu lint format demo clean
+.PHONY: venv test test-gpu lint format demo bench clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,12 @@ format: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m e2kd_fast.demo --out runs/demo
+
+# All benchmark suites at the device's default sizes (see bench/README.md); e.g.
+# make bench BENCH_ARGS="--record" appends the results to bench/results/<device kind>.jsonl.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) -m bench all $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info e2kd_fast/_C*.so e2kd_fast/_build_config.py .cache .pytest_cache

@@ -1,0 +1,477 @@
+"""The `ops` suite: every B-cos layer and loss term over real layer shapes, per provider and mode.
+
+Ops: ``bcos_conv2d`` (`e2kd_fast.nn.BcosConv2d`), ``bcos_linear`` (`BcosLinear`), ``kd_kl`` and
+``explanation_cosine_loss`` (`e2kd_fast.reference.losses`). Modes:
+
+- ``fwd``: the training forward (autograd recording);
+- ``bwd``: the backward of that forward, to the input and the weight;
+- ``exp``: the explanation path, a ``create_graph`` backward to the input in explanation mode;
+- ``exp_bwd``: the backward *of* the explanation path (second order), to the input and the weight,
+  outside explanation mode, as the final ``loss.backward()`` of an e²KD step runs it.
+
+Providers are a table (`PROVIDERS`): ``reference-eager``, ``reference-compiled`` (``torch.compile``
+of the same module or function: the honest baseline) and ``fast`` (the registered ``e2kd::`` ops,
+which plug in through `FAST_PATHS`). Where a provider has no implementation of an (op, mode), the
+record has status ``unsupported`` and the table shows "–".
+
+Shapes: ``real`` traces B-cos R18/R50/D169 at 224² (every distinct `BcosConv2d`) and ViT-Ti (every
+distinct `BcosLinear`) with forward hooks; losses at batch 256 and 1000 classes. ``small`` is a
+handful of tiny shapes for CPUs and the smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bench import common
+
+SUITE = "ops"
+REFERENCE = "reference-eager"
+MODES = ("fwd", "bwd", "exp", "exp_bwd")
+LOSS_MODES = ("fwd", "bwd")
+OPS = ("bcos_conv2d", "bcos_linear", "kd_kl", "explanation_cosine_loss")
+
+# Fast paths: op name → factory(reference callable) → fast callable with the same signature.
+# The compiled-step issue registers the e2kd:: ops here; until then the table shows "–".
+FAST_PATHS: dict[str, Callable[[Callable[..., Tensor]], Callable[..., Tensor]]] = {}
+
+
+@dataclass(frozen=True)
+class Provider:
+    """How a provider turns the reference callable of an op into the callable it benchmarks.
+
+    ``wrap`` returns None when the provider has no implementation of that op;
+    ``double_backward`` says whether the result may be differentiated twice (the ``exp`` modes).
+    """
+
+    name: str
+    wrap: Callable[[str, Callable[..., Tensor]], Callable[..., Tensor] | None]
+    double_backward: bool
+    why_not_double_backward: str = ""
+
+
+def _compiled(op: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    torch._dynamo.reset()  # a fresh cache per shape: compile time is reported per entry
+    return torch.compile(fn, dynamic=False)
+
+
+def _fast(op: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor] | None:
+    factory = FAST_PATHS.get(op)
+    return None if factory is None else factory(fn)
+
+
+PROVIDERS: dict[str, Provider] = {
+    "reference-eager": Provider("reference-eager", lambda op, fn: fn, True),
+    "reference-compiled": Provider(
+        "reference-compiled",
+        _compiled,
+        False,
+        "torch.compile does not support double backward (platform_notes.md §5.1)",
+    ),
+    "fast": Provider("fast", _fast, True),
+}
+
+
+@dataclass(frozen=True)
+class OpShape:
+    """One benchmark case: the op and its geometry (batch included)."""
+
+    op: str
+    batch: int
+    in_channels: int = 0  # conv C_in, linear in_features, loss: classes or map channels
+    out_channels: int = 0
+    height: int = 0  # conv input H, W; linear: tokens per sample in height, width 1
+    width: int = 0
+    kernel: int = 0
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    b: float = 2.0
+    max_out: int = 1
+    source: str = ""  # which models use it
+
+    def label(self) -> str:
+        if self.op == "bcos_conv2d":
+            return (
+                f"N{self.batch} C{self.in_channels}→{self.out_channels} {self.height}×{self.width} "
+                f"k{self.kernel} s{self.stride} p{self.padding}" + (f" g{self.groups}" if self.groups > 1 else "")
+            )
+        if self.op == "bcos_linear":
+            return f"{self.batch}×{self.height} tok, {self.in_channels}→{self.out_channels}"
+        if self.op == "kd_kl":
+            return f"N{self.batch} C{self.in_channels}"
+        return f"N{self.batch} {self.in_channels}×{self.height}×{self.width}"
+
+    def config(self, dtype: str) -> dict[str, Any]:
+        cfg = {k: v for k, v in asdict(self).items() if k != "source"}
+        cfg["dtype"] = dtype
+        return cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", choices=("real", "small"), default=None, help="default: real on CUDA, small on CPU")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ", ".join(OPS))
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
+    parser.add_argument(
+        "--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ", ".join(PROVIDERS)
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(common.DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="conv/linear batch (default 64 on CUDA, 2 on CPU; loss: 256)"
+    )
+    parser.add_argument("--loss-batch", type=int, default=256)
+    parser.add_argument(
+        "--models", default="bcos_resnet18,bcos_resnet50,bcos_densenet169", help="models traced for conv shapes"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="at most this many shapes per op (for quick looks)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------------
+
+
+def trace_layer_shapes(model_name: str, resolution: int = 224) -> list[tuple]:
+    """Distinct geometries of the B-cos layers of ``model_name``, from forward hooks (batch 1).
+
+    Returns tuples ``("conv", C_in, H, W, C_out, k, stride, padding, groups, b, max_out)`` or
+    ``("linear", tokens, in_features, out_features, b, max_out)``, in first-use order.
+    """
+    from e2kd_fast import create_model
+    from e2kd_fast.nn import BcosConv2d, BcosLinear
+
+    model = create_model(model_name).eval()
+    found: dict[tuple, None] = {}
+
+    def conv_hook(mod: BcosConv2d, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
+        _, c, h, w = inputs[0].shape
+        key = (
+            "conv",
+            c,
+            h,
+            w,
+            mod.out_channels,
+            mod.kernel_size[0],
+            mod.stride[0],
+            mod.padding[0],
+            mod.groups,
+            float(mod.b),
+            mod.max_out,
+        )
+        found.setdefault(key, None)
+
+    def linear_hook(mod: BcosLinear, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
+        tokens = inputs[0].numel() // inputs[0].shape[-1]
+        found.setdefault(("linear", tokens, mod.in_features, mod.out_features, float(mod.b), mod.max_out), None)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, BcosConv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, BcosLinear):
+            handles.append(m.register_forward_hook(linear_hook))
+    with torch.no_grad():
+        model(torch.zeros(1, 6, resolution, resolution))
+    for h in handles:
+        h.remove()
+    return list(found)
+
+
+def real_shapes(models: list[str], batch: int, loss_batch: int) -> list[OpShape]:
+    """Conv shapes of ``models`` at 224² and linear shapes of ViT-Ti, deduplicated; losses at ``loss_batch``."""
+    shapes: dict[OpShape, list[str]] = {}
+
+    def add(shape: OpShape, model: str) -> None:
+        shapes.setdefault(shape, []).append(model)
+
+    for name in [*models, "bcos_vit_ti_patch16_224"]:
+        for t in trace_layer_shapes(name):
+            if t[0] == "conv":
+                _, c, h, w, o, k, s, p, g, b, mo = t
+                add(OpShape("bcos_conv2d", batch, c, o, h, w, k, s, p, g, b, mo), name)
+            else:
+                _, tokens, fin, fout, b, mo = t
+                add(OpShape("bcos_linear", batch, fin, fout, tokens, 1, b=b, max_out=mo), name)
+    out = [OpShape(**{**asdict(s), "source": "+".join(sorted(set(m)))}) for s, m in shapes.items()]
+    out.append(OpShape("kd_kl", loss_batch, 1000, source="loss"))
+    out.append(OpShape("explanation_cosine_loss", loss_batch, 6, height=224, width=224, source="loss"))
+    return out
+
+
+def small_shapes() -> list[OpShape]:
+    """A few tiny shapes: the harness check on CPUs, not a performance statement."""
+    return [
+        OpShape("bcos_conv2d", 2, 6, 16, 32, 32, 3, 1, 1, source="small"),
+        OpShape("bcos_conv2d", 2, 16, 32, 32, 32, 3, 2, 1, source="small"),
+        OpShape("bcos_conv2d", 2, 32, 64, 16, 16, 1, 1, 0, source="small"),
+        OpShape("bcos_linear", 2, 64, 192, 16, 1, source="small"),
+        OpShape("kd_kl", 16, 100, source="small"),
+        OpShape("explanation_cosine_loss", 16, 6, height=32, width=32, source="small"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases: the reference callable, its inputs, and one callable per mode
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """The callables of one (shape, provider) and the tensors each mode touches."""
+
+    module: nn.Module | None  # the layer (explanation mode is switched on it), None for losses
+    forward: Callable[..., Tensor]
+    inputs: tuple[Tensor, ...]
+    params: tuple[Tensor, ...]
+
+
+def build_reference(
+    shape: OpShape, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module | None, Callable[..., Tensor], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """(layer or None, reference forward, inputs requiring grad where differentiated, parameters)."""
+    from e2kd_fast.nn import BcosConv2d, BcosLinear
+    from e2kd_fast.reference.losses import explanation_cosine_loss, kd_kl
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*size: int, grad: bool = True) -> Tensor:
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    if shape.op == "bcos_conv2d":
+        layer = BcosConv2d(
+            shape.in_channels,
+            shape.out_channels,
+            shape.kernel,
+            stride=shape.stride,
+            padding=shape.padding,
+            groups=shape.groups,
+            b=shape.b,
+            max_out=shape.max_out,
+        ).to(device=device, dtype=dtype)
+        x = rand(shape.batch, shape.in_channels, shape.height, shape.width)
+        return layer, layer, (x,), (layer.linear.weight,)
+    if shape.op == "bcos_linear":
+        layer = BcosLinear(shape.in_channels, shape.out_channels, b=shape.b, max_out=shape.max_out)
+        layer = layer.to(device=device, dtype=dtype)
+        x = rand(shape.batch, shape.height, shape.in_channels)
+        return layer, layer, (x,), (layer.linear.weight,)
+    if shape.op == "kd_kl":
+        zs, zt = rand(shape.batch, shape.in_channels), rand(shape.batch, shape.in_channels, grad=False)
+        return None, lambda s, t: kd_kl(s, t, 1.0), (zs, zt), ()
+    if shape.op == "explanation_cosine_loss":
+        size = (shape.batch, shape.in_channels, shape.height, shape.width)
+        return None, explanation_cosine_loss, (rand(*size), rand(*size, grad=False)), ()
+    raise ValueError(f"unknown op {shape.op!r}")
+
+
+def mode_callable(case: Case, mode: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(the timed callable, a function returning the tensors it touches, for the traffic estimate).
+
+    Graphs that a mode differentiates are built once, outside the timed callable, and retained.
+    """
+    from e2kd_fast.nn import explanation_mode
+
+    diff = tuple(t for t in case.inputs if t.requires_grad) + case.params
+    if mode == "fwd":
+
+        def fwd() -> Tensor:
+            return case.forward(*case.inputs)
+
+        return fwd, lambda: (case.inputs, case.params, fwd())
+    if mode == "bwd":
+        y = case.forward(*case.inputs)
+        g = torch.randn_like(y)
+
+        def bwd() -> tuple[Tensor, ...]:
+            return torch.autograd.grad(y, diff, g, retain_graph=True)
+
+        return bwd, lambda: (g, case.inputs, case.params, bwd())
+    if case.module is None:
+        raise ValueError("the explanation modes exist only for B-cos layers")
+    x = case.inputs[0]
+    if mode == "exp":
+        # The explanation flag is read at backward time: the timed callable switches the mode itself.
+        with explanation_mode(case.module):
+            y = case.forward(x)
+        g = torch.randn_like(y)
+
+        def exp() -> Tensor:
+            with explanation_mode(case.module):
+                return torch.autograd.grad(y, x, g, create_graph=True, retain_graph=True)[0]
+
+        return exp, lambda: (g, x, case.params, exp())
+    if mode == "exp_bwd":
+        with explanation_mode(case.module):
+            y = case.forward(x)
+            g = torch.randn_like(y)
+            (e,) = torch.autograd.grad(y, x, g, create_graph=True)
+        h = torch.randn_like(e)
+
+        def exp_bwd() -> tuple[Tensor | None, ...]:
+            return torch.autograd.grad(e, diff, h, retain_graph=True, allow_unused=True)
+
+        return exp_bwd, lambda: (h, g, x, case.params, exp_bwd())
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The suite
+# --------------------------------------------------------------------------------------------------
+
+
+def _split(value: str, known: tuple[str, ...] | dict, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; known: {', '.join(known)}")
+    return items
+
+
+def run(
+    args: argparse.Namespace, device: torch.device, env: dict[str, Any], run_id: str, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    cuda = device.type == "cuda"
+    ops = _split(args.ops, OPS, "op(s)")
+    modes = _split(args.modes, MODES, "mode(s)")
+    providers = _split(args.providers, PROVIDERS, "provider(s)")
+    dtype_name = args.dtype or ("bfloat16" if cuda else "float32")
+    dtype = common.DTYPES[dtype_name]
+    shape_set = args.shapes or ("real" if cuda else "small")
+    if shape_set == "real":
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        shapes = real_shapes(models, args.batch or (64 if cuda else 2), args.loss_batch)
+    else:
+        shapes = small_shapes()
+    shapes = [s for s in shapes if s.op in ops]
+    if args.limit is not None:
+        kept, per_op = [], {}
+        for s in shapes:
+            per_op[s.op] = per_op.get(s.op, 0) + 1
+            if per_op[s.op] <= args.limit:
+                kept.append(s)
+        shapes = kept
+    log(f"[ops] {len(shapes)} shapes ({shape_set}), modes {modes}, providers {providers}, {dtype_name}")
+    records: list[dict[str, Any]] = []
+    for shape in shapes:
+        shape_modes = [m for m in modes if shape.op.startswith("bcos_") or m in LOSS_MODES]
+        for mode in shape_modes:
+            config = {**shape.config(dtype_name), "mode": mode, "shapes": shape_set}
+            flops = nbytes = None
+            for name in providers:
+                rec = _measure(shape, mode, PROVIDERS[name], config, device, dtype, args, env, run_id)
+                if name == REFERENCE and rec["status"] == "ok":
+                    flops, nbytes = rec["flops"], rec["bytes"]
+                records.append(rec)
+            # FLOPs and bytes are properties of the maths: the reference's count applies to every provider.
+            for rec in records[-len(providers) :]:
+                if rec["status"] == "ok" and rec["variant"] != REFERENCE:
+                    rec["flops"], rec["bytes"] = flops, nbytes
+                    rec.update(common.roofline(env["device_kind"], dtype_name, flops, nbytes, rec["time_ms"]["median"]))
+            log(
+                f"  {shape.op:24s} {shape.label():40s} {mode:8s} "
+                + "  ".join(_short(r) for r in records[-len(providers) :])
+            )
+    common.add_ratios(records)
+    return records
+
+
+def _short(rec: dict[str, Any]) -> str:
+    if rec["status"] != "ok":
+        return f"{rec['variant']}: –"
+    return f"{rec['variant']}: {rec['time_ms']['median']:.3f} ms"
+
+
+def _measure(shape, mode, provider: Provider, config, device, dtype, args, env, run_id) -> dict[str, Any]:
+    def record(status: str, note: str | None = None, **fields: Any) -> dict[str, Any]:
+        return common.make_record(
+            run_id=run_id,
+            env=env,
+            suite=SUITE,
+            config=config,
+            variant=provider.name,
+            reference=REFERENCE,
+            status=status,
+            note=note,
+            source=shape.source,
+            label=shape.label(),
+            **fields,
+        )
+
+    if mode.startswith("exp") and not provider.double_backward:
+        return record("unsupported", provider.why_not_double_backward)
+    module, reference, inputs, params = build_reference(shape, device, dtype)
+    forward = provider.wrap(shape.op, reference)
+    if forward is None:
+        return record("unsupported", f"no {provider.name} implementation of {shape.op}")
+    case = Case(module, forward, inputs, params)
+    try:
+        t0 = time.perf_counter()
+        fn, touched = mode_callable(case, mode)
+        fn()  # the first call compiles for reference-compiled: timed apart from the steady state
+        common.synchronize(device)
+        first_call_s = time.perf_counter() - t0
+        samples = common.measure(fn, device, warmup=args.warmup, repeats=args.repeats)
+    except Exception as exc:  # one failing provider must not end the suite: record why
+        return record("error", f"{type(exc).__name__}: {exc}"[:500])
+    stats = common.summarize(samples)
+    flops = common.count_flops(fn) if provider.name == REFERENCE else None
+    nbytes = common.tensor_bytes([touched()]) if provider.name == REFERENCE else None
+    fields = {"time_ms": stats, "first_call_s": first_call_s, "flops": flops, "bytes": nbytes}
+    fields.update(common.roofline(env["device_kind"], config["dtype"], flops, nbytes, stats["median"]))
+    return record("ok", **fields)
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """One row per (op, shape, mode): time per provider, speed-up against the eager and compiled reference."""
+    providers = list(dict.fromkeys(r["variant"] for r in records if r["suite"] == SUITE))
+    groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    labels: dict[tuple[str, str], tuple[str, str, str]] = {}
+    for r in records:
+        if r["suite"] != SUITE:
+            continue
+        key = (r["key"], r["config"]["mode"])
+        groups.setdefault(key, {})[r["variant"]] = r
+        labels[key] = (r["config"]["op"], r.get("label", ""), r["config"]["mode"])
+    headers = ["op", "shape", "mode", *[f"{p} ms" for p in providers]]
+    others = [p for p in providers if p != REFERENCE]
+    headers += [f"{p} × eager" for p in others]
+    if "fast" in providers and "reference-compiled" in providers:
+        headers.append("fast × compiled")
+    headers += ["TFLOP/s (best)", "GB/s (best)", "roofline (best)"]
+    rows = []
+    for key, by_provider in groups.items():
+
+        def ms(p: str, by_provider: dict[str, dict[str, Any]] = by_provider) -> float | None:
+            r = by_provider.get(p)
+            return r["time_ms"]["median"] if r and r["status"] == "ok" else None
+
+        row = [*labels[key], *[common.fmt_num(ms(p)) for p in providers]]
+        for p in others:
+            row.append(common.fmt_num(ms(REFERENCE) / ms(p)) + "×" if ms(p) and ms(REFERENCE) else "–")
+        if "fast × compiled" in headers:
+            row.append(
+                common.fmt_num(ms("reference-compiled") / ms("fast")) + "×"
+                if ms("fast") and ms("reference-compiled")
+                else "–"
+            )
+        ok = [r for r in by_provider.values() if r["status"] == "ok"]
+        best = min(ok, key=lambda r: r["time_ms"]["median"]) if ok else {}
+        share = best.get("roofline_share")
+        row += [
+            common.fmt_num(best.get("tflops")),
+            common.fmt_num(best.get("gbps")),
+            common.fmt_num(100 * share) + " %" if share else "–",
+        ]
+        rows.append(row)
+    return common.markdown_table(headers, rows)
