@@ -129,7 +129,7 @@ def e2kd_objective(
             if explanation == "bcos"
             else F.cross_entropy(student_logits, labels)
         )
-    loss = gt_coef * gt + distill
+    loss = distill + gt_coef * gt if gt_coef > 0 else distill
     return {
         "loss": loss,
         "kd": kd.detach(),
@@ -153,8 +153,11 @@ def _teacher_outputs(teacher, x, frozen, explain) -> tuple[Tensor, Tensor | None
         explanation = None if frozen.explanation is None or explain is None else frozen.explanation.detach()
         return frozen.logits.detach(), explanation
     if explain is None:
+        # Leave the no_grad block before returning: a return inside it loses the student's graph
+        # under torch.compile (torch 2.14; the grad mode is not restored in the traced graph).
         with torch.no_grad():
-            return teacher(x), None
+            logits = teacher(x)
+        return logits, None
     # One forward: the teacher explains its own top-1, which is the class the student explains too.
     teacher_map, logits = explain(teacher, x, None, create_graph=False, return_logits=True)
     return logits.detach(), teacher_map.detach()
