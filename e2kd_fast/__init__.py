@@ -3,8 +3,14 @@
 Submodules:
     nn         B-cos layers, no-bias norms, the [x, 1 − x] encoding, explanation mode
     models     the model zoo (`create_model`, `list_models`) and checkpoint loading
-    explain    dynamic weights (B-cos explanations), contribution maps, pictures
+    explain    dynamic weights (autograd reference and explicit sweep), GradCAM, contribution maps, pictures
     reference  the maths in plain PyTorch, the spec for every fast path
+    ops        registered e2kd:: ops (reference implementations, fakes, autograd)
+    distill    the e²KD objective and its KD baseline
+    data       image folders, splits, transforms, frozen-teacher stores, synthetic data
+    engine     the (compiled) training step, trainer, evaluation, logging
+    config     run configuration (frozen dataclasses, YAML)
+Command line: ``e2kd-fast`` (``python -m e2kd_fast``); the demo: ``python -m e2kd_fast.demo``.
 """
 
 from e2kd_fast import explain, models, nn, reference
