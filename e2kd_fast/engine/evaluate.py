@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,9 @@ def evaluate(
     student.eval()
     counts = {"images": 0, "top1": 0, "top5": 0, "agree": 0, "skipped": 0}
     cosine_sum = 0.0
-    explain = {"bcos": dynamic_weights, "gradcam": gradcam}.get(explanation) if explanation else None
+    # The same explanation path as training (the sweep), not the double-backward reference.
+    explainers = {"bcos": partial(dynamic_weights, backend="sweep"), "gradcam": gradcam}
+    explain = explainers.get(explanation) if explanation else None
     try:
         for batch in batches:
             counts["skipped"] += int(batch.get("skipped", 0))

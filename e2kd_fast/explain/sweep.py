@@ -41,7 +41,7 @@ from e2kd_fast.nn import (
     DetachablePositionNorm2d,
     LogitLayer,
 )
-from e2kd_fast.reference.bcos import dynamic_scale, patch_norm_slow, unit_norm_weight
+from e2kd_fast.reference.bcos import dynamic_scale, patch_norm_slow, transposed_output_padding, unit_norm_weight
 from e2kd_fast.reference.explain import check_target
 
 Tape = list
@@ -160,11 +160,7 @@ def _conv_adj(m: BcosConv2d, g: Tensor, tape: Tape) -> Tensor:
 
 def _conv_transpose(g: Tensor, weight: Tensor, in_size, stride, padding, dilation, groups: int) -> Tensor:
     """The adjoint of ``conv2d(·, weight, stride, padding, dilation, groups)`` for an input of ``in_size``."""
-    k = weight.shape[-2:]
-    out_pad = [
-        in_size[i] - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
-        for i in range(2)
-    ]
+    out_pad = transposed_output_padding(in_size, g.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     return F.conv_transpose2d(g, weight, None, stride, padding, out_pad, groups, dilation)
 
 
@@ -197,17 +193,8 @@ register_sweep(BcosLinear)((_linear_fwd, _linear_adj))
 
 
 def _bnu_fwd(m: BatchNormUncentered2d, x: Tensor, tape: Tape) -> Tensor:
-    # The module call updates the running statistics exactly; the variance is recomputed for the
-    # record (a fused kernel will produce both in one pass).
-    y = m(x)
-    if m.training or m.running_var is None:
-        var = x.var(dim=(0, 2, 3), unbiased=False)
-    else:
-        var = m.running_var
-    factor = (var + m.eps).rsqrt()[None, :, None, None]
-    if m.weight is not None:
-        factor = m.weight[None, :, None, None] * factor
-    tape.append(factor)
+    y, inv_std = m.normalise(x)  # one pass: statistics, running-variance update and output
+    tape.append(inv_std if m.weight is None else m.weight[None, :, None, None] * inv_std)
     return y
 
 
@@ -218,58 +205,40 @@ def _scale_adj(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
 register_sweep(BatchNormUncentered2d)((_bnu_fwd, _scale_adj))
 
 
-def _centred_norm_fwd(dims_of: Callable[[nn.Module, Tensor], tuple[Tensor, tuple[int, ...]]]) -> TapedForward:
+def _centred_norm_fwd(m: nn.Module, x: Tensor, tape: Tape) -> Tensor:
     """A centred norm y = γ ⊙ (x − mean)·r with r = 1/std fixed: its adjoint is r·(h − mean h), h = γ ⊙ g."""
-
-    def forward(m: nn.Module, x: Tensor, tape: Tape) -> Tensor:
-        grouped, dims = dims_of(m, x)
-        var, mean = torch.var_mean(grouped, dim=dims, unbiased=False, keepdim=True)
-        inv_std = (var + m.eps).rsqrt()
-        tape.append((inv_std, x.shape))
-        return m(x)
-
-    return forward
-
-
-def _layer_norm_dims(m: DetachableLayerNorm, x: Tensor):
-    return x, tuple(range(-len(m.normalized_shape), 0))
+    y, inv_std = m.normalise(x)
+    tape.append(inv_std)
+    return y
 
 
 def _layer_norm_adj(m: DetachableLayerNorm, g: Tensor, tape: Tape) -> Tensor:
-    inv_std, _ = tape.pop()
+    inv_std = tape.pop()
     h = g * m.weight if m.weight is not None else g
     dims = tuple(range(-len(m.normalized_shape), 0))
     return inv_std * (h - h.mean(dim=dims, keepdim=True))
 
 
-register_sweep(DetachableLayerNorm)((_centred_norm_fwd(_layer_norm_dims), _layer_norm_adj))
-
-
-def _group_norm_dims(m: DetachableGroupNorm2d, x: Tensor):
-    return x.unflatten(1, (m.num_groups, -1)), (2, 3, 4)
+register_sweep(DetachableLayerNorm)((_centred_norm_fwd, _layer_norm_adj))
 
 
 def _group_norm_adj(m: DetachableGroupNorm2d, g: Tensor, tape: Tape) -> Tensor:
-    inv_std, _ = tape.pop()
+    inv_std = tape.pop()
     h = g * m.weight[None, :, None, None] if m.weight is not None else g
     h = h.unflatten(1, (m.num_groups, -1))
     return (inv_std * (h - h.mean(dim=(2, 3, 4), keepdim=True))).flatten(1, 2)
 
 
-register_sweep(DetachableGroupNorm2d)((_centred_norm_fwd(_group_norm_dims), _group_norm_adj))
-
-
-def _position_norm_dims(m: DetachablePositionNorm2d, x: Tensor):
-    return x, (1,)
+register_sweep(DetachableGroupNorm2d)((_centred_norm_fwd, _group_norm_adj))
 
 
 def _position_norm_adj(m: DetachablePositionNorm2d, g: Tensor, tape: Tape) -> Tensor:
-    inv_std, _ = tape.pop()
+    inv_std = tape.pop()
     h = g * m.weight[None, :, None, None] if m.weight is not None else g
     return inv_std * (h - h.mean(dim=1, keepdim=True))
 
 
-register_sweep(DetachablePositionNorm2d)((_centred_norm_fwd(_position_norm_dims), _position_norm_adj))
+register_sweep(DetachablePositionNorm2d)((_centred_norm_fwd, _position_norm_adj))
 
 
 def _identity_fwd(m: nn.Module, x: Tensor, tape: Tape) -> Tensor:

@@ -39,6 +39,11 @@ class BatchNormUncentered2d(DynamicLinearModule, nn.BatchNorm2d):
         _drop_bias(self, bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.normalise(x)[0]
+
+    def normalise(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, 1/std [1, C, 1, 1]); updates the running variance in training. The explanation
+        sweep records the 1/std from here, so the statistics are computed once."""
         if x.dim() != 4:
             raise ValueError(f"BatchNormUncentered2d expects [N, C, H, W] input, got shape {tuple(x.shape)}")
         use_batch_stats = self.training or self.running_var is None
@@ -54,7 +59,7 @@ class BatchNormUncentered2d(DynamicLinearModule, nn.BatchNorm2d):
             y = self.weight[None, :, None, None] * y
         if self.bias is not None:
             y = y + self.bias[None, :, None, None]
-        return y
+        return y, inv_std
 
     def _update_running_var(self, var: Tensor) -> None:
         self.num_batches_tracked.add_(1)
@@ -75,14 +80,19 @@ class DetachableLayerNorm(DynamicLinearModule, nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not self.explaining:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.normalise(x)[0]
+
+    def normalise(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, 1/std [*, 1]) computed explicitly, with 1/std as the dynamic weight."""
         dims = tuple(range(-len(self.normalized_shape), 0))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
-        y = self.dyn_mul((var + self.eps).rsqrt(), x - mean)
+        inv_std = (var + self.eps).rsqrt()
+        y = self.dyn_mul(inv_std, x - mean)
         if self.weight is not None:
             y = self.weight * y
         if self.bias is not None:
             y = y + self.bias
-        return y
+        return y, inv_std
 
 
 class DetachableGroupNorm2d(DynamicLinearModule, nn.GroupNorm):
@@ -104,14 +114,19 @@ class DetachableGroupNorm2d(DynamicLinearModule, nn.GroupNorm):
             )
         if not self.explaining:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return self.normalise(x)[0]
+
+    def normalise(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, 1/std [N, G, 1, 1, 1]) computed explicitly, with 1/std as the dynamic weight."""
         grouped = x.unflatten(1, (self.num_groups, -1))
         var, mean = torch.var_mean(grouped, dim=(2, 3, 4), unbiased=False, keepdim=True)
-        y = self.dyn_mul((var + self.eps).rsqrt(), grouped - mean).flatten(1, 2)
+        inv_std = (var + self.eps).rsqrt()
+        y = self.dyn_mul(inv_std, grouped - mean).flatten(1, 2)
         if self.weight is not None:
             y = self.weight[None, :, None, None] * y
         if self.bias is not None:
             y = y + self.bias[None, :, None, None]
-        return y
+        return y, inv_std
 
 
 class DetachableGNLayerNorm2d(DetachableGroupNorm2d):
@@ -138,13 +153,18 @@ class DetachablePositionNorm2d(DynamicLinearModule, nn.LayerNorm):
         if not self.explaining:
             y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
             return y.permute(0, 3, 1, 2)
+        return self.normalise(x)[0]
+
+    def normalise(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, 1/std [N, 1, H, W]) computed explicitly, with 1/std as the dynamic weight."""
         var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
-        y = self.dyn_mul((var + self.eps).rsqrt(), x - mean)
+        inv_std = (var + self.eps).rsqrt()
+        y = self.dyn_mul(inv_std, x - mean)
         if self.weight is not None:
             y = self.weight[None, :, None, None] * y
         if self.bias is not None:
             y = y + self.bias[None, :, None, None]
-        return y
+        return y, inv_std
 
 
 NORM_LAYERS: dict[str, type[nn.Module] | None] = {

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from e2kd_fast.ops._registry import register_op_test
-from e2kd_fast.reference.bcos import dynamic_scale, unit_norm_weight
+from e2kd_fast.reference.bcos import dynamic_scale, transposed_output_padding, unit_norm_weight
 from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
 
 
@@ -28,7 +28,7 @@ def _box_sum_adjoint(g: Tensor, kernel: list[int], stride: list[int], padding: l
     """The transpose of ``avg_pool2d(·, kernel, stride, padding) · prod(kernel)`` for an input of ``in_size``."""
     channels = g.shape[1]
     ones = torch.ones(channels, 1, *kernel, dtype=g.dtype, device=g.device)
-    out_pad = [in_size[i] - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + kernel[i]) for i in range(2)]
+    out_pad = transposed_output_padding(in_size, g.shape[-2:], kernel, stride, padding)
     return F.conv_transpose2d(g, ones, None, stride, padding, out_pad, channels)
 
 
@@ -80,11 +80,7 @@ def scaled_conv_adjoint(
     groups: int,
 ) -> Tensor:
     """conv2dᵀ(scale ⊙ g, weight): [N, O, h, w] → [N, C, *in_size] (weight: the unit-norm ŵ)."""
-    k = weight.shape[-2:]
-    out_pad = [
-        in_size[i] - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
-        for i in range(2)
-    ]
+    out_pad = transposed_output_padding(in_size, g.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     return F.conv_transpose2d(scale * g, weight, None, stride, padding, out_pad, groups, dilation)
 
 
@@ -192,7 +188,7 @@ def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
     if groups > 1:
         grad_box = grad_box.repeat_interleave(x.shape[1] // groups, dim=1)
     # Through l = conv(x, ŵ).
-    out_pad = [x.shape[2 + i] - ((linear.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + kernel[i]) for i in range(2)]
+    out_pad = transposed_output_padding(x.shape[-2:], linear.shape[-2:], kernel, stride, padding)
     grad_x = 2 * x * grad_box + F.conv_transpose2d(grad_linear, w_hat, None, stride, padding, out_pad, groups)
     grad_w_hat = torch.nn.grad.conv2d_weight(x, weight.shape, grad_linear, stride, padding, 1, groups)
     # Through ŵ = w / ‖w‖ (per output unit): dw = (dŵ − ŵ ⟨ŵ, dŵ⟩) / ‖w‖.

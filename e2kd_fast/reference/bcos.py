@@ -30,6 +30,15 @@ def pair(v: IntPair) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def transposed_output_padding(in_size, out_size, kernel, stride, padding, dilation=(1, 1)) -> list[int]:
+    """The ``output_padding`` that makes ``conv_transpose2d`` return exactly ``in_size``: the adjoint
+    of a conv (or pooling) that mapped ``in_size`` to ``out_size`` (strided convs drop remainders)."""
+    return [
+        in_size[i] - ((out_size[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
+        for i in range(2)
+    ]
+
+
 def unit_norm_weight(weight: Tensor) -> Tensor:
     """Normalises each output unit's weight to unit L2 norm.
 
