@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from e2kd_fast.ops import backends
 from e2kd_fast.ops._registry import register_op_test
 
 _EPS = 1e-8  # F.cosine_similarity's eps: the product of the norms is clamped below by it
@@ -36,6 +37,15 @@ def distill_loss(
     student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, kd, exp) for logits [N, C] and explanation maps [N, ...] (flattened per sample)."""
+    impl = backends.implementation("e2kd::distill_loss", student_logits.device.type)
+    return impl(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
+
+
+@backends.register("e2kd::distill_loss", "reference", ("cpu", "cuda"))
+def distill_loss_reference(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference forward of `distill_loss` (the spec every kernel is tested against)."""
     n = student_logits.shape[0]
     log_p_s = F.log_softmax(student_logits / tau, dim=1)
     log_p_t = F.log_softmax(teacher_logits / tau, dim=1)

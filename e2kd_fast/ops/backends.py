@@ -1,0 +1,165 @@
+"""Which implementation of an ``e2kd::`` op runs: the reference, Triton or the compiled C++/CUDA kernels.
+
+Every op has one contract (its ``custom_op`` schema, fake and autograd) and several implementations
+of its forward. The op's body asks this module for the implementation to call for the device of its
+inputs::
+
+    impl = backends.implementation("e2kd::distill_loss", x.device.type)
+    return impl(...)
+
+The choice, in order of precedence:
+
+1. the innermost ``with use_backend(name):`` block,
+2. the environment variable ``E2KD_BACKEND`` (read at call time, so it can change between runs),
+3. ``"auto"``.
+
+``"reference"`` always runs the plain-PyTorch reference. ``"triton"`` and ``"cpp"`` run that back end
+for every op that has it on the inputs' device and the reference for the others (`describe` lists
+which is which); asking for a back end that is not available at all (the extension was not built,
+Triton is not importable) is an error that says why. ``"auto"`` takes, per op and device, the back end
+recorded as fastest in ``fastest.json`` (written from benchmark runs), or else the first available of
+``cpp``, ``triton``, ``reference`` for that op and device.
+
+Triton kernels run on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (the
+interpreter the tests use); the C++ back end runs wherever the extension registered a kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKENDS = ("auto", "reference", "triton", "cpp")
+FAST_BACKENDS = ("cpp", "triton")  # the order "auto" tries when nothing is recorded
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("e2kd_backend", default=None)
+
+
+@dataclass(frozen=True)
+class _Impl:
+    fn: Callable
+    device_types: tuple[str, ...]
+
+
+# (op name, back end) -> implementation; the reference is registered by each op module.
+_IMPLS: dict[tuple[str, str], _Impl] = {}
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown e2kd back end {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def current_backend() -> str:
+    """The requested back end: ``use_backend`` block, else ``E2KD_BACKEND``, else ``"auto"``."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("E2KD_BACKEND", "auto").strip().lower() or "auto", "E2KD_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Runs the ``e2kd::`` ops in the block with back end ``name`` (``auto|reference|triton|cpp``)."""
+    if name != "auto" and name != "reference":
+        reason = unavailable_reason(name)
+        if reason:
+            raise RuntimeError(f"e2kd back end {name!r} is not available: {reason}")
+    token = _override.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def register(op_name: str, backend: str, device_types: tuple[str, ...]) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements the forward of ``op_name`` for ``backend`` on ``device_types``."""
+    _check_name(backend, "register")
+    if backend == "auto":
+        raise ValueError("register: 'auto' is a choice, not a back end")
+
+    def wrap(fn: Callable) -> Callable:
+        _IMPLS[(op_name, backend)] = _Impl(fn, tuple(device_types))
+        return fn
+
+    return wrap
+
+
+def unavailable_reason(backend: str) -> str:
+    """Why ``backend`` cannot run at all here (empty when it can)."""
+    if backend == "cpp":
+        from e2kd_fast._ext import build_config, load_extension
+
+        if load_extension() is None:
+            return f"the compiled extension e2kd_fast._C is not loaded ({build_config()['reason']})"
+        return ""
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not importable"
+        return ""
+    return ""
+
+
+def _runs_on(backend: str, impl: _Impl, device_type: str) -> bool:
+    if backend == "triton":
+        # CPU tensors only in the interpreter; read at call time, never at import.
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return False
+        if device_type == "cpu":
+            return True
+    return device_type in impl.device_types
+
+
+def candidates(op_name: str, device_type: str) -> list[str]:
+    """The back ends that can run ``op_name`` on ``device_type`` here, the reference last."""
+    found = []
+    for backend in FAST_BACKENDS:
+        impl = _IMPLS.get((op_name, backend))
+        if impl is not None and _runs_on(backend, impl, device_type) and not unavailable_reason(backend):
+            found.append(backend)
+    return [*found, "reference"]
+
+
+@functools.cache
+def _fastest_table() -> dict[str, str]:
+    """``{"<op>@<device>": backend}`` as recorded by the benchmarks (``python -m bench ops --record-fastest``)."""
+    path = Path(__file__).with_name("fastest.json")
+    if not path.exists():
+        return {}
+    table = json.loads(path.read_text())
+    return {key: value for key, value in table.items() if key != "_comment"}
+
+
+def choose(op_name: str, device_type: str) -> str:
+    """The back end that runs ``op_name`` on ``device_type`` under the current request."""
+    requested = current_backend()
+    if requested == "reference":
+        return "reference"
+    available = candidates(op_name, device_type)
+    if requested == "auto":
+        recorded = _fastest_table().get(f"{op_name}@{device_type}")
+        return recorded if recorded in available else available[0]
+    reason = unavailable_reason(requested)
+    if reason:
+        raise RuntimeError(f"E2KD_BACKEND={requested!r} was requested for {op_name}, but it is not available: {reason}")
+    return requested if requested in available else "reference"
+
+
+def implementation(op_name: str, device_type: str) -> Callable:
+    """The forward function to call for ``op_name`` on ``device_type`` (see `choose`)."""
+    return _IMPLS[(op_name, choose(op_name, device_type))].fn
+
+
+def describe(device_type: str = "cpu") -> dict[str, str]:
+    """``{op name: back end}`` for every op with a registered reference, under the current request."""
+    ops = sorted({op for op, backend in _IMPLS if backend == "reference"})
+    return {op: choose(op, device_type) for op in ops}
