@@ -120,12 +120,10 @@ def test_precompute_store_is_exact_resumable_and_checked(folder, tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.array(store.logits)), logits.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.from_numpy(np.array(store.maps)).float(), maps, rtol=2e-3, atol=1e-4)
 
-    # An interrupted precompute continues where it stopped.
-    store = FrozenStore.open(store_path, mode="r+")
-    store.meta["completed"] = 5
-    store.write_meta()
-    store.maps[5:] = 0
-    store.flush(5)
+    # An interrupted precompute continues where it stopped (a shard without its maps file is missing).
+    for shard in (1, 2):
+        (store_path / "shards" / f"maps_{shard:05d}.npy").unlink()
+    assert not FrozenStore.open(store_path).complete
     precompute(cfg, chunk=5, show_progress=False)
     torch.testing.assert_close(
         torch.from_numpy(np.array(FrozenStore.open(store_path).maps)).float(), maps, rtol=2e-3, atol=1e-4

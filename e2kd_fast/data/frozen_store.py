@@ -1,36 +1,70 @@
 """Frozen teachers: teacher logits and explanations computed once per training image, and read back.
 
-Layout of a store folder:
-    meta.json     what was stored: teacher, its checkpoint's SHA-256, the dataset's file-list hash,
-                  the number of images, map shape and dtype, and how many are complete
-    logits.npy    [N, C] float32 teacher logits (the frozen KD targets, one per image)
-    maps.npy      [N, *map_shape] float16 explanations of the full image for the teacher's top-1
-                  (B-cos: [6, S, S]; GradCAM: [1, S, S]), S = data.image_size
+Layout of a store folder (version 2, sharded; written by ``e2kd-fast precompute``):
+    index.json                what was stored: the identity of the data and teacher (teacher name, its
+                              checkpoint's SHA-256, explanation kind, number of images, SHA-256 of the
+                              ordered file list, image size) and the layout (shard size, map dtype,
+                              stored map shape, resolution divisor, number of classes)
+    shards/logits_KKKKK.npy   [n, C] float32 teacher logits of images [K·shard_size, K·shard_size + n)
+    shards/maps_KKKKK.npy     [n, *map_shape] explanations of the full image for the teacher's top-1
+                              (B-cos: [6, h, w]; GradCAM: [1, h, w]); dtype by storage option
+    shards/scales_KKKKK.npy   [n] float32 per-sample scales (``int8`` only)
+
+Storage options for the maps (``map_dtype``; ``map_scale`` divides the resolution, maps are averaged
+down when written and upsampled when read):
+    fp32   float32, exact
+    fp16   float16 (the default)
+    bf16   bfloat16, kept as its raw 16 bits (``uint16``: numpy has no bfloat16)
+    int8   int8 with one float32 scale per sample (max |value| / 127, symmetric)
+`fidelity_report` measures the cosine between stored and exact explanations for each option.
+
+Every shard is written to temporary files and renamed into place, maps last, so a shard whose maps
+file exists is complete. A killed precompute therefore resumes at the first missing shard, and ranks
+of a multi-GPU precompute each write their own shards (shard K belongs to rank K mod world size).
 
 The teacher sees each whole training image resized to S × S. At training time the random crop and
-flip of the image are applied to its stored map at the same relative region (a paired transform),
-so image and map stay aligned. Precomputation is resumable: it continues after the last completed
-chunk, and a store that does not match the dataset or teacher is refused.
+flip of the image are applied to its stored map at the same relative region (a paired transform, or
+the DALI pipeline's shared ROI), whatever the map's resolution. A store that does not match the
+dataset or teacher is refused (`StoreMismatchError`).
+
+Version 1 stores (``meta.json``, ``logits.npy``, ``maps.npy`` in fp16) are still read; they cannot be
+resumed or extended: precompute refuses them with a message to delete the folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+MAP_DTYPES = ("fp32", "fp16", "bf16", "int8")
+_RAW_DTYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16, "int8": np.int8}
+_LAYOUT_KEYS = ("version", "num_classes", "shard_size", "map_dtype", "map_shape", "full_map_shape", "map_scale")
+# The options `fidelity_report` measures by default: (map_dtype, map_scale).
+FIDELITY_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("fp32", 1),
+    ("fp16", 1),
+    ("bf16", 1),
+    ("int8", 1),
+    ("fp16", 2),
+    ("int8", 2),
+    ("fp16", 4),
+)
 
 
 class StoreMismatchError(ValueError):
-    """The store was made for another dataset, teacher or configuration."""
+    """The store was made for another dataset, teacher or configuration, or is incomplete."""
 
 
 def file_list_hash(samples: list[tuple[Path, int]], root: Path | None = None) -> str:
@@ -52,63 +86,411 @@ def file_sha256(path: str | os.PathLike | None) -> str | None:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoding of maps per storage option
+
+
+def _check_option(map_dtype: str, map_scale: int) -> None:
+    if map_dtype not in MAP_DTYPES:
+        raise ValueError(f"unknown map dtype {map_dtype!r}; allowed: {', '.join(MAP_DTYPES)}")
+    if not isinstance(map_scale, int) or map_scale < 1:
+        raise ValueError(f"map_scale must be a positive integer (resolution divisor), got {map_scale!r}")
+
+
+def stored_map_shape(full_map_shape: Sequence[int], map_scale: int) -> tuple[int, ...]:
+    """[C, H, W] → [C, ceil(H / map_scale), ceil(W / map_scale)]."""
+    *lead, h, w = full_map_shape
+    return (*lead, math.ceil(h / map_scale), math.ceil(w / map_scale))
+
+
+def encode_maps(maps: np.ndarray | torch.Tensor, map_dtype: str, map_scale: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Exact maps → what a store holds.
+
+    Args:
+        maps: [n, C, H, W] float explanations at full resolution.
+        map_dtype: one of `MAP_DTYPES`.
+        map_scale: resolution divisor; the maps are area-averaged to [C, ceil(H/s), ceil(W/s)].
+
+    Returns:
+        raw [n, C, h, w] in the option's storage dtype, and scales [n] float32 (ones unless int8).
+    """
+    _check_option(map_dtype, map_scale)
+    x = torch.as_tensor(maps).float()
+    if map_scale > 1:
+        n, c, h, w = x.shape
+        x = F.adaptive_avg_pool2d(x.reshape(n, c, h, w), stored_map_shape((h, w), map_scale))
+    scales = torch.ones(x.shape[0], dtype=torch.float32)
+    if map_dtype == "fp32":
+        raw = x.numpy()
+    elif map_dtype == "fp16":
+        raw = x.half().numpy()
+    elif map_dtype == "bf16":
+        raw = x.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    else:  # int8, symmetric, one scale per sample: B-cos maps are signed
+        peak = x.flatten(1).abs().amax(1)
+        scales = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+        raw = torch.round(x / scales.view(-1, *[1] * (x.dim() - 1))).clamp_(-127, 127).to(torch.int8).numpy()
+    return np.ascontiguousarray(raw), scales.numpy()
+
+
+def decode_maps(raw: np.ndarray, scales: np.ndarray | None, map_dtype: str) -> np.ndarray:
+    """Stored maps → float32 at the stored resolution. raw [n, ...] (or one sample [...] with scales [])."""
+    if map_dtype == "bf16":
+        return (np.asarray(raw).astype(np.uint32) << 16).view(np.float32)
+    out = np.array(raw, dtype=np.float32)  # a copy: never a view of the read-only memory map
+    if map_dtype == "int8":
+        s = np.asarray(scales, dtype=np.float32)
+        out = out * s.reshape(s.shape + (1,) * (out.ndim - s.ndim))
+    return out
+
+
+def upsample_maps(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """[n, C, h, w] → [n, C, *size] bilinear (no-op when the size matches): reduced maps read back."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def bytes_per_image(num_classes: int, full_map_shape: Sequence[int], map_dtype: str, map_scale: int = 1) -> int:
+    """Bytes one image occupies in a store: float32 logits + the map (+ a float32 scale for int8)."""
+    _check_option(map_dtype, map_scale)
+    elements = int(np.prod(stored_map_shape(full_map_shape, map_scale)))
+    return 4 * num_classes + elements * np.dtype(_RAW_DTYPE[map_dtype]).itemsize + (4 if map_dtype == "int8" else 0)
+
+
+def fidelity_report(
+    exact: torch.Tensor,
+    options: Sequence[tuple[str, int]] = FIDELITY_OPTIONS,
+    num_classes: int = 1000,
+) -> list[dict[str, Any]]:
+    """Cosine between stored and exact explanations, per storage option.
+
+    Each map is encoded as the option stores it, decoded, upsampled back to full resolution and
+    compared with the exact map by the cosine of the flattened maps (what the e²KD loss compares).
+
+    Args:
+        exact: [n, C, H, W] float explanations.
+        options: (map_dtype, map_scale) pairs.
+        num_classes: for the bytes-per-image column.
+
+    Returns:
+        One dict per option: ``map_dtype``, ``map_scale``, ``bytes_per_image``, ``cosine_mean``,
+        ``cosine_min`` (over the n maps).
+    """
+    exact = torch.as_tensor(exact).float()
+    rows = []
+    for map_dtype, map_scale in options:
+        raw, scales = encode_maps(exact, map_dtype, map_scale)
+        back = upsample_maps(torch.from_numpy(decode_maps(raw, scales, map_dtype)), exact.shape[-2:])
+        cos = F.cosine_similarity(back.flatten(1).double(), exact.flatten(1).double(), dim=1, eps=1e-30)
+        rows.append(
+            {
+                "map_dtype": map_dtype,
+                "map_scale": map_scale,
+                "bytes_per_image": bytes_per_image(num_classes, exact.shape[1:], map_dtype, map_scale),
+                "cosine_mean": float(cos.mean()),
+                "cosine_min": float(cos.min()),
+            }
+        )
+    return rows
+
+
+def format_fidelity(rows: list[dict[str, Any]], num_images: int | None = None) -> str:
+    """`fidelity_report` rows as a markdown table (with the store size for ``num_images`` if given)."""
+    head = "| map dtype | resolution | bytes/image | cosine mean | cosine min |"
+    sep = "|---|---|---|---|---|"
+    if num_images:
+        head, sep = head + f" store for {num_images} images |", sep + "---|"
+    lines = [head, sep]
+    for r in rows:
+        line = (
+            f"| {r['map_dtype']} | 1/{r['map_scale']} | {r['bytes_per_image']:,} | "
+            f"{r['cosine_mean']:.6f} | {r['cosine_min']:.6f} |"
+        )
+        if num_images:
+            line += f" {r['bytes_per_image'] * num_images / 2**30:.2f} GiB |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The store
+
+
+class _View:
+    """Read-only array-like over all shards of one field (``logits`` or ``maps``), decoded to float32."""
+
+    def __init__(self, store: FrozenStore, field_name: str) -> None:
+        self.store, self.field = store, field_name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = self.store
+        return (s.num_images, s.num_classes) if self.field == "logits" else (s.num_images, *s.map_shape)
+
+    def __len__(self) -> int:
+        return self.store.num_images
+
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            return self.store.read(int(key))[0 if self.field == "logits" else 1]
+        idx = np.arange(self.store.num_images)[key]
+        if len(idx) == 0:
+            return np.zeros((0, *self.shape[1:]), np.float32)
+        return np.stack([self[int(i)] for i in idx])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class FrozenStore:
-    """A store folder opened for reading (``mode="r"``) or for writing."""
+    """A frozen-explanation store folder (see the module docstring).
+
+    Open one with `FrozenStore.open`, make one with `FrozenStore.create`. ``meta`` holds the identity
+    (what `store_identity` returns) and the layout. ``logits`` [N, C] and ``maps`` [N, *map_shape] are
+    read-only float32 views over the complete shards; `read` returns one image's entries.
+    """
 
     path: Path
     meta: dict[str, Any]
-    logits: np.ndarray
-    maps: np.ndarray
+    legacy: bool = False
+    _arrays: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ opening and creating
 
     @classmethod
     def open(cls, path: str | os.PathLike, expect: dict[str, Any] | None = None, mode: str = "r") -> FrozenStore:
-        """Opens an existing store; ``expect`` holds meta values that must match (else StoreMismatchError)."""
+        """Opens an existing store; ``expect`` holds identity values that must match (else StoreMismatchError)."""
         path = Path(path)
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
+        if (path / "index.json").is_file():
+            meta, legacy = json.loads((path / "index.json").read_text()), False
+        elif (path / "meta.json").is_file():
+            meta, legacy = _legacy_meta(path), True
+        else:
             raise FileNotFoundError(
-                f"no frozen-explanation store at {path} (missing meta.json); run e2kd-fast precompute"
+                f"no frozen-explanation store at {path} (missing index.json); run e2kd-fast precompute"
             )
-        meta = json.loads(meta_path.read_text())
-        for key, value in (expect or {}).items():
-            if meta.get(key) != value:
-                raise StoreMismatchError(
-                    f"{path} does not match this run: {key} is {meta.get(key)!r} in the store, {value!r} here. "
-                    "Precompute a new store for this dataset and teacher."
-                )
-        logits = np.load(path / "logits.npy", mmap_mode=mode if mode == "r" else "r+")
-        maps = np.load(path / "maps.npy", mmap_mode=mode if mode == "r" else "r+")
-        return cls(path, meta, logits, maps)
+        version = meta.get("version")
+        if version not in (1, STORE_VERSION):
+            raise StoreMismatchError(f"{path} has store version {version!r}; this package reads 1 and {STORE_VERSION}")
+        store = cls(path, meta, legacy)
+        store.check(expect or {})
+        return store
 
     @classmethod
-    def create(cls, path: str | os.PathLike, meta: dict[str, Any], num_classes: int, map_shape: tuple[int, ...]):
-        """Creates an empty store of ``meta["num_images"]`` entries (existing files are replaced)."""
+    def create(
+        cls,
+        path: str | os.PathLike,
+        meta: dict[str, Any],
+        num_classes: int,
+        map_shape: tuple[int, ...],
+        *,
+        map_dtype: str = "fp16",
+        map_scale: int = 1,
+        shard_size: int = 1024,
+    ) -> FrozenStore:
+        """Creates an empty store for ``meta["num_images"]`` images, or returns the identical one already there.
+
+        Args:
+            meta: identity values (`store_identity`); must hold ``num_images``.
+            num_classes: length of the stored logits.
+            map_shape: the full-resolution explanation shape [C, H, W] (stored at 1/``map_scale``).
+            map_dtype, map_scale: the storage option (module docstring).
+            shard_size: images per shard.
+
+        Several ranks may call this at once: they write the same index atomically.
+        """
+        _check_option(map_dtype, map_scale)
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        n = meta["num_images"]
-        logits = np.lib.format.open_memmap(path / "logits.npy", mode="w+", dtype=np.float32, shape=(n, num_classes))
-        maps = np.lib.format.open_memmap(path / "maps.npy", mode="w+", dtype=np.float16, shape=(n, *map_shape))
-        meta = {**meta, "version": STORE_VERSION, "map_shape": list(map_shape), "completed": 0}
-        store = cls(path, meta, logits, maps)
-        store.write_meta()
-        return store
+        if (path / "meta.json").is_file():
+            raise StoreMismatchError(
+                f"{path} holds a version-1 store (meta.json); it cannot be extended. Delete the folder and run "
+                "e2kd-fast precompute again to write the sharded layout"
+            )
+        index = {
+            **meta,
+            "version": STORE_VERSION,
+            "num_classes": int(num_classes),
+            "shard_size": int(shard_size),
+            "map_dtype": map_dtype,
+            "map_shape": list(stored_map_shape(map_shape, map_scale)),
+            "full_map_shape": list(map_shape),
+            "map_scale": int(map_scale),
+        }
+        if (path / "index.json").is_file():
+            store = cls.open(path, expect=meta)
+            store.check({k: index[k] for k in _LAYOUT_KEYS})
+            return store
+        (path / "shards").mkdir(parents=True, exist_ok=True)
+        tmp = path / f"index.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(tmp, path / "index.json")
+        return cls(path, index)
+
+    def check(self, expect: dict[str, Any]) -> None:
+        """Raises StoreMismatchError naming the first value of ``expect`` that the store does not have."""
+        for key, value in expect.items():
+            have = self.meta.get(key)
+            if isinstance(have, list) and isinstance(value, tuple):
+                value = list(value)
+            if have != value:
+                raise StoreMismatchError(
+                    f"{self.path} does not match this run: {key} is {have!r} in the store, {value!r} here. "
+                    "Precompute a new store for this dataset and teacher."
+                )
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def num_images(self) -> int:
+        return int(self.meta["num_images"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.meta["shard_size"])
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, math.ceil(self.num_images / self.shard_size))
+
+    @property
+    def map_dtype(self) -> str:
+        return self.meta["map_dtype"]
+
+    @property
+    def map_shape(self) -> tuple[int, ...]:
+        """Shape of one stored map [C, h, w] (full resolution / map_scale)."""
+        return tuple(self.meta["map_shape"])
+
+    @property
+    def logits(self) -> _View:
+        return _View(self, "logits")
+
+    @property
+    def maps(self) -> _View:
+        return _View(self, "maps")
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Images [start, stop) of ``shard``."""
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_images)
+
+    def _file(self, kind: str, shard: int) -> Path:
+        if self.legacy:
+            return self.path / f"{kind}.npy"
+        return self.path / "shards" / f"{kind}_{shard:05d}.npy"
+
+    def shard_complete(self, shard: int) -> bool:
+        if self.legacy:
+            return int(self.meta.get("completed", 0)) >= self.num_images
+        return self._file("maps", shard).is_file()
+
+    def missing_shards(self) -> list[int]:
+        return [k for k in range(self.num_shards) if not self.shard_complete(k)]
+
+    @property
+    def completed(self) -> int:
+        """Images in complete shards."""
+        return sum(
+            self.shard_range(k)[1] - self.shard_range(k)[0] for k in range(self.num_shards) if self.shard_complete(k)
+        )
 
     @property
     def complete(self) -> bool:
-        return self.meta["completed"] >= self.meta["num_images"]
+        return not self.missing_shards()
 
-    def write_meta(self) -> None:
-        """Atomically rewrites meta.json (after the arrays are flushed, so 'completed' never lies)."""
-        tmp = self.path / "meta.json.tmp"
-        tmp.write_text(json.dumps(self.meta, indent=2) + "\n")
-        os.replace(tmp, self.path / "meta.json")
+    def require_complete(self) -> None:
+        if not self.complete:
+            raise StoreMismatchError(
+                f"{self.path} is incomplete ({self.completed} of {self.num_images} images); "
+                "run e2kd-fast precompute again to finish it"
+            )
 
-    def flush(self, completed: int) -> None:
-        self.logits.flush()
-        self.maps.flush()
-        self.meta["completed"] = completed
-        self.write_meta()
+    # ------------------------------------------------------------------ writing
+
+    def write_shard(self, shard: int, logits: np.ndarray | torch.Tensor, maps: np.ndarray | torch.Tensor) -> None:
+        """Encodes and writes one whole shard atomically.
+
+        Args:
+            logits: [n, C] teacher logits of the shard's images, in order.
+            maps: [n, *full_map_shape] exact float explanations of the same images.
+        """
+        if self.legacy:
+            raise StoreMismatchError(f"{self.path} is a version-1 store and cannot be written")
+        start, stop = self.shard_range(shard)
+        logits = np.asarray(torch.as_tensor(logits).detach().float().cpu(), dtype=np.float32)
+        maps = torch.as_tensor(maps).detach().float().cpu()
+        if logits.shape != (stop - start, self.num_classes) or tuple(maps.shape) != (
+            stop - start,
+            *self.meta["full_map_shape"],
+        ):
+            raise ValueError(
+                f"shard {shard} of {self.path} takes logits [{stop - start}, {self.num_classes}] and maps "
+                f"[{stop - start}, {', '.join(map(str, self.meta['full_map_shape']))}], got "
+                f"{list(logits.shape)} and {list(maps.shape)}"
+            )
+        raw, scales = encode_maps(maps, self.map_dtype, int(self.meta["map_scale"]))
+        parts = [("logits", logits), ("maps", raw)]
+        if self.map_dtype == "int8":
+            parts.insert(0, ("scales", scales))
+        tmps = []
+        for kind, array in parts:
+            tmp = self._file(kind, shard).with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, array)
+            tmps.append((tmp, self._file(kind, shard)))
+        for tmp, final in tmps:  # maps last: its presence marks the shard complete
+            os.replace(tmp, final)
+
+    # ------------------------------------------------------------------ reading
+
+    def _array(self, kind: str, shard: int) -> np.ndarray:
+        key = (kind, shard)
+        if key not in self._arrays:
+            if not self.shard_complete(shard):
+                self.require_complete()
+            self._arrays[key] = np.load(self._file(kind, shard), mmap_mode="r")
+        return self._arrays[key]
+
+    def read_raw(self, index: int) -> tuple[np.ndarray, float, np.ndarray]:
+        """One image's stored map (storage dtype, [C, h, w]), its scale, and its float32 logits [C]."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image {index} is outside the store's {self.num_images} images")
+        shard, offset = (0, index) if self.legacy else divmod(index, self.shard_size)
+        scale = float(self._array("scales", shard)[offset]) if self.map_dtype == "int8" else 1.0
+        return self._array("maps", shard)[offset], scale, np.asarray(self._array("logits", shard)[offset], np.float32)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """One image's float32 logits [C] and float32 map [C, h, w] at the stored resolution."""
+        raw, scale, logits = self.read_raw(index)
+        return logits, decode_maps(raw, np.float32(scale), self.map_dtype)
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen the memory maps themselves
+        return {"path": self.path, "meta": self.meta, "legacy": self.legacy, "_arrays": {}}
+
+
+def _legacy_meta(path: Path) -> dict[str, Any]:
+    """A version-1 store's meta.json in the version-2 vocabulary (one shard, fp16)."""
+    meta = json.loads((path / "meta.json").read_text())
+    maps = np.load(path / "maps.npy", mmap_mode="r")
+    logits = np.load(path / "logits.npy", mmap_mode="r")
+    return {
+        **meta,
+        "version": meta.get("version", 1),
+        "num_classes": int(logits.shape[1]),
+        "shard_size": max(1, int(meta["num_images"])),
+        "map_dtype": "fp16",
+        "map_shape": list(maps.shape[1:]),
+        "full_map_shape": list(maps.shape[1:]),
+        "map_scale": 1,
+    }
 
 
 class FrozenTeacherDataset(Dataset):
@@ -120,17 +502,14 @@ class FrozenTeacherDataset(Dataset):
         paired_transform: e.g. ``paired_train_transform(size, scale, encoding)``.
 
     Items: ``image`` (encoded), ``target``, ``index``, ``teacher_logits`` [C] and ``teacher_map``
-    [*map_shape[:-2], size, size]; None for an unreadable image.
+    [*map_shape[:-2], size, size] (a reduced-resolution map is upsampled by the crop's resampling);
+    None for an unreadable image.
     """
 
     def __init__(self, base: Dataset, store: FrozenStore, paired_transform) -> None:
-        if not store.complete:
-            raise StoreMismatchError(
-                f"{store.path} is incomplete ({store.meta['completed']} of {store.meta['num_images']} images); "
-                "run e2kd-fast precompute again to finish it"
-            )
-        if len(base) != store.meta["num_images"]:
-            raise StoreMismatchError(f"{store.path} holds {store.meta['num_images']} images, the dataset {len(base)}")
+        store.require_complete()
+        if len(base) != store.num_images:
+            raise StoreMismatchError(f"{store.path} holds {store.num_images} images, the dataset {len(base)}")
         self.base, self.store, self.transform = base, store, paired_transform
 
     def __len__(self) -> int:
@@ -140,13 +519,13 @@ class FrozenTeacherDataset(Dataset):
         item = self.base[index]
         if item is None:
             return None
-        stored_map = torch.from_numpy(np.array(self.store.maps[index], dtype=np.float32))
-        image, teacher_map = self.transform(item["image"], stored_map)
+        logits, stored_map = self.store.read(index)
+        image, teacher_map = self.transform(item["image"], torch.from_numpy(stored_map))
         return {
             "image": image,
             "target": item["target"],
             "index": index,
-            "teacher_logits": torch.from_numpy(np.array(self.store.logits[index], dtype=np.float32)),
+            "teacher_logits": torch.from_numpy(logits.copy()),
             "teacher_map": teacher_map,
         }
 
@@ -163,8 +542,51 @@ def store_identity(cfg, dataset) -> dict[str, Any]:
     }
 
 
-def precompute(cfg, chunk: int = 256, show_progress: bool = True) -> Path:
+# ---------------------------------------------------------------------------------------------------------------------
+# Precompute
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed's, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        pass
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+    return rank, world_size
+
+
+def precompute(
+    cfg,
+    chunk: int | None = None,
+    show_progress: bool = True,
+    *,
+    shard_size: int = 1024,
+    map_dtype: str = "fp16",
+    map_scale: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    max_shards: int | None = None,
+    report_fidelity: bool = False,
+    log=print,
+) -> Path:
     """Computes (or finishes) the frozen store ``cfg.teacher.store`` for the config's training split.
+
+    Each rank computes the missing shards K with K mod world_size == rank and writes them itself; a
+    killed run resumes at the first missing shard. Rank and world size default to torch.distributed's
+    (or torchrun's RANK / WORLD_SIZE); on CUDA, rank r uses ``cuda:LOCAL_RANK``.
+
+    Args:
+        cfg: the run's config (teacher.name, teacher.store, data.*).
+        chunk: old name of ``shard_size`` (takes precedence when given).
+        shard_size: images per shard (fixed when the store is created).
+        map_dtype, map_scale: storage option (`MAP_DTYPES`; resolution divisor).
+        max_shards: stop after writing this many shards (a time-limited job; the next call continues).
+        report_fidelity: log `fidelity_report` for every option, measured on the first shard this rank
+            computes.
 
     Returns:
         The store's path.
@@ -177,43 +599,96 @@ def precompute(cfg, chunk: int = 256, show_progress: bool = True) -> Path:
 
     if cfg.teacher.store is None or cfg.teacher.name is None:
         raise ValueError("precompute needs teacher.name and teacher.store in the config")
+    rank, world_size = _rank_and_world(rank, world_size)
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
     teacher = build_teacher(cfg).to(device)
     dataset = full_image_dataset(cfg, teacher_family=getattr(teacher, "e2kd_family", "bcos"))
     identity = store_identity(cfg, dataset.base)
-    path = Path(cfg.teacher.store)
-    if (path / "meta.json").is_file():
-        store = FrozenStore.open(path, expect=identity, mode="r+")
-    else:
-        sample = dataset[0]
-        channels = 6 if cfg.distill.explanation == "bcos" else 1
-        size = sample["image"].shape[-2:] if sample is not None else (cfg.data.image_size, cfg.data.image_size)
-        store = FrozenStore.create(path, identity, _num_classes(teacher, cfg), (channels, *size))
     explain = dynamic_weights if cfg.distill.explanation == "bcos" else gradcam
-    start = store.meta["completed"]
-    bar = tqdm(total=len(dataset), initial=start, desc="precompute", unit="img", disable=not show_progress)
-    while start < len(dataset):
-        stop = min(start + chunk, len(dataset))
+    batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
+
+    def compute(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [n, C] and exact maps [n, *map_shape] of images [start, stop) (unreadable images: zeros)."""
         loader = make_loader(
-            dataset,
-            torch.arange(start, stop),
-            batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
-            num_workers=cfg.data.num_workers,
+            dataset, torch.arange(start, stop), batch_size=batch_size, num_workers=cfg.data.num_workers
         )
+        got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for batch in loader:
             if batch["image"].shape[0] == 0:
                 continue
             maps, logits = explain(teacher, batch["image"].to(device), None, create_graph=False, return_logits=True)
-            idx = batch["index"].numpy()
-            store.logits[idx] = logits.detach().float().cpu().numpy()
-            store.maps[idx] = maps.detach().cpu().numpy().astype(np.float16)
-        store.flush(stop)
-        bar.update(stop - start)
-        start = stop
+            rows = zip(batch["index"].tolist(), logits.detach().float().cpu(), maps.detach().float().cpu(), strict=True)
+            got.update((i, (lg, mp)) for i, lg, mp in rows)
+        if not got:
+            raise RuntimeError(f"no image of {start}..{stop - 1} in {dataset.base!r} could be read")
+        lg0, mp0 = next(iter(got.values()))
+        zero = (torch.zeros_like(lg0), torch.zeros_like(mp0))  # an unreadable image is never trained on
+        rows = [got.get(i, zero) for i in range(start, stop)]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    path = Path(cfg.teacher.store)
+    shard_size = chunk or shard_size
+    if (path / "index.json").is_file() or (path / "meta.json").is_file():
+        store = FrozenStore.open(path, expect=identity)
+        if not store.legacy:  # the storage option is fixed at creation; the shard size is the store's
+            store.check({"map_dtype": map_dtype, "map_scale": map_scale})
+        if store.legacy:
+            if store.complete:
+                return path
+            raise StoreMismatchError(
+                f"{path} is an incomplete version-1 store; delete it and run e2kd-fast precompute again"
+            )
+        first = None
+    else:
+        # The first images tell the map shape; rank 0 computes (and keeps) its whole first shard.
+        first = (0, compute(0, min(shard_size, len(dataset)) if rank == 0 else 1))
+        num_classes = first[1][0].shape[1]
+        store = FrozenStore.create(
+            path,
+            identity,
+            num_classes,
+            tuple(first[1][1].shape[1:]),
+            map_dtype=map_dtype,
+            map_scale=map_scale,
+            shard_size=shard_size,
+        )
+    mine = [k for k in store.missing_shards() if k % world_size == rank]
+    if max_shards is not None:
+        mine = mine[:max_shards]
+    bar = tqdm(total=len(mine), desc=f"precompute rank {rank}", unit="shard", disable=not show_progress)
+    reported = False
+    for k in mine:
+        start, stop = store.shard_range(k)
+        reuse = first is not None and k == 0 and first[1][0].shape[0] == stop - start
+        logits, maps = first[1] if reuse else compute(start, stop)
+        store.write_shard(k, logits, maps)
+        if report_fidelity and not reported:
+            log(f"fidelity of the storage options on shard {k} ({stop - start} images):")
+            log(format_fidelity(fidelity_report(maps, num_classes=store.num_classes), store.num_images))
+            reported = True
+        bar.update(1)
     bar.close()
     return path
 
 
-def _num_classes(teacher, cfg) -> int:
-    n = getattr(teacher, "num_classes", None) or getattr(getattr(teacher, "fc", None), "out_features", None)
-    return int(n or cfg.teacher.num_classes or 1000)
+__all__ = [
+    "FIDELITY_OPTIONS",
+    "MAP_DTYPES",
+    "STORE_VERSION",
+    "FrozenStore",
+    "FrozenTeacherDataset",
+    "StoreMismatchError",
+    "bytes_per_image",
+    "decode_maps",
+    "encode_maps",
+    "fidelity_report",
+    "file_list_hash",
+    "file_sha256",
+    "format_fidelity",
+    "precompute",
+    "store_identity",
+    "stored_map_shape",
+    "upsample_maps",
+]
