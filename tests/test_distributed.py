@@ -1,0 +1,264 @@
+"""Distribution back ends: 2-process DDP / ZeRO-1 / ZeRO-2 on CPU (gloo) match one process; sharding is exact.
+
+The multi-process runs are spawned once (`torch.multiprocessing.spawn`, launch variables set by hand
+as torchrun would) and train several configurations one after the other, so that the import cost
+is paid once. Every comparison is against a single process training the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from e2kd_fast.config import config_from_dict
+from e2kd_fast.engine import Trainer
+from e2kd_fast.engine.distributed import (
+    DistEnv,
+    ShardedEpochSampler,
+    deepspeed_config,
+    dist_env,
+    find_free_port,
+    make_backend,
+    setup_distributed,
+)
+from e2kd_fast.engine.sampling import EpochSampler
+from e2kd_fast.models import read_checkpoint
+from e2kd_fast.nn import BcosConv2d
+from tests.test_trainer import ShapesSet
+
+WORLD = 2
+KERNELS = "reference"  # the layer kernels are not under test here; both sides of a comparison use the same
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    monkeypatch.setenv("E2KD_BACKEND", KERNELS)
+
+
+def _tiny_bcos(seed: int) -> torch.nn.Module:
+    """A B-cos CNN without batch statistics (those are per rank under DDP, by design)."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        BcosConv2d(6, 8, 3, padding=1),
+        BcosConv2d(8, 8, 3, stride=2, padding=1),
+        BcosConv2d(8, 4, 1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    net.num_classes = 4
+    return net
+
+
+# Each run: (name, engine section, train overrides, optim overrides). 2 epochs of 2 optimiser steps.
+RUNS = [
+    ("ddp", {"backend": "ddp"}, {}, {}),
+    ("zero1", {"backend": "deepspeed", "zero_stage": 1}, {}, {}),
+    ("zero2_accum", {"backend": "deepspeed", "zero_stage": 2}, {"grad_accum": 2}, {"grad_clip_norm": 0.05}),
+]
+
+
+def _config(out_dir: Path, engine: dict, train: dict | None = None, optim: dict | None = None):
+    return config_from_dict(
+        {
+            "student": {"name": "bcos_resnet20_cifar", "num_classes": 4},
+            "teacher": {"name": "bcos_resnet20_cifar", "num_classes": 4},
+            "distill": {"method": "e2kd", "lam": 1.0},
+            # AGC is on (the B-cos default): under ZeRO it runs on the gradient partitions.
+            "optim": {"lr": 1e-2, "schedule": "constant", **(optim or {})},
+            "data": {"batch_size": 8, "num_workers": 0},
+            "train": {
+                "epochs": 2,
+                "out_dir": str(out_dir),
+                "log_every_steps": 1,
+                "device": "cpu",
+                "compile": False,
+                **(train or {}),
+            },
+            "engine": engine,
+        }
+    )
+
+
+def _n_train(train: dict) -> int:
+    return 2 * 8 * train.get("grad_accum", 1) + 3  # 2 steps per epoch, and a tail that no step uses
+
+
+def _fit(out_dir: Path, engine: dict, train: dict, optim: dict, resume=None, val: bool = False) -> Trainer:
+    cfg = _config(out_dir, engine, train, optim)
+    trainer = Trainer(
+        cfg,
+        ShapesSet(_n_train(train), seed=0),
+        ShapesSet(6, seed=9) if val else None,
+        student=_tiny_bcos(2),
+        teacher=_tiny_bcos(1),
+        show_progress=False,
+    )
+    trainer.fit(resume=resume)
+    return trainer
+
+
+def _worker(rank: int, port: int, root: str, single_root: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+        E2KD_BACKEND=KERNELS,
+    )
+    torch.set_num_threads(1)
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    root, single_root = Path(root), Path(single_root)
+    for name, engine, train, optim in RUNS:
+        trainer = _fit(root / name, engine, train, optim, val=name == "ddp")
+        state = {k: v.detach().float().clone() for k, v in trainer.student.state_dict().items()}
+        torch.save(state, root / f"{name}_rank{rank}.pt")
+    # A ZeRO-2 run resumed from the single-process checkpoint after epoch 1.
+    _fit(root / "zero2_from_single", RUNS[2][1], {}, {}, resume=single_root / "checkpoints" / "epoch_0001.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setenv("E2KD_BACKEND", KERNELS)
+        single = _fit(root / "single", {"backend": "single"}, {}, {})  # the resume source of zero2_from_single
+        mp.spawn(_worker, args=(find_free_port(), str(root), str(root / "single")), nprocs=WORLD, join=True)
+    return root, single
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)["model"]
+
+
+def _assert_close(a: dict, b: dict, atol: float = 2e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("name", [r[0] for r in RUNS])
+def test_two_processes_match_one_process_on_the_same_global_batch(runs, name, tmp_path):
+    root, _ = runs
+    _, engine, train, optim = next(r for r in RUNS if r[0] == name)
+    reference = _fit(tmp_path / "single", {"backend": "single"}, train, optim)
+    expected = {k: v.detach() for k, v in reference.student.state_dict().items()}
+    # The checkpoint rank 0 wrote (gathered from ZeRO's partitions) and both ranks' live weights.
+    _assert_close(_weights(root / name / "checkpoints" / "last.pt"), expected)
+    for rank in range(WORLD):
+        _assert_close(torch.load(root / f"{name}_rank{rank}.pt"), expected)
+    # The weights moved: the comparison is not between two untrained students.
+    first = next(iter(expected))
+    assert (expected[first] - _tiny_bcos(2).state_dict()[first]).abs().max() > 1e-3
+    ckpt = read_checkpoint(root / name / "checkpoints" / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"]) == (4, 2)
+    assert len(ckpt["optimizer"]["state"]) == len(expected)  # whole per-parameter Adam state, not a partition
+
+
+def test_rank_zero_alone_logs_and_evaluates(runs):
+    root, _ = runs
+    from e2kd_fast.engine import read_metrics
+
+    train = read_metrics(root / "ddp", "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]  # one writer: no line doubled
+    assert len(read_metrics(root / "ddp", "eval")) == 2
+
+
+def test_deepspeed_resumes_from_a_single_process_checkpoint(runs):
+    root, single = runs
+    expected = {k: v.detach() for k, v in single.student.state_dict().items()}
+    _assert_close(_weights(root / "zero2_from_single" / "checkpoints" / "last.pt"), expected)
+
+
+def test_single_process_resumes_from_a_deepspeed_checkpoint(runs, tmp_path):
+    root, _ = runs
+    source = tmp_path / "from_zero1" / "checkpoints"
+    source.mkdir(parents=True)
+    shutil.copy(root / "zero1" / "checkpoints" / "epoch_0001.pt", source / "last.pt")
+    resumed = _fit(tmp_path / "from_zero1", {"backend": "single"}, {}, {}, resume="auto")
+    # Weights and Adam moments came over: the last 2 steps land where the ZeRO-1 run landed.
+    _assert_close(resumed.student.state_dict(), _weights(root / "zero1" / "checkpoints" / "last.pt"))
+
+
+# ------------------------------------------------------------------------------------------------ no processes
+
+
+@pytest.mark.parametrize(("n", "world", "batch"), [(23, 2, 4), (50, 3, 6), (16, 4, 8), (7, 2, 2)])
+def test_shards_cover_each_epoch_exactly_once(n, world, batch):
+    indices = torch.arange(100, 100 + n)
+    full = list(EpochSampler(indices, seed=5))
+    used = n // batch * batch  # what the trainer consumes: whole global batches (drop_last), like one process
+    shards = []
+    for rank in range(world):
+        sampler = ShardedEpochSampler(indices, seed=5, rank=rank, world_size=world)
+        sampler.set_epoch(0)
+        items = list(sampler)
+        assert len(items) == len(sampler)
+        shards.append(items[: used // world])
+    # Global batch j is exactly the union of every rank's local batch j: same images, no doubles.
+    local = batch // world
+    for j in range(used // batch):
+        union = sorted(item for shard in shards for item in shard[j * local : (j + 1) * local])
+        assert union == sorted(full[j * batch : (j + 1) * batch])
+    assert sorted(i for shard in shards for i in shard) == sorted(full[:used])
+    # Resuming at a global position continues every shard where it was.
+    for rank in range(world):
+        sampler = ShardedEpochSampler(indices, seed=5, rank=rank, world_size=world)
+        sampler.set_epoch(0, start=batch)
+        assert list(sampler)[: used // world - local] == shards[rank][local:]
+
+
+def test_sharding_rejects_a_start_between_ranks():
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        ShardedEpochSampler(torch.arange(10), 0, world_size=2).set_epoch(0, start=3)
+
+
+def test_zero_stage_3_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"zero_stage 3 is not supported: ZeRO-3 partitions the parameters.*"):
+        _config(Path("x"), {"backend": "deepspeed", "zero_stage": 3})
+    with pytest.raises(ValueError, match=r"engine.deepspeed_config.gradient_accumulation_steps is set by"):
+        _config(Path("x"), {"backend": "deepspeed", "deepspeed_config": {"gradient_accumulation_steps": 4}})
+
+
+def test_launch_variables_and_batch_split_are_checked(monkeypatch):
+    assert dist_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == DistEnv(1, 2, 1)
+    assert dist_env({}) == DistEnv(0, 1, 0)
+    with pytest.raises(ValueError, match="RANK=2, WORLD_SIZE=2"):
+        dist_env({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        dist_env({"WORLD_SIZE": "two"})
+    cfg = _config(Path("x"), {"backend": "single"})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="engine.backend is 'single' but the launcher started 2 processes"):
+        setup_distributed(cfg.engine, torch.device("cpu"))
+    student = _tiny_bcos(0)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    cfg6 = config_from_dict({**_config_dict(cfg), "data": {"batch_size": 6}})
+    with pytest.raises(ValueError, match=r"data.batch_size \(6\) is the global batch .* 4 processes"):
+        make_backend(cfg6, DistEnv(0, 4, 0), student, optimizer, lambda *a: {}, torch.device("cpu"), agc=False)
+
+
+def _config_dict(cfg) -> dict:
+    from e2kd_fast.config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def test_deepspeed_config_from_the_run_settings():
+    config = deepspeed_config(
+        global_batch=256, world_size=8, grad_accum=4, zero_stage=2, bf16=True, extra={"zero_optimization": {"a": 1}}
+    )
+    assert config["train_batch_size"] == 1024
+    assert config["train_micro_batch_size_per_gpu"] == 32
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["zero_optimization"] == {"stage": 2, "a": 1}
+    assert config["bf16"] == {"enabled": True}
