@@ -41,6 +41,7 @@ from e2kd_fast.nn import (
     DetachablePositionNorm2d,
     LogitLayer,
 )
+from e2kd_fast.nn.checkpointing import is_checkpointed, run_checkpointed
 from e2kd_fast.reference.bcos import dynamic_scale, patch_norm_slow, transposed_output_padding, unit_norm_weight
 from e2kd_fast.reference.explain import check_target
 
@@ -72,8 +73,22 @@ def _lookup(module: nn.Module) -> tuple[TapedForward, Adjoint]:
 
 
 def taped_forward(module: nn.Module, x: Tensor, tape: Tape) -> Tensor:
-    """``module(x)``, recording in ``tape`` what the adjoint sweep needs."""
-    return _lookup(module)[0](module, x, tape)
+    """``module(x)``, recording in ``tape`` what the adjoint sweep needs.
+
+    A stage marked by `enable_activation_checkpointing` runs checkpointed: its records are outputs
+    of the checkpointed region (the sweep needs them), everything else it saved is recomputed.
+    """
+    forward = _lookup(module)[0]
+    if is_checkpointed(module):
+
+        def region(x: Tensor) -> tuple[Tensor, Tape]:
+            records: Tape = []
+            return forward(module, x, records), records
+
+        out, records = run_checkpointed(module, region, x)
+        tape.extend(records)
+        return out
+    return forward(module, x, tape)
 
 
 def adjoint(module: nn.Module, g: Tensor, tape: Tape) -> Tensor:
@@ -119,6 +134,12 @@ def dynamic_weights_sweep(
 
 
 def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
+    if m.b != 1 and m.max_out == 1 and m.dilation == (1, 1) and ops.use_fused("e2kd::bcos_conv2d", x.device.type):
+        # A fast back end: conv plus fused epilogue in one op (its autograd is the full derivative).
+        geometry = (list(m.stride), list(m.padding), m.groups)
+        linear, scale = ops.bcos_conv2d(x, m.linear.weight, float(m.b), *geometry)
+        tape.append((scale, None, x.shape[-2:]))
+        return scale * linear
     linear = F.conv2d(x, unit_norm_weight(m.linear.weight), None, m.stride, m.padding, m.dilation, m.groups)
     selection = None
     if m.max_out > 1:  # the selected unit of each MaxOut group is part of the dynamic map

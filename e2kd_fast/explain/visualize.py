@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from e2kd_fast import ops
+
 
 def contribution_map(x6: Tensor, weights: Tensor) -> Tensor:
     """Per-pixel contribution Σ_c x6_c · W_c to the explained logit.
@@ -20,6 +22,8 @@ def contribution_map(x6: Tensor, weights: Tensor) -> Tensor:
     """
     if x6.shape != weights.shape:
         raise ValueError(f"x6 {tuple(x6.shape)} and weights {tuple(weights.shape)} must have the same shape")
+    if x6.dim() == 4 and x6.dtype == weights.dtype and ops.use_fused("e2kd::contribution_map", x6.device.type):
+        return ops.contribution_map(x6, weights)  # one fused pass (Triton/C++ back ends)
     return (x6 * weights).sum(dim=-3)
 
 

@@ -7,7 +7,9 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from e2kd_fast import ops
 from e2kd_fast.nn.explanation import DynamicLinearModule
+from e2kd_fast.ops.bcos import use_fused
 from e2kd_fast.reference.bcos import IntPair, bcos_conv2d_parts, bcos_linear_parts, pair, unit_norm_weight
 
 
@@ -87,6 +89,16 @@ class BcosConv2d(DynamicLinearModule):
         self.patch_size = math.prod(self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The fused op covers B > 1 without MaxOut or dilation (every zoo layer); else the reference maths.
+        if (
+            self.b != 1
+            and self.max_out == 1
+            and self.dilation == (1, 1)
+            and use_fused("e2kd::bcos_conv2d", x.device.type)
+        ):
+            geometry = (list(self.stride), list(self.padding), self.groups)
+            linear, scale = ops.bcos_conv2d(x, self.linear.weight, float(self.b), *geometry)
+            return self.dyn_mul(scale, linear)
         linear, scale = bcos_conv2d_parts(
             x, self.linear.weight, self.b, self.max_out, self.stride, self.padding, self.dilation, self.groups
         )
@@ -128,6 +140,9 @@ class BcosLinear(DynamicLinearModule):
         self.linear = NormedLinear(in_features, out_features * max_out, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.b != 1 and self.max_out == 1 and use_fused("e2kd::bcos_linear", x.device.type):
+            linear, scale = ops.bcos_linear(x, self.linear.weight, float(self.b))
+            return self.dyn_mul(scale, linear)
         linear, scale = bcos_linear_parts(x, self.linear.weight, self.b, self.max_out)
         return linear if scale is None else self.dyn_mul(scale, linear)
 

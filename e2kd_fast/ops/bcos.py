@@ -15,13 +15,55 @@ implementations are the reference maths of `e2kd_fast.reference.bcos`.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from e2kd_fast.ops import backends
 from e2kd_fast.ops._registry import register_op_test
 from e2kd_fast.reference.bcos import dynamic_scale, transposed_output_padding, unit_norm_weight
 from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
+
+
+@torch.compiler.assume_constant_result
+def use_fused(op_name: str, device_type: str) -> bool:
+    """Whether a layer should call the registered op ``op_name`` instead of its inline reference maths.
+
+    True when the back end chosen for ``device_type`` is not the reference: the plain torch ops stay
+    visible to Inductor on the reference path (an opaque reference op was slower). The Triton
+    interpreter on CPU is a test tool: ``auto`` never routes layers to it, only an explicit
+    ``triton`` request does. Under ``torch.compile`` the answer is a trace-time constant (no guard,
+    no graph break): choose the back end before compiling.
+    """
+    chosen = backends.choose(op_name, device_type)
+    if chosen == "triton" and device_type == "cpu" and backends.current_backend() == "auto":
+        return False
+    if chosen == "cpp" and op_name in _CPP_KERNELS and _cpp_op(_CPP_KERNELS[op_name]) is None:
+        return False  # a stale extension: keep the inline reference maths
+    return chosen != "reference"
+
+
+_CPP_KERNELS = {"e2kd::bcos_conv2d": "bcos_epilogue", "e2kd::patch_norm": "bcos_patch_norm"}
+
+
+def memory_format_of(t: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor dense in that order (and not plain contiguous), else contiguous.
+
+    Every op here returns its outputs in the memory format of its main input, and its fake says so,
+    so compiled graphs see the strides the kernels write.
+    """
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty(like: Tensor, shape) -> Tensor:
+    """An output of ``shape`` in ``like``'s dtype, device and memory format (fakes use this)."""
+    fmt = memory_format_of(like) if len(shape) == 4 else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 def _box_sum_adjoint(g: Tensor, kernel: list[int], stride: list[int], padding: list[int], in_size) -> Tensor:
@@ -37,14 +79,24 @@ def patch_norm(
     x: Tensor, kernel: list[int], stride: list[int], padding: list[int], groups: int, out_channels: int
 ) -> Tensor:
     """[N, C, H, W] → [N, 1 or out_channels, H_out, W_out]: the norm of every receptive field."""
-    return patch_norm_reference(x, kernel, stride, padding, groups, out_channels if groups > 1 else None)
+    impl = backends.implementation("e2kd::patch_norm", x.device.type)
+    return impl(x, kernel, stride, padding, groups, out_channels)
+
+
+@backends.register("e2kd::patch_norm", "reference", ("cpu", "cuda"))
+def patch_norm_ref(
+    x: Tensor, kernel: list[int], stride: list[int], padding: list[int], groups: int, out_channels: int
+) -> Tensor:
+    """The reference forward of `patch_norm` (output in x's memory format, as the fake says)."""
+    norm = patch_norm_reference(x, kernel, stride, padding, groups, out_channels if groups > 1 else None)
+    return norm.contiguous(memory_format=memory_format_of(x))
 
 
 @patch_norm.register_fake
 def _(x, kernel, stride, padding, groups, out_channels):
     h = (x.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
     w = (x.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
-    return x.new_empty(x.shape[0], out_channels if groups > 1 else 1, h, w)
+    return _empty(x, (x.shape[0], out_channels if groups > 1 else 1, h, w))
 
 
 def _patch_norm_setup(ctx, inputs, output) -> None:
@@ -80,13 +132,35 @@ def scaled_conv_adjoint(
     groups: int,
 ) -> Tensor:
     """conv2dᵀ(scale ⊙ g, weight): [N, O, h, w] → [N, C, *in_size] (weight: the unit-norm ŵ)."""
-    out_pad = transposed_output_padding(in_size, g.shape[-2:], weight.shape[-2:], stride, padding, dilation)
-    return F.conv_transpose2d(scale * g, weight, None, stride, padding, out_pad, groups, dilation)
+    impl = backends.implementation("e2kd::scaled_conv_adjoint", g.device.type)
+    return impl(g, scale, weight, in_size, stride, padding, dilation, groups)
+
+
+def _conv_transpose(product: Tensor, weight: Tensor, in_size, stride, padding, dilation, groups: int) -> Tensor:
+    out_pad = transposed_output_padding(in_size, product.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    out = F.conv_transpose2d(product, weight, None, stride, padding, out_pad, groups, dilation)
+    return out.contiguous(memory_format=memory_format_of(product))
+
+
+@backends.register("e2kd::scaled_conv_adjoint", "reference", ("cpu", "cuda"))
+def scaled_conv_adjoint_ref(
+    g: Tensor,
+    scale: Tensor,
+    weight: Tensor,
+    in_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """The reference forward of `scaled_conv_adjoint`."""
+    product = (scale * g).contiguous(memory_format=memory_format_of(g))
+    return _conv_transpose(product, weight, in_size, stride, padding, dilation, groups)
 
 
 @scaled_conv_adjoint.register_fake
 def _(g, scale, weight, in_size, stride, padding, dilation, groups):
-    return g.new_empty(g.shape[0], weight.shape[1] * groups, *in_size)
+    return _empty(g, (g.shape[0], weight.shape[1] * groups, *in_size))
 
 
 def _adjoint_setup(ctx, inputs, output) -> None:
@@ -141,19 +215,36 @@ def bcos_conv2d(
     x [N, C, H, W], weight [O, C/groups, kH, kW] (raw; normalised per output unit inside) →
     linear = conv(x, ŵ) and scale = |cos|^(B−1), both [N, O, H_out, W_out]; the layer's output is
     scale · linear, and the scale is what the explanation sweep needs. Returning the linear part
-    lets the backward reuse it instead of recomputing the conv.
+    lets the backward reuse it instead of recomputing the conv. Both outputs are in x's memory
+    format (NCHW or channels_last).
     """
+    impl = backends.implementation("e2kd::bcos_conv2d", x.device.type)
+    return impl(x, weight, b, stride, padding, groups)
+
+
+@backends.register("e2kd::bcos_conv2d", "reference", ("cpu", "cuda"))
+def bcos_conv2d_ref(
+    x: Tensor, weight: Tensor, b: float, stride: list[int], padding: list[int], groups: int
+) -> tuple[Tensor, Tensor]:
+    """The reference forward of `bcos_conv2d`: conv, patch norm and scale as separate torch ops."""
+    fmt = memory_format_of(x)
     linear = F.conv2d(x, unit_norm_weight(weight), None, stride, padding, 1, groups)
     norm = patch_norm_reference(x, weight.shape[-2:], stride, padding, groups, weight.shape[0] if groups > 1 else None)
-    return linear, dynamic_scale(linear, norm, b)
+    return linear.contiguous(memory_format=fmt), dynamic_scale(linear, norm, b).contiguous(memory_format=fmt)
+
+
+def _conv_linear(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], groups: int) -> Tensor:
+    """The linear part on cuDNN/oneDNN, in x's memory format (what the fused epilogues read)."""
+    linear = F.conv2d(x, unit_norm_weight(weight), None, stride, padding, 1, groups)
+    return linear.contiguous(memory_format=memory_format_of(x))
 
 
 @bcos_conv2d.register_fake
 def _(x, weight, b, stride, padding, groups):
     h = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
     w = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
-    linear = x.new_empty(x.shape[0], weight.shape[0], h, w)
-    return linear, linear.new_empty(linear.shape)
+    shape = (x.shape[0], weight.shape[0], h, w)
+    return _empty(x, shape), _empty(x, shape)
 
 
 def _bcos_conv_setup(ctx, inputs, output) -> None:
@@ -215,4 +306,202 @@ def _bcos_conv_inputs() -> list[tuple]:
 
 register_op_test(bcos_conv2d, _bcos_conv_inputs)
 
-__all__ = ["bcos_conv2d", "patch_norm", "scaled_conv_adjoint"]
+
+@torch.library.custom_op("e2kd::bcos_linear", mutates_args=())
+def bcos_linear(x: Tensor, weight: Tensor, b: float) -> tuple[Tensor, Tensor]:
+    """The two factors of a B-cos linear layer (B > 1, no MaxOut): (linear, scale).
+
+    x [*, C], weight [O, C] (raw; rows normalised inside) → linear = x ŵᵀ and
+    scale = |cos|^(B−1) with the input norm ‖x‖₂ + 1e-12, both [*, O] and contiguous.
+    """
+    impl = backends.implementation("e2kd::bcos_linear", x.device.type)
+    return impl(x, weight, b)
+
+
+@backends.register("e2kd::bcos_linear", "reference", ("cpu", "cuda"))
+def bcos_linear_ref(x: Tensor, weight: Tensor, b: float) -> tuple[Tensor, Tensor]:
+    """The reference forward of `bcos_linear`."""
+    linear = F.linear(x, unit_norm_weight(weight)).contiguous()
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-12
+    return linear, dynamic_scale(linear, norm, b).contiguous()
+
+
+@bcos_linear.register_fake
+def _(x, weight, b):
+    shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def _bcos_linear_setup(ctx, inputs, output) -> None:
+    x, weight, b = inputs
+    ctx.save_for_backward(x, weight, output[0])
+    ctx.b = b
+
+
+def _bcos_linear_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
+    """s = f(l/n), l = x ŵᵀ, n = ‖x‖ + 1e-12: dl = g_l + g_s·∂s/∂l, dn = Σ_o g_s·∂s/∂n, then
+    dx = dl ŵ + dn · x/‖x‖ and dw through ŵ = w/‖w‖ (plain torch ops: differentiable again)."""
+    x, weight, linear = ctx.saved_tensors
+    b = ctx.b
+    w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+    w_hat = weight / w_norm
+    x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    norm = x_norm + 1e-12
+    ratio = linear / norm
+    if b == 2:
+        ds_dratio = torch.sign(linear)
+    else:
+        ds_dratio = (b - 1) * (ratio.abs() + 1e-6).pow(b - 2) * torch.sign(ratio)
+    grad_linear = grad_linear + grad_scale * ds_dratio / norm
+    grad_norm = -(grad_scale * ds_dratio * ratio / norm).sum(-1, keepdim=True)
+    # d‖x‖/dx = x/‖x‖, taken as 0 at x = 0 (as vector_norm's own backward).
+    unit_x = x / x_norm.clamp_min(torch.finfo(x.dtype).tiny)
+    grad_x = grad_linear @ w_hat + grad_norm * unit_x
+    grad_w_hat = grad_linear.reshape(-1, weight.shape[0]).transpose(0, 1) @ x.reshape(-1, weight.shape[1])
+    grad_weight = (grad_w_hat - w_hat * (w_hat * grad_w_hat).sum(dim=1, keepdim=True)) / w_norm
+    return grad_x, grad_weight, None
+
+
+bcos_linear.register_autograd(_bcos_linear_backward, setup_context=_bcos_linear_setup)
+
+
+def _bcos_linear_inputs() -> list[tuple]:
+    gen = torch.Generator().manual_seed(4)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    return [(rand(3, 5), rand(4, 5), 2.0), (rand(2, 3, 6), rand(5, 6), 1.5), (rand(1, 4), rand(2, 4), 2.5)]
+
+
+register_op_test(bcos_linear, _bcos_linear_inputs)
+
+
+@torch.library.custom_op("e2kd::contribution_map", mutates_args=())
+def contribution_map(x: Tensor, weights: Tensor) -> Tensor:
+    """Σ_c x·W per pixel: x, W [N, C, H, W] (same dtype) → [N, H, W], contiguous."""
+    impl = backends.implementation("e2kd::contribution_map", x.device.type)
+    return impl(x, weights)
+
+
+@backends.register("e2kd::contribution_map", "reference", ("cpu", "cuda"))
+def contribution_map_ref(x: Tensor, weights: Tensor) -> Tensor:
+    """The reference forward of `contribution_map`."""
+    return (x * weights).sum(dim=1).contiguous()
+
+
+@contribution_map.register_fake
+def _(x, weights):
+    if x.shape != weights.shape or x.dim() != 4:
+        raise ValueError(f"contribution_map: expected equal [N, C, H, W] shapes, got {x.shape} and {weights.shape}")
+    return x.new_empty(x.shape[0], *x.shape[2:])
+
+
+def _contribution_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _contribution_backward(ctx, grad: Tensor):
+    x, weights = ctx.saved_tensors
+    grad = grad.unsqueeze(1)
+    return grad * weights, grad * x
+
+
+contribution_map.register_autograd(_contribution_backward, setup_context=_contribution_setup)
+
+
+def _contribution_inputs() -> list[tuple]:
+    gen = torch.Generator().manual_seed(5)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    return [(rand(2, 6, 3, 4), rand(2, 6, 3, 4)), (rand(1, 1, 5, 7), rand(1, 1, 5, 7))]
+
+
+register_op_test(contribution_map, _contribution_inputs)
+
+
+# ---------------------------------------------------------------------------------------------- fast back ends
+# Triton: CUDA tensors (CPU only under TRITON_INTERPRET=1, see backends). The kernels module is
+# imported lazily, so importing the ops needs neither Triton nor a GPU.
+
+
+@backends.register("e2kd::patch_norm", "triton", ("cuda",))
+def patch_norm_triton(x, kernel, stride, padding, groups, out_channels):
+    from e2kd_fast.kernels import bcos_layer
+
+    return bcos_layer.patch_norm(x, kernel, stride, padding, groups, out_channels)
+
+
+@backends.register("e2kd::bcos_conv2d", "triton", ("cuda",))
+def bcos_conv2d_triton(x, weight, b, stride, padding, groups):
+    """cuDNN conv, then the fused epilogue (channel sum of squares, box sum, sqrt, scale) in Triton."""
+    from e2kd_fast.kernels import bcos_layer
+
+    linear = _conv_linear(x, weight, stride, padding, groups)
+    _, scale = bcos_layer.bcos_epilogue(linear, x, list(weight.shape[-2:]), stride, padding, groups, b, False)
+    return linear, scale
+
+
+@backends.register("e2kd::scaled_conv_adjoint", "triton", ("cuda",))
+def scaled_conv_adjoint_triton(g, scale, weight, in_size, stride, padding, dilation, groups):
+    """s ⊙ g in one Triton pass (in g's memory format), then cuDNN's transposed conv."""
+    from e2kd_fast.kernels import bcos_layer
+
+    product = bcos_layer.scale_product(scale.expand_as(g), g)
+    return _conv_transpose(product, weight, in_size, stride, padding, dilation, groups)
+
+
+@backends.register("e2kd::contribution_map", "triton", ("cuda",))
+def contribution_map_triton(x, weights):
+    from e2kd_fast.kernels import bcos_layer
+
+    return bcos_layer.contribution_map(x, weights)
+
+
+# C++ (CPU) / CUDA: the kernels of csrc/{cpu,cuda}/bcos_epilogue.*, private ops e2kd_cpp::*.
+# CUDA is listed only where setup.py recorded a CUDA build (a file read, no device query).
+
+
+def _cpp_devices() -> tuple[str, ...]:
+    from e2kd_fast._ext import build_config
+
+    return ("cpu", "cuda") if build_config()["cuda"] else ("cpu",)
+
+
+@functools.cache
+def _cpp_op(name: str):
+    """``torch.ops.e2kd_cpp.<name>``, or None (one warning) when the loaded extension predates it."""
+    from e2kd_fast._ext import load_extension
+
+    if load_extension() is not None and hasattr(torch.ops.e2kd_cpp, name):
+        return getattr(torch.ops.e2kd_cpp, name)
+    warnings.warn(
+        f"e2kd_cpp::{name} is not in the loaded extension (rebuild it: pip install -e .); "
+        "the B-cos layer ops use the reference instead",
+        stacklevel=3,
+    )
+    return None
+
+
+@backends.register("e2kd::patch_norm", "cpp", _cpp_devices())
+def patch_norm_cpp(x, kernel, stride, padding, groups, out_channels):
+    op = _cpp_op("bcos_patch_norm")
+    if op is None:
+        return patch_norm_ref(x, kernel, stride, padding, groups, out_channels)
+    return op(x, kernel, stride, padding, groups, out_channels)
+
+
+@backends.register("e2kd::bcos_conv2d", "cpp", _cpp_devices())
+def bcos_conv2d_cpp(x, weight, b, stride, padding, groups):
+    """oneDNN/cuDNN conv, then the C++/CUDA epilogue (patch norm and scale in one pass over l)."""
+    op = _cpp_op("bcos_epilogue")
+    if op is None:
+        return bcos_conv2d_ref(x, weight, b, stride, padding, groups)
+    linear = _conv_linear(x, weight, stride, padding, groups)
+    scale, _ = op(linear, x, list(weight.shape[-2:]), stride, padding, groups, b, False)
+    return linear, scale
+
+
+__all__ = ["bcos_conv2d", "bcos_linear", "contribution_map", "patch_norm", "scaled_conv_adjoint"]

@@ -1,0 +1,154 @@
+"""B-cos layer kernels: the epilogue and the adjoint against the reference and against cuDNN alone.
+
+    python -m bench.bench_bcos_layer [--device cpu|cuda] [--batch N] [--repeats R]
+
+CPU: the epilogue (patch norm + scale, given the conv output l and its input x) of the reference
+torch ops vs the C++ kernel, at the conv shapes of B-cos R18/R50/D169 at 224² (`bench_ops.trace_layer_shapes`).
+CUDA (skipped cleanly without it): the fused B-cos conv forward (cuDNN conv + Triton/CUDA epilogue)
+vs a plain cuDNN conv of the same shape and vs the reference layer; the scaled adjoint vs cuDNN's
+backward-data conv (``conv_transpose2d``). Prints one line per shape and the median ratios; timings
+are medians of ``--repeats`` runs after warm-up. Numbers are only comparable within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn`` in ms (CUDA-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def zoo_conv_shapes(models: list[str]) -> list[tuple[int, int, int, int, int, int, int, int]]:
+    """Distinct (C, H, W, O, k, stride, padding, groups) of the B-cos convs of ``models`` at 224²."""
+    from bench.bench_ops import trace_layer_shapes
+
+    found: dict[tuple, None] = {}
+    for name in models:
+        for t in trace_layer_shapes(name):
+            if t[0] == "conv":
+                _, c, h, w, o, k, s, p, g, _b, _mo = t
+                found.setdefault((c, h, w, o, k, s, p, g), None)
+    return list(found)
+
+
+def _reference_epilogue(lin, x, k, s, p, g, o):
+    from e2kd_fast.reference.bcos import dynamic_scale, patch_norm
+
+    return dynamic_scale(lin, patch_norm(x, k, s, p, g, o if g > 1 else None), 2.0)
+
+
+def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list[str], ratios: dict) -> None:
+    """Times one conv geometry and appends its ratios."""
+    from e2kd_fast import ops
+    from e2kd_fast.ops import backends
+    from e2kd_fast.reference.bcos import unit_norm_weight
+
+    c, h, w, o, k, s, p, g = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, c, h, w, generator=gen).to(device, dtype)
+    weight = torch.randn(o, c // g, k, k, generator=gen).to(device, dtype)
+    if device.type == "cuda" and args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    lin = F.conv2d(x, unit_norm_weight(weight), None, s, p, 1, g)
+    label = f"C{c}→{o} {h}×{w} k{k} s{s} p{p}" + (f" g{g}" if g > 1 else "")
+    row = {}
+    with torch.no_grad():
+        row["ref epilogue"] = _time(
+            lambda: _reference_epilogue(lin, x, k, s, p, g, o), device, args.warmup, args.repeats
+        )
+        if device.type == "cpu" and "cpp" in fast:
+            op = torch.ops.e2kd_cpp.bcos_epilogue
+            row["cpp epilogue"] = _time(
+                lambda: op(lin, x, [k, k], [s, s], [p, p], g, 2.0, False), device, args.warmup, args.repeats
+            )
+            ratios.setdefault("ref/cpp epilogue", []).append(row["ref epilogue"] / row["cpp epilogue"])
+        if device.type == "cuda":
+            w_hat = unit_norm_weight(weight)
+            row["cuDNN conv"] = _time(lambda: F.conv2d(x, w_hat, None, s, p, 1, g), device, 2, args.repeats)
+            with backends.use_backend("reference"):
+                row["ref layer"] = _time(
+                    lambda: ops.bcos_conv2d(x, weight, 2.0, [s, s], [p, p], g), device, 2, args.repeats
+                )
+            scale = torch.rand_like(lin)
+            grad = torch.randn_like(lin)
+            row["cuDNN bwd-data"] = _time(
+                lambda: ops.bcos._conv_transpose(grad, w_hat, [h, w], [s, s], [p, p], [1, 1], g),
+                device,
+                2,
+                args.repeats,
+            )
+            for name in fast:
+                with backends.use_backend(name):
+                    row[f"{name} layer"] = t = _time(
+                        lambda: ops.bcos_conv2d(x, weight, 2.0, [s, s], [p, p], g), device, 2, args.repeats
+                    )
+                    ratios.setdefault(f"{name} layer / cuDNN conv", []).append(t / row["cuDNN conv"])
+                    ratios.setdefault(f"ref layer / {name} layer", []).append(row["ref layer"] / t)
+                    if name == "triton":
+                        t_adj = _time(
+                            lambda: ops.scaled_conv_adjoint(grad, scale, w_hat, [h, w], [s, s], [p, p], [1, 1], g),
+                            device,
+                            2,
+                            args.repeats,
+                        )
+                        row["triton adjoint"] = t_adj
+                        ratios.setdefault("triton adjoint / cuDNN bwd-data", []).append(t_adj / row["cuDNN bwd-data"])
+    print(f"  {label:34s} " + "  ".join(f"{key}: {value:.3f} ms" for key, value in row.items()))
+
+
+def run(args: argparse.Namespace) -> None:
+    from e2kd_fast.ops import backends
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available: skipping the CUDA B-cos layer benchmarks")
+        return
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = zoo_conv_shapes(args.models.split(","))
+    if args.limit:
+        shapes = shapes[: args.limit]
+    fast = [b for b in ("cpp", "triton") if b in backends.candidates("e2kd::bcos_conv2d", device.type)]
+    print(f"{len(shapes)} conv shapes, batch {args.batch}, {dtype}, {device}; fast back ends: {fast or 'none'}")
+    ratios: dict[str, list[float]] = {}
+    for shape in shapes:
+        _one_shape(shape, args, device, dtype, fast, ratios)
+    for key, values in ratios.items():
+        print(f"median {key}: {statistics.median(values):.2f}× (min {min(values):.2f}, max {max(values):.2f})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 2 on CPU")
+    parser.add_argument("--models", default="bcos_resnet18,bcos_resnet50,bcos_densenet169")
+    parser.add_argument("--limit", type=int, default=0, help="at most this many shapes (0 = all)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--channels-last", action="store_true", help="CUDA: x in channels_last")
+    args = parser.parse_args(argv)
+    if args.batch is None:
+        args.batch = 64 if args.device == "cuda" else 2
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

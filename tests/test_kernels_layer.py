@@ -1,0 +1,312 @@
+"""B-cos layer kernels (kernels/bcos_layer.py, csrc/*/bcos_epilogue.*) against the reference maths.
+
+Triton runs under the interpreter on CPU (fp32/fp16; CI sets TRITON_INTERPRET=1), the C++ kernels
+natively (fp32/fp64). Outputs written by a launcher are poisoned with NaN before each run, so an
+element a kernel forgets stays NaN. GPU tests compare bf16/fp16 against float64 with a budget of
+twice the reference's own low-precision error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from e2kd_fast import ops
+from e2kd_fast.ops import backends
+from e2kd_fast.reference.bcos import dynamic_scale, unit_norm_weight
+from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED or backends.unavailable_reason("triton") != "", reason="needs triton and TRITON_INTERPRET=1"
+)
+
+
+def _cpp_ready() -> str:
+    reason = backends.unavailable_reason("cpp")
+    if not reason and not hasattr(torch.ops.e2kd_cpp, "bcos_epilogue"):
+        reason = "the extension was built without csrc/cpu/bcos_epilogue.cpp"
+    return reason
+
+
+needs_cpp = pytest.mark.skipif(bool(_cpp_ready()), reason=f"C++ extension: {_cpp_ready()}")
+
+# (N, C, H, W, O, k, stride, padding, groups, B): odd images, strides, paddings, groups, exponents.
+GEOMETRIES = [
+    (2, 3, 5, 7, 4, 3, 1, 1, 1, 2.0),
+    (1, 4, 7, 5, 6, 3, 2, 0, 2, 1.5),
+    (2, 6, 9, 8, 5, 7, 2, 3, 1, 2.5),
+    (2, 8, 5, 7, 8, 1, 2, 0, 4, 2.0),
+    (1, 2, 5, 7, 3, 1, 1, 0, 1, 2.0),
+]
+LAYOUTS = ["nchw", "channels_last"]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+def _case(geometry, dtype=torch.float64, layout="nchw"):
+    """(x, l, expected scale, expected norm) in float64 (expected) and ``dtype`` (inputs)."""
+    n, c, h, w, o, k, s, p, g, b = geometry
+    gen = torch.Generator().manual_seed(hash(geometry) % 2**31)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(o, c // g, k, k, generator=gen, dtype=torch.float64)
+    lin = F.conv2d(x, unit_norm_weight(weight), None, s, p, 1, g)
+    norm = patch_norm_reference(x, k, s, p, g, o if g > 1 else None)
+    scale = dynamic_scale(lin, norm, b)
+    return _layout(x.to(dtype), layout), _layout(lin.to(dtype), layout), scale, norm, weight
+
+
+def _low_precision_budget(geometry, dtype, expected: torch.Tensor) -> float:
+    """Twice the reference's own error in ``dtype`` (vs float64), plus a floor for tiny cases."""
+    n, c, h, w, o, k, s, p, g, b = geometry
+    x, lin, _, _, _ = _case(geometry, dtype)
+    ref = dynamic_scale(lin, patch_norm_reference(x, k, s, p, g, o if g > 1 else None), b)
+    return 2 * (ref.double() - expected).abs().max().item() + 1e-3
+
+
+def _assert_close(got: torch.Tensor, expected: torch.Tensor, dtype, budget: float | None = None) -> None:
+    assert not got.isnan().any(), "an output element was not written (still NaN)"
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    elif dtype == torch.float32:
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    else:
+        err = (got.double() - expected).abs().max().item()
+        assert err <= budget, f"{dtype}: max error {err:.3g} > budget {budget:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+
+
+@needs_interpreter
+def test_triton_kernels_run_in_the_interpreter():
+    from e2kd_fast.kernels import bcos_layer
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(bcos_layer._epilogue_kernel, InterpretedFunction)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_triton_epilogue_matches_reference(geometry, dtype, layout):
+    from e2kd_fast.kernels import bcos_layer
+
+    n, c, h, w, o, k, s, p, g, b = geometry
+    x, lin, scale, _, _ = _case(geometry, dtype, layout)
+    out = torch.full_like(lin, float("nan"))  # poisoned
+    y = torch.full_like(lin, float("nan"))
+    bcos_layer._launch_epilogue(lin, x, out, y, [k, k], [s, s], [p, p], g, o // g, b)
+    budget = _low_precision_budget(geometry, dtype, scale) if dtype == torch.float16 else None
+    _assert_close(out, scale, dtype, budget)
+    _assert_close(y, scale * lin.double(), dtype, None if budget is None else budget * 8)
+    # The public launcher keeps the memory format.
+    _, s_only = bcos_layer.bcos_epilogue(lin, x, [k, k], [s, s], [p, p], g, b, write_out=False)
+    assert s_only.is_contiguous(memory_format=bcos_layer.memory_format_of(lin))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=str)
+def test_triton_patch_norm_contribution_and_product(geometry, layout):
+    from e2kd_fast.kernels import bcos_layer
+
+    n, c, h, w, o, k, s, p, g, b = geometry
+    x, lin, scale, norm, _ = _case(geometry, torch.float32, layout)
+    channels = o if g > 1 else 1
+    out = _layout(torch.full((n, channels, *lin.shape[-2:]), float("nan")), layout)
+    bcos_layer._launch_epilogue(None, x, out, None, [k, k], [s, s], [p, p], g, channels // g, 2.0)
+    _assert_close(out, norm, torch.float32)
+    weights = _layout(torch.randn(x.shape), layout)
+    _assert_close(bcos_layer.contribution_map(x, weights), (x.double() * weights.double()).sum(1), torch.float32)
+    gsig = torch.randn(lin.shape)
+    _assert_close(bcos_layer.scale_product(lin, gsig), lin.double() * gsig.double(), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- C++
+
+
+@needs_cpp
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_cpp_epilogue_and_patch_norm_match_reference(geometry, dtype, layout):
+    n, c, h, w, o, k, s, p, g, b = geometry
+    x, lin, scale, norm, _ = _case(geometry, dtype, layout)
+    # Best-effort poisoning: freed NaN blocks of the output size are what the allocator hands out next.
+    poison = [torch.full_like(lin, float("nan")) for _ in range(4)]
+    del poison
+    got_scale, got_out = torch.ops.e2kd_cpp.bcos_epilogue(lin, x, [k, k], [s, s], [p, p], g, b, True)
+    _assert_close(got_scale, scale, dtype)
+    _assert_close(got_out, scale * lin.double(), dtype)
+    assert got_scale.is_contiguous(memory_format=ops.bcos.memory_format_of(x))
+    got_norm = torch.ops.e2kd_cpp.bcos_patch_norm(x, [k, k], [s, s], [p, p], g, o)
+    _assert_close(got_norm, norm, dtype)
+
+
+@needs_cpp
+def test_cpp_rejects_bad_input_with_a_clear_error():
+    x = torch.randn(1, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="groups=2 must divide the 3 input channels"):
+        torch.ops.e2kd_cpp.bcos_patch_norm(x, [3, 3], [1, 1], [1, 1], 2, 4)
+    with pytest.raises(RuntimeError, match="b must be > 1"):
+        torch.ops.e2kd_cpp.bcos_epilogue(torch.randn(1, 2, 5, 5), x, [3, 3], [1, 1], [1, 1], 1, 1.0, False)
+
+
+# ---------------------------------------------------------------------------------------------- the ops, per back end
+
+
+def _fast_backends() -> list[str]:
+    found = []
+    if INTERPRETED and not backends.unavailable_reason("triton"):
+        found.append("triton")
+    if not _cpp_ready():
+        found.append("cpp")
+    return found
+
+
+def _op_cases():
+    gen = torch.Generator().manual_seed(7)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    return [
+        ("e2kd::bcos_conv2d", ops.bcos_conv2d, (rand(1, 2, 5, 4), rand(3, 2, 3, 3), 2.0, [2, 2], [1, 1], 1)),
+        ("e2kd::bcos_conv2d", ops.bcos_conv2d, (rand(1, 4, 4, 3), rand(4, 2, 1, 1), 1.5, [1, 1], [0, 0], 2)),
+        ("e2kd::patch_norm", ops.patch_norm, (rand(1, 2, 5, 4), [3, 3], [1, 1], [1, 1], 1, 3)),
+        (
+            "e2kd::scaled_conv_adjoint",
+            ops.scaled_conv_adjoint,
+            (rand(1, 3, 3, 2), rand(1, 3, 3, 2), rand(3, 2, 3, 3), [5, 4], [2, 2], [1, 1], [1, 1], 1),
+        ),
+        ("e2kd::contribution_map", ops.contribution_map, (rand(2, 3, 3, 4), rand(2, 3, 3, 4))),
+    ]
+
+
+@pytest.mark.parametrize("backend", _fast_backends())
+def test_ops_with_each_backend_forced_match_and_differentiate(backend):
+    for name, op, args in _op_cases():
+        if backend not in backends.candidates(name, "cpu"):
+            continue
+        with backends.use_backend("reference"):
+            expected = op(*args)
+        with backends.use_backend(backend):
+            assert backends.choose(name, "cpu") == backend
+            got = op(*args)
+            for a, e in zip(
+                got if isinstance(got, tuple) else (got,),
+                expected if isinstance(expected, tuple) else (expected,),
+                strict=True,
+            ):
+                torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+            tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+            def f(*ts, args=args, tensors=tensors, op=op):
+                full = list(args)
+                for i, t in zip(tensors, ts, strict=True):
+                    full[i] = t
+                return op(*full)
+
+            inputs = tuple(args[i] for i in tensors)
+            assert torch.autograd.gradcheck(f, inputs, fast_mode=True), name
+            assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True), name
+            torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", *_fast_backends()])
+def test_bcos_conv2d_op_in_channels_last_passes_opcheck(backend):
+    x = torch.randn(1, 4, 5, 7, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    with backends.use_backend(backend):
+        linear, scale = ops.bcos_conv2d(x, w, 2.0, [2, 2], [1, 1], 1)
+        assert linear.is_contiguous(memory_format=torch.channels_last)
+        assert scale.is_contiguous(memory_format=torch.channels_last)
+        torch.library.opcheck(ops.bcos_conv2d, (x, w, 2.0, [2, 2], [1, 1], 1))
+
+
+def test_bcos_linear_op_equals_the_reference_layer():
+    from e2kd_fast.reference.bcos import bcos_linear_parts
+
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    for b in (2.0, 1.5):
+        got = ops.bcos_linear(x, w, b)
+        expected = bcos_linear_parts(x, w, b)
+        for a, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
+        g = torch.autograd.grad(got[0] * got[1], (x, w), torch.ones(2, 3, 4, dtype=torch.float64))
+        e = torch.autograd.grad(expected[0] * expected[1], (x, w), torch.ones(2, 3, 4, dtype=torch.float64))
+        for a, b_ in zip(g, e, strict=True):
+            torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("backend", _fast_backends())
+def test_layer_routes_through_the_fast_op_and_compiles_in_one_graph(backend):
+    from e2kd_fast.nn import BcosConv2d
+
+    layer = BcosConv2d(4, 6, 3, stride=2, padding=1).double()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64, requires_grad=True)
+    with backends.use_backend("reference"):
+        expected = layer(x)
+        (gx_ref,) = torch.autograd.grad(expected.sum(), x)
+    with backends.use_backend(backend):
+        assert ops.use_fused("e2kd::bcos_conv2d", "cpu")
+        got = layer(x)
+        (gx,) = torch.autograd.grad(got.sum(), x)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", _fast_backends())
+def test_sweep_with_a_fast_backend_equals_autograd(backend):
+    from e2kd_fast.explain.sweep import dynamic_weights_sweep
+    from e2kd_fast.models.bcos_resnet import BasicBlock, BcosResNet
+    from e2kd_fast.reference.explain import dynamic_weights_autograd
+
+    torch.manual_seed(0)
+    model = BcosResNet(BasicBlock, [1, 1, 1], num_classes=3, in_chans=6, inplanes=4, small_inputs=True).double().eval()
+    x = torch.rand(2, 6, 7, 5, dtype=torch.float64, requires_grad=True)
+    expected = dynamic_weights_autograd(model, x)
+    with backends.use_backend(backend):
+        got = dynamic_weights_sweep(model, x)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_gpu_epilogue_in_low_precision(backend, dtype, layout):
+    if backend == "cpp" and "cpp" not in backends.candidates("e2kd::bcos_conv2d", "cuda"):
+        pytest.skip("the extension was built without CUDA")
+    for geometry in GEOMETRIES:
+        n, c, h, w, o, k, s, p, g, b = geometry
+        x, lin, scale, _, weight = _case(geometry, dtype, layout)
+        x, weight = x.cuda(), weight.cuda().to(dtype)
+        ref_x = x.double()
+        ref_lin = F.conv2d(ref_x, unit_norm_weight(weight.double()), None, s, p, 1, g)
+        ref_scale = dynamic_scale(ref_lin, patch_norm_reference(ref_x, k, s, p, g, o if g > 1 else None), b)
+        with backends.use_backend("reference"):
+            low_lin, low_scale = ops.bcos_conv2d(x, weight, b, [s, s], [p, p], g)
+        with backends.use_backend(backend):
+            got_lin, got_scale = ops.bcos_conv2d(x, weight, b, [s, s], [p, p], g)
+        assert got_scale.is_contiguous(memory_format=ops.bcos.memory_format_of(x))
+        ref_err = (low_scale.double() - ref_scale).abs().max().item()
+        err = (got_scale.double() - ref_scale).abs().max().item()
+        assert err <= 2 * ref_err + 1e-6, f"{geometry}: {err:.3g} > 2 × {ref_err:.3g}"
