@@ -32,7 +32,7 @@ def stage_names(model: nn.Module) -> list[str]:
     transitions; B-cos ViTs: each encoder block.
     """
     names = []
-    for name, module in model.named_modules():
+    for name, _ in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf.startswith(("layer", "denseblock", "transition", "encoder_")) and leaf[-1].isdigit():
             if not any(name.startswith(parent + ".") for parent in names):
@@ -81,7 +81,7 @@ def _checkpointed_forward(module: nn.Module, forward: Callable) -> Callable:
     return checkpointed
 
 
-def _recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def _recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
     """(forward context, recompute context): the recomputation leaves batch-norm buffers as they were."""
     return contextlib.nullcontext(), _restore_norm_buffers(module)
 
