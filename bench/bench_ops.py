@@ -34,13 +34,67 @@ from bench import common
 
 SUITE = "ops"
 REFERENCE = "reference-eager"
-MODES = ("fwd", "bwd", "exp", "exp_bwd")
+MODES = ("fwd", "bwd", "exp", "exp_bwd", "train")
+LAYER_MODES = ("fwd", "bwd", "exp", "exp_bwd")
 LOSS_MODES = ("fwd", "bwd")
-OPS = ("bcos_conv2d", "bcos_linear", "kd_kl", "explanation_cosine_loss")
+# distill_loss adds train: forward and backward in one timed call (the fused loss moves work between them)
+FUSED_LOSS_MODES = ("fwd", "bwd", "train")
+OPS = ("bcos_conv2d", "bcos_linear", "kd_kl", "explanation_cosine_loss", "distill_loss")
+LOSS_TAU, LOSS_LAM = 4.0, 1.0  # distill_loss: τ and λ (speed does not depend on them)
 
 # Fast paths: op name → factory(reference callable) → fast callable with the same signature.
 # The compiled-step issue registers the e2kd:: ops here; until then the table shows "–".
 FAST_PATHS: dict[str, Callable[[Callable[..., Tensor]], Callable[..., Tensor]]] = {}
+
+
+def _with_fast_backend(op_name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """The layer run with the first fast back end of ``op_name`` on the input's device (cpp, then triton)."""
+
+    def factory(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        from e2kd_fast.ops import backends
+
+        def call(*inputs: Tensor) -> Tensor:
+            device = inputs[0].device.type
+            fast = [b for b in backends.candidates(op_name, device) if b != "reference"]
+            if device == "cpu":  # the Triton interpreter is a test tool, not a fast path
+                fast = [b for b in fast if b != "triton"]
+            if not fast:
+                raise RuntimeError(f"no fast back end of {op_name} on {device}")
+            with backends.use_backend(fast[0]):
+                return fn(*inputs)
+
+        return call
+
+    return factory
+
+
+FAST_PATHS["bcos_conv2d"] = _with_fast_backend("e2kd::bcos_conv2d")
+
+
+def _loss_backend(backend: str) -> Callable[[str, Callable[..., Tensor]], Callable[..., Tensor] | None]:
+    """Provider ``wrap`` for one back end of ``e2kd::distill_loss`` (other ops: no implementation)."""
+
+    def wrap(op: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor] | None:
+        if op != "distill_loss":
+            return None
+        from e2kd_fast.ops import backends, distill_loss
+
+        def call(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor) -> Tensor:
+            device = zs.device.type
+            fast = [b for b in backends.candidates("e2kd::distill_loss_fused", device) if b != "reference"]
+            fast = [b for b in fast if not (b == "triton" and device == "cpu")]  # the interpreter: tests only
+            name = fast[0] if backend == "fast" and fast else backend
+            if name not in fast:
+                raise NotImplementedError(f"no {backend} kernel of e2kd::distill_loss on {device} here")
+            with backends.use_backend(name):
+                return distill_loss(zs, zt, es, et, LOSS_TAU, LOSS_LAM)[0]
+
+        return call
+
+    return wrap
+
+
+FAST_PATHS["distill_loss"] = lambda fn: _loss_backend("fast")("distill_loss", fn)
 
 
 @dataclass(frozen=True)
@@ -76,6 +130,9 @@ PROVIDERS: dict[str, Provider] = {
         "torch.compile does not support double backward (platform_notes.md §5.1)",
     ),
     "fast": Provider("fast", _fast, True),
+    # One column per kernel back end of the fused loss (other ops: "–").
+    "cpp": Provider("cpp", _loss_backend("cpp"), True),
+    "triton": Provider("triton", _loss_backend("triton"), True),
 }
 
 
@@ -105,6 +162,8 @@ class OpShape:
             )
         if self.op == "bcos_linear":
             return f"{self.batch}×{self.height} tok, {self.in_channels}→{self.out_channels}"
+        if self.op == "distill_loss":
+            return f"N{self.batch} C{self.in_channels} maps {self.out_channels}×{self.height}×{self.width}"
         if self.op == "kd_kl":
             return f"N{self.batch} C{self.in_channels}"
         return f"N{self.batch} {self.in_channels}×{self.height}×{self.width}"
@@ -206,6 +265,8 @@ def real_shapes(models: list[str], batch: int, loss_batch: int) -> list[OpShape]
     out = [OpShape(**{**asdict(s), "source": "+".join(sorted(set(m)))}) for s, m in shapes.items()]
     out.append(OpShape("kd_kl", loss_batch, 1000, source="loss"))
     out.append(OpShape("explanation_cosine_loss", loss_batch, 6, height=224, width=224, source="loss"))
+    for n in sorted({128, loss_batch}):
+        out.append(OpShape("distill_loss", n, 1000, 6, 224, 224, source="loss"))
     return out
 
 
@@ -218,6 +279,7 @@ def small_shapes() -> list[OpShape]:
         OpShape("bcos_linear", 2, 64, 192, 16, 1, source="small"),
         OpShape("kd_kl", 16, 100, source="small"),
         OpShape("explanation_cosine_loss", 16, 6, height=32, width=32, source="small"),
+        OpShape("distill_loss", 8, 1000, 6, 128, 128, source="step, CPU"),
     ]
 
 
@@ -272,6 +334,15 @@ def build_reference(
     if shape.op == "explanation_cosine_loss":
         size = (shape.batch, shape.in_channels, shape.height, shape.width)
         return None, explanation_cosine_loss, (rand(*size), rand(*size, grad=False)), ()
+    if shape.op == "distill_loss":
+        n, maps = shape.batch, (shape.batch, shape.out_channels, shape.height, shape.width)
+        logits = (rand(n, shape.in_channels), rand(n, shape.in_channels, grad=False))
+        inputs = (*logits, rand(*maps), rand(*maps, grad=False))
+
+        def distill(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor) -> Tensor:
+            return kd_kl(zs, zt, LOSS_TAU) + LOSS_LAM * explanation_cosine_loss(es, et)
+
+        return None, distill, inputs, ()
     raise ValueError(f"unknown op {shape.op!r}")
 
 
@@ -297,6 +368,12 @@ def mode_callable(case: Case, mode: str) -> tuple[Callable[[], Any], Callable[[]
             return torch.autograd.grad(y, diff, g, retain_graph=True)
 
         return bwd, lambda: (g, case.inputs, case.params, bwd())
+    if mode == "train":
+
+        def train() -> tuple[Tensor, ...]:
+            return torch.autograd.grad(case.forward(*case.inputs), diff)
+
+        return train, lambda: (case.inputs, case.params, train())
     if case.module is None:
         raise ValueError("the explanation modes exist only for B-cos layers")
     x = case.inputs[0]
@@ -364,7 +441,8 @@ def run(
     log(f"[ops] {len(shapes)} shapes ({shape_set}), modes {modes}, providers {providers}, {dtype_name}")
     records: list[dict[str, Any]] = []
     for shape in shapes:
-        shape_modes = [m for m in modes if shape.op.startswith("bcos_") or m in LOSS_MODES]
+        kind = LAYER_MODES if shape.op.startswith("bcos_") else LOSS_MODES
+        shape_modes = [m for m in modes if m in (FUSED_LOSS_MODES if shape.op == "distill_loss" else kind)]
         for mode in shape_modes:
             config = {**shape.config(dtype_name), "mode": mode, "shapes": shape_set}
             flops = nbytes = None
@@ -378,12 +456,26 @@ def run(
                 if rec["status"] == "ok" and rec["variant"] != REFERENCE:
                     rec["flops"], rec["bytes"] = flops, nbytes
                     rec.update(common.roofline(env["device_kind"], dtype_name, flops, nbytes, rec["time_ms"]["median"]))
+            if shape.op == "distill_loss":  # the target is a share of the measured copy bandwidth
+                copy = _copy_gbps(shape, device, dtype, args)
+                for rec in records[-len(providers) :]:
+                    if rec["status"] == "ok" and rec.get("gbps"):
+                        rec["copy_gbps"], rec["copy_share"] = copy, rec["gbps"] / copy
             log(
                 f"  {shape.op:24s} {shape.label():40s} {mode:8s} "
                 + "  ".join(_short(r) for r in records[-len(providers) :])
             )
     common.add_ratios(records)
     return records
+
+
+def _copy_gbps(shape: OpShape, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second / 1e9) of a buffer the size of both maps."""
+    numel = 2 * shape.batch * shape.out_channels * shape.height * shape.width
+    src = torch.ones(numel, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    samples = common.measure(lambda: dst.copy_(src), device, warmup=args.warmup, repeats=args.repeats)
+    return 2 * src.nbytes / (common.summarize(samples)["median"] / 1e3) / 1e9
 
 
 def _short(rec: dict[str, Any]) -> str:
@@ -422,6 +514,8 @@ def _measure(shape, mode, provider: Provider, config, device, dtype, args, env, 
         common.synchronize(device)
         first_call_s = time.perf_counter() - t0
         samples = common.measure(fn, device, warmup=args.warmup, repeats=args.repeats)
+    except NotImplementedError as exc:  # e.g. a kernel back end that does not run on this device
+        return record("unsupported", str(exc))
     except Exception as exc:  # one failing provider must not end the suite: record why
         return record("error", f"{type(exc).__name__}: {exc}"[:500])
     stats = common.summarize(samples)

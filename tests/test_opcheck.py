@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from e2kd_fast.ops import OPS, distill_loss
+from e2kd_fast.ops import OPS, backends, distill_loss
 from e2kd_fast.reference.losses import explanation_cosine_loss, kd_kl
 
 
@@ -15,14 +15,22 @@ def test_every_op_is_listed():
     assert registered and registered == {t.name for t in OPS}
 
 
-@pytest.mark.parametrize("case", OPS, ids=lambda t: t.name)
-def test_opcheck(case):
-    for args in case.sample_inputs():
-        torch.library.opcheck(case.op, args)
+# Every (op, back end) that runs on CPU tensors here: the reference, the C++ kernels when the
+# extension is built, Triton in the interpreter (TRITON_INTERPRET=1).
+BACKEND_CASES = [(case, b) for case in OPS for b in backends.candidates(case.name, "cpu")]
+BACKEND_IDS = [f"{case.name}-{b}" for case, b in BACKEND_CASES]
 
 
-@pytest.mark.parametrize("case", OPS, ids=lambda t: t.name)
-def test_gradcheck_and_gradgradcheck(case):
+@pytest.mark.parametrize(("case", "backend"), BACKEND_CASES, ids=BACKEND_IDS)
+def test_opcheck(case, backend):
+    with backends.use_backend(backend):
+        for args in case.sample_inputs():
+            torch.library.opcheck(case.op, args)
+
+
+@pytest.mark.parametrize(("case", "backend"), BACKEND_CASES, ids=BACKEND_IDS)
+def test_gradcheck_and_gradgradcheck(case, backend):
+    fast = backend == "triton"  # the interpreter costs ~0.1 s per call: random-projection checks
     for args in case.sample_inputs():
         differentiable = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
@@ -33,8 +41,9 @@ def test_gradcheck_and_gradgradcheck(case):
             return case.op(*full)
 
         inputs = tuple(args[i] for i in differentiable)
-        assert torch.autograd.gradcheck(f, inputs)
-        assert torch.autograd.gradgradcheck(f, inputs)
+        with backends.use_backend(backend):
+            assert torch.autograd.gradcheck(f, inputs, fast_mode=fast)
+            assert torch.autograd.gradgradcheck(f, inputs, fast_mode=fast)
 
 
 def test_distill_loss_equals_the_reference_terms():

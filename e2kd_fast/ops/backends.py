@@ -18,7 +18,8 @@ for every op that has it on the inputs' device and the reference for the others 
 which is which); asking for a back end that is not available at all (the extension was not built,
 Triton is not importable) is an error that says why. ``"auto"`` takes, per op and device, the back end
 recorded as fastest in ``fastest.json`` (written from benchmark runs), or else the first available of
-``cpp``, ``triton``, ``reference`` for that op and device.
+``cpp``, ``triton``, ``reference`` for that op and device (never the Triton interpreter on CPU
+tensors: it is there for tests and must be asked for by name).
 
 Triton kernels run on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (the
 interpreter the tests use); the C++ back end runs wherever the extension registered a kernel.
@@ -147,7 +148,10 @@ def choose(op_name: str, device_type: str) -> str:
     available = candidates(op_name, device_type)
     if requested == "auto":
         recorded = _fastest_table().get(f"{op_name}@{device_type}")
-        return recorded if recorded in available else available[0]
+        if recorded in available:
+            return recorded
+        # Triton on CPU tensors is the interpreter (tests): asked for by name, never a default.
+        return next(b for b in available if not (b == "triton" and device_type == "cpu"))
     reason = unavailable_reason(requested)
     if reason:
         raise RuntimeError(f"E2KD_BACKEND={requested!r} was requested for {op_name}, but it is not available: {reason}")

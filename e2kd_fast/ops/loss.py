@@ -1,17 +1,47 @@
-"""``e2kd::distill_loss``: the τ²-KL and explanation-cosine terms of e²KD as one registered op.
+"""The e²KD loss as registered ops: ``e2kd::distill_loss`` and its gradient-emitting twin.
 
     kd  = τ² · (1/N) Σ_i KL(p_T,i^τ ‖ p_S,i^τ)
     exp = (1/N) Σ_i (1 − cos(s_i, t_i))          (s, t: flattened student and teacher maps)
     loss = kd + λ · exp
 
-Gradients (derived by hand; the backward is plain torch ops, so it is itself differentiable):
+Gradients (derived by hand):
 
-    ∂loss/∂z_S = τ · (p_S^τ − p_T^τ) / N
-    ∂loss/∂s_i = −(λ / N) · ( t_i / (‖s_i‖‖t_i‖) − cos_i · s_i / ‖s_i‖² )
+    ∂kd/∂z_S  = τ · (p_S^τ − p_T^τ) / N
+    ∂exp/∂s_i = −(1/N) · ( t_i / max(‖s_i‖‖t_i‖, ε) − cos_i · s_i / max(‖s_i‖², ε) )
 
-The teacher's logits and maps are targets: the op returns no gradient for them (the teacher is
-frozen in e²KD). The CPU implementation is the reference; fused Triton/C++ kernels will register
-as implementations of the same op.
+The teacher's logits and maps are targets: no gradient flows to them (the teacher is frozen in e²KD).
+
+Two ops, one public function
+----------------------------
+- ``e2kd::distill_loss(zs, zt, es, et, τ, λ) -> (loss, kd, exp)``: the forward alone (evaluation,
+  no-grad code). Its backward recomputes the gradients from the saved inputs in plain torch ops.
+- ``e2kd::distill_loss_fused(...) -> (loss, kd, exp, grad_logits, grad_maps)``: the same forward that
+  also emits ∂kd/∂z_S and ∂exp/∂s (unit upstream gradients) from the same kernel call. Its backward
+  only scales them: ∂L/∂z_S = (ḡ_loss + ḡ_kd)·grad_logits, ∂L/∂s = (λ ḡ_loss + ḡ_exp)·grad_maps. No
+  softmax or norm is recomputed and the teacher map is not read again for the backward.
+- `distill_loss` (the public function) calls the fused op when autograd will need the student
+  gradients (grad mode on and a student input requiring grad), the forward-only op otherwise.
+
+Double backward (the design choice)
+-----------------------------------
+The saved gradients are constants to autograd (``mark_non_differentiable``): a product with them
+has the right value but no second derivative. So the fused op's backward checks whether it is
+itself being recorded (``torch.is_grad_enabled()`` inside a backward is true exactly under
+``create_graph=True``) and then computes the gradients with the reference formula in plain,
+differentiable torch ops from the saved inputs instead. First-order backwards (training) take the
+fast path; ``gradgradcheck`` and any ``create_graph`` use take the formula, which is itself
+differentiable to any order (`torch.compile` traces a first-order backward through the scaling
+path too). The price is that the fused op saves its four inputs, as the forward-only op does, plus
+the two gradients: one map-sized buffer more than the forward-only op.
+
+Back ends
+---------
+Each op's forward runs the implementation `e2kd_fast.ops.backends` picks (``E2KD_BACKEND`` or
+``use_backend``): ``reference`` (below), ``cpp`` (``csrc/cpu/distill_loss.cpp`` and
+``csrc/cuda/distill_loss.cu``, op ``e2kd_cpp::distill_loss``) or ``triton``
+(``kernels/distill_loss.py``, imported on first use so the package does not import Triton). All
+return the scalars in the logits' dtype and contiguous gradients of the student tensors' dtype
+and shape; the kernels accumulate in float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -25,6 +55,28 @@ from e2kd_fast.ops._registry import register_op_test
 
 _EPS = 1e-8  # F.cosine_similarity's eps: the product of the norms is clamped below by it
 
+OP = "e2kd::distill_loss"
+FUSED_OP = "e2kd::distill_loss_fused"
+
+
+def _check(student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor) -> None:
+    where = "e2kd::distill_loss"
+    if student_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"{where}: logits must both be [N, C]; got student {tuple(student_logits.shape)}, "
+            f"teacher {tuple(teacher_logits.shape)}"
+        )
+    if student_maps.shape != teacher_maps.shape:
+        raise ValueError(
+            f"{where}: student and teacher maps differ in shape: {tuple(student_maps.shape)} vs "
+            f"{tuple(teacher_maps.shape)}"
+        )
+    if student_maps.dim() < 1 or student_maps.shape[0] != student_logits.shape[0] or student_logits.shape[0] == 0:
+        raise ValueError(
+            f"{where}: maps {tuple(student_maps.shape)} must be [N, ...] with the logits' "
+            f"N = {student_logits.shape[0]} > 0"
+        )
+
 
 def _norms(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     s_norm, t_norm = s.norm(dim=1), t.norm(dim=1)
@@ -32,33 +84,60 @@ def _norms(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return s_norm, denom, (s * t).sum(1) / denom
 
 
-@torch.library.custom_op("e2kd::distill_loss", mutates_args=())
-def distill_loss(
-    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, kd, exp) for logits [N, C] and explanation maps [N, ...] (flattened per sample)."""
-    impl = backends.implementation("e2kd::distill_loss", student_logits.device.type)
-    return impl(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
-
-
-@backends.register("e2kd::distill_loss", "reference", ("cpu", "cuda"))
-def distill_loss_reference(
-    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The reference forward of `distill_loss` (the spec every kernel is tested against)."""
+def _reference_terms(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float
+) -> tuple[Tensor, Tensor]:
+    """(kd, exp) in plain torch ops, both in the logits' dtype."""
     n = student_logits.shape[0]
     log_p_s = F.log_softmax(student_logits / tau, dim=1)
     log_p_t = F.log_softmax(teacher_logits / tau, dim=1)
     kd = (log_p_t.exp() * (log_p_t - log_p_s)).sum() * (tau**2 / n)
     _, _, cos = _norms(student_maps.reshape(n, -1), teacher_maps.reshape(n, -1))
-    exp = (1 - cos).mean()
+    return kd, (1 - cos).mean().to(kd.dtype)
+
+
+def _reference_grads(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float
+) -> tuple[Tensor, Tensor]:
+    """(∂kd/∂z_S [N, C], ∂exp/∂s [shape of the maps]) in plain, differentiable torch ops."""
+    n = student_logits.shape[0]
+    p_s = F.softmax(student_logits / tau, dim=1)
+    p_t = F.softmax(teacher_logits / tau, dim=1)
+    grad_logits = tau * (p_s - p_t) / n
+    s, t = student_maps.reshape(n, -1), teacher_maps.reshape(n, -1)
+    s_norm, denom, cos = _norms(s, t)
+    grad_s = t / denom[:, None] - cos[:, None] * s / s_norm.square().clamp_min(_EPS)[:, None]
+    return grad_logits, (grad_s / -n).reshape(student_maps.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# e2kd::distill_loss: the forward alone
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(OP, mutates_args=())
+def distill_loss_op(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, kd, exp) for logits [N, C] and explanation maps [N, ...] (flattened per sample)."""
+    _check(student_logits, teacher_logits, student_maps, teacher_maps)
+    impl = backends.implementation(OP, student_logits.device.type)
+    return impl(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
+
+
+@backends.register(OP, "reference", ("cpu", "cuda"))
+def distill_loss_reference(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference forward of `distill_loss` (the spec every kernel is tested against)."""
+    kd, exp = _reference_terms(student_logits, teacher_logits, student_maps, teacher_maps, tau)
     return kd + lam * exp, kd, exp
 
 
-@distill_loss.register_fake
+@distill_loss_op.register_fake
 def _(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam):
-    scalar = student_logits.new_empty(())
-    return scalar, scalar.new_empty(()), scalar.new_empty(())
+    _check(student_logits, teacher_logits, student_maps, teacher_maps)
+    return tuple(student_logits.new_empty(()) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -67,23 +146,139 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.tau, ctx.lam = tau, lam
 
 
-def _backward(ctx, grad_loss: Tensor, grad_kd: Tensor, grad_exp: Tensor):
-    student_logits, teacher_logits, student_maps, teacher_maps = ctx.saved_tensors
-    tau, lam = ctx.tau, ctx.lam
-    n = student_logits.shape[0]
+def _formula_backward(ctx, grad_loss: Tensor, grad_kd: Tensor, grad_exp: Tensor) -> tuple:
+    """Gradients from the saved inputs (plain torch ops, so differentiable again)."""
+    student_logits, teacher_logits, student_maps, teacher_maps = ctx.saved_tensors[:4]
     # The outputs are loss = kd + λ·exp, kd and exp: their gradients combine per term.
-    g_kd, g_exp = grad_loss + grad_kd, lam * grad_loss + grad_exp
-    p_s = F.softmax(student_logits / tau, dim=1)
-    p_t = F.softmax(teacher_logits / tau, dim=1)
-    grad_logits = g_kd * tau * (p_s - p_t) / n
-    s, t = student_maps.reshape(n, -1), teacher_maps.reshape(n, -1)
-    s_norm, denom, cos = _norms(s, t)
-    grad_s = t / denom[:, None] - cos[:, None] * s / s_norm.square().clamp_min(_EPS)[:, None]
-    grad_maps = (-g_exp / n) * grad_s
-    return grad_logits, None, grad_maps.reshape(student_maps.shape), None, None, None
+    g_kd, g_exp = grad_loss + grad_kd, ctx.lam * grad_loss + grad_exp
+    grad_logits, grad_maps = _reference_grads(student_logits, teacher_logits, student_maps, teacher_maps, ctx.tau)
+    return g_kd * grad_logits, None, g_exp * grad_maps, None, None, None
 
 
-distill_loss.register_autograd(_backward, setup_context=_setup_context)
+distill_loss_op.register_autograd(_formula_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# e2kd::distill_loss_fused: the forward that also emits the student gradients
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(FUSED_OP, mutates_args=())
+def distill_loss_fused(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, kd, exp, ∂kd/∂z_S [N, C], ∂exp/∂s [shape of the maps]); the gradients are contiguous."""
+    _check(student_logits, teacher_logits, student_maps, teacher_maps)
+    impl = backends.implementation(FUSED_OP, student_logits.device.type)
+    return impl(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
+
+
+@backends.register(FUSED_OP, "reference", ("cpu", "cuda"))
+def distill_loss_fused_reference(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The reference of `distill_loss_fused`: the reference forward and the hand-derived gradients."""
+    loss, kd, exp = distill_loss_reference(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
+    grad_logits, grad_maps = _reference_grads(student_logits, teacher_logits, student_maps, teacher_maps, tau)
+    return loss, kd, exp, grad_logits.contiguous(), grad_maps.contiguous()
+
+
+@distill_loss_fused.register_fake
+def _(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam):
+    _check(student_logits, teacher_logits, student_maps, teacher_maps)
+    scalars = tuple(student_logits.new_empty(()) for _ in range(3))
+    return (*scalars, student_logits.new_empty(student_logits.shape), student_maps.new_empty(student_maps.shape))
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    student_logits, teacher_logits, student_maps, teacher_maps, tau, lam = inputs
+    grad_logits, grad_maps = output[3], output[4]
+    # Internal outputs: constants to autograd (the backward below handles second order itself).
+    ctx.mark_non_differentiable(grad_logits, grad_maps)
+    ctx.save_for_backward(student_logits, teacher_logits, student_maps, teacher_maps, grad_logits, grad_maps)
+    ctx.tau, ctx.lam = tau, lam
+
+
+def _fused_backward(ctx, grad_loss: Tensor, grad_kd: Tensor, grad_exp: Tensor, _g_logits=None, _g_maps=None) -> tuple:
+    if torch.is_grad_enabled():
+        # create_graph=True: the saved gradients have no second derivative; use the formula.
+        return _formula_backward(ctx, grad_loss, grad_kd, grad_exp)
+    grad_logits, grad_maps = ctx.saved_tensors[4:]
+    g_kd, g_exp = grad_loss + grad_kd, ctx.lam * grad_loss + grad_exp
+    return (g_kd * grad_logits).to(grad_logits.dtype), None, (g_exp * grad_maps).to(grad_maps.dtype), None, None, None
+
+
+distill_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# The public function
+# --------------------------------------------------------------------------------------------------
+
+
+def distill_loss(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The e²KD loss: (loss, kd, exp), each 0-dim in the logits' dtype.
+
+    Args:
+        student_logits: [N, C].
+        teacher_logits: [N, C] (a target: receives no gradient).
+        student_maps: [N, ...] student explanations, flattened per sample for the cosine.
+        teacher_maps: same shape (a target).
+        tau: temperature τ > 0.
+        lam: weight λ of the explanation term in ``loss``.
+
+    When autograd will need the student gradients, the gradient-emitting op runs (its backward
+    only scales the gradients it produced); otherwise the forward-only op.
+    """
+    if torch.is_grad_enabled() and (student_logits.requires_grad or student_maps.requires_grad):
+        loss, kd, exp, _, _ = distill_loss_fused(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
+        return loss, kd, exp
+    return distill_loss_op(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel back ends (each called only when `backends` found it available)
+# --------------------------------------------------------------------------------------------------
+
+
+def _cpp_devices() -> tuple[str, ...]:
+    """CUDA only when setup.py built the CUDA sources (a CPU-only build must not claim CUDA tensors)."""
+    from e2kd_fast._ext import build_config
+
+    return ("cpu", "cuda") if build_config()["cuda"] else ("cpu",)
+
+
+@backends.register(OP, "cpp", _cpp_devices())
+def _cpp(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    loss, kd, exp, _, _ = torch.ops.e2kd_cpp.distill_loss(zs, zt, es, et, tau, lam, False)
+    return loss, kd, exp
+
+
+@backends.register(FUSED_OP, "cpp", _cpp_devices())
+def _cpp_fused(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, ...]:
+    return tuple(torch.ops.e2kd_cpp.distill_loss(zs, zt, es, et, tau, lam, True))
+
+
+@backends.register(OP, "triton", ("cuda",))
+def _triton(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, Tensor, Tensor]:
+    from e2kd_fast.kernels.distill_loss import distill_loss_triton
+
+    loss, kd, exp, _, _ = distill_loss_triton(zs, zt, es, et, tau, lam, with_grad=False)
+    return loss, kd, exp
+
+
+@backends.register(FUSED_OP, "triton", ("cuda",))
+def _triton_fused(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, ...]:
+    from e2kd_fast.kernels.distill_loss import distill_loss_triton
+
+    return distill_loss_triton(zs, zt, es, et, tau, lam, with_grad=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks: every registered op has sample inputs (tests/test_opcheck.py)
+# --------------------------------------------------------------------------------------------------
 
 
 def _sample_inputs(dtype: torch.dtype = torch.float64) -> list[tuple]:
@@ -100,4 +295,5 @@ def _sample_inputs(dtype: torch.dtype = torch.float64) -> list[tuple]:
     ]
 
 
-register_op_test(distill_loss, _sample_inputs)
+register_op_test(distill_loss_op, _sample_inputs)
+register_op_test(distill_loss_fused, _sample_inputs)
