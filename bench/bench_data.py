@@ -7,7 +7,11 @@ Providers, all producing the same thing (a random-resized crop to ``size``², a 
   `DataLoader` with ``--workers`` worker processes, as the trainer uses it;
 - ``dali-cpu``: DALI with CPU operators only (``device_id=None``; platform_notes.md §8.2), with
   ``--workers`` threads;
-- ``dali-gpu``: DALI with the ``mixed`` (nvJPEG) decoder, only where CUDA is available.
+- ``dali-gpu``: DALI with the ``mixed`` (nvJPEG) decoder, only where CUDA is available;
+- ``engine-torchvision``, ``engine-dali-cpu``, ``engine-dali-gpu``: the engine's own loaders
+  (`make_loader` and `e2kd_fast.data.dali.DaliLoader`: epoch plan, per-sample crops, B-cos encoding
+  inside the pipeline); with ``--store fp16|bf16|int8|fp32`` they also read a frozen-explanation store
+  of [6, size, size] maps (``--store-scale`` divides its resolution) and crop/flip each map with its image.
 
 The folder is generated once (``root/train/<class>/*.JPEG``, sizes drawn around 300–500 px, smooth
 colour fields with noise so the JPEGs have realistic entropy) and cached. Each round runs one epoch of
@@ -30,7 +34,7 @@ from bench import common
 
 SUITE = "data"
 REFERENCE = "torchvision"
-PROVIDERS = ("torchvision", "dali-cpu", "dali-gpu")
+PROVIDERS = ("torchvision", "dali-cpu", "dali-gpu", "engine-torchvision", "engine-dali-cpu", "engine-dali-gpu")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=None, help="DataLoader workers and DALI threads (default: cores)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per provider")
+    parser.add_argument(
+        "--store", default=None, choices=("fp32", "fp16", "bf16", "int8"), help="engine-*: also read a frozen store"
+    )
+    parser.add_argument("--store-scale", type=int, default=1, help="resolution divisor of the stored maps")
     parser.add_argument(
         "--data-root", type=Path, default=None, help="where the JPEG folder is generated (default: .cache/bench/)"
     )
@@ -134,14 +142,83 @@ def _dali_epochs(root: Path, args: argparse.Namespace, workers: int, gpu: bool) 
         yield n
 
 
+def _make_store(root: Path, args: argparse.Namespace):
+    """A frozen store of random [6, size, size] maps for the folder (cached per option)."""
+    from e2kd_fast.data import ImageFolderDataset
+    from e2kd_fast.data.frozen_store import FrozenStore
+
+    dataset = ImageFolderDataset(root, "train")
+    path = root / f"store-{args.store}-{args.store_scale}-{args.size}"
+    if (path / "index.json").is_file() and FrozenStore.open(path).complete:
+        return dataset, FrozenStore.open(path)
+    store = FrozenStore.create(
+        path,
+        {"num_images": len(dataset)},
+        1000,
+        (6, args.size, args.size),
+        map_dtype=args.store,
+        map_scale=args.store_scale,
+        shard_size=128,
+    )
+    gen = torch.Generator().manual_seed(0)
+    for k in store.missing_shards():
+        lo, hi = store.shard_range(k)
+        store.write_shard(k, torch.randn(hi - lo, 1000, generator=gen), torch.randn(hi - lo, 6, args.size, args.size))
+    return dataset, FrozenStore.open(path)
+
+
+def _engine_epochs(root: Path, args: argparse.Namespace, workers: int, provider: str) -> Iterator[int]:
+    """The engine's loaders, one new loader per epoch as the trainer makes them; yields images per epoch."""
+    from e2kd_fast.data import ImageFolderDataset, paired_train_transform, train_transform
+    from e2kd_fast.data.dali import DaliLoader, Geometry
+    from e2kd_fast.data.frozen_store import FrozenTeacherDataset
+    from e2kd_fast.engine.trainer import make_loader
+
+    store = None
+    if args.store:
+        base, store = _make_store(root, args)
+    else:
+        base = ImageFolderDataset(root, "train", transform=train_transform(args.size))
+    indices = torch.arange(len(base))
+    epoch = 0
+    while True:
+        if provider == "engine-torchvision":
+            dataset = base
+            if store is not None:
+                dataset = FrozenTeacherDataset(base, store, paired_train_transform(args.size))
+            loader = make_loader(
+                dataset, indices, batch_size=args.batch, num_workers=workers, shuffle=True, epoch=epoch
+            )
+        else:
+            gpu = provider == "engine-dali-gpu"
+            loader = DaliLoader(
+                base.samples,
+                indices,
+                batch_size=args.batch,
+                geometry=Geometry(args.size, train=True),
+                shuffle=True,
+                epoch=epoch,
+                store=store,
+                device_id=torch.cuda.current_device() if gpu else None,
+                num_threads=max(1, workers),
+            )
+        n = 0
+        for batch in loader:
+            n += batch["image"].shape[0]
+        if provider == "engine-dali-gpu":
+            torch.cuda.synchronize()
+        epoch += 1
+        yield n
+
+
 def _unavailable(provider: str) -> str | None:
     """Why ``provider`` cannot run here, or None."""
-    if provider.startswith("dali"):
+    if "dali" in provider:
         try:
             import nvidia.dali  # noqa: F401
         except Exception as exc:
             return f"DALI is not importable ({type(exc).__name__}: {exc})"
-    if provider == "dali-gpu" and not torch.cuda.is_available():
+    if provider.endswith("dali-gpu") and not torch.cuda.is_available():
         return "no CUDA device: the mixed (nvJPEG) decoder needs a GPU"
     return None
 
@@ -169,6 +246,7 @@ def run(
         "size": args.size,
         "batch": args.batch,
         "workers": workers,
+        "store": None if not args.store else f"{args.store} 1/{args.store_scale}",
     }
 
     def record(provider: str, status: str, note: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -192,11 +270,12 @@ def run(
             log(f"  {p}: skipped: {reason}")
             records.append(record(p, "unsupported", reason))
             continue
-        epochs[p] = (
-            _torchvision_epochs(root, args, workers)
-            if p == "torchvision"
-            else _dali_epochs(root, args, workers, gpu=p == "dali-gpu")
-        )
+        if p.startswith("engine-"):
+            epochs[p] = _engine_epochs(root, args, workers, p)
+        elif p == "torchvision":
+            epochs[p] = _torchvision_epochs(root, args, workers)
+        else:
+            epochs[p] = _dali_epochs(root, args, workers, gpu=p == "dali-gpu")
         next(epochs[p])  # warm-up: worker start-up, pipeline build, first decode
     samples: dict[str, list[float]] = {p: [] for p in epochs}
     counts: dict[str, int] = {}
@@ -238,7 +317,8 @@ def table(records: list[dict[str, Any]]) -> str:
             [
                 r["variant"],
                 f"{cfg['images']} JPEGs {cfg['min_side']}–{cfg['max_side']} px → {cfg['size']}², "
-                f"batch {cfg['batch']}, {cfg['workers']} workers",
+                f"batch {cfg['batch']}, {cfg['workers']} workers"
+                + (f", store {cfg['store']}" if cfg.get("store") else ""),
                 common.fmt_num(r["throughput"]["value"]) if r.get("throughput") else "–",
                 spread,
                 common.fmt_num(1 / ratio) + "×" if ratio else "–",

@@ -10,6 +10,8 @@ Variants, all on the same models, batch, resolution and precision, in one proces
 - ``kd``: our `e2kd_objective` with λ = 0 (teacher under ``no_grad``).
 - ``e2kd-live``: our `e2kd_objective` (teacher explained without any autograd graph).
 - ``e2kd-frozen``: our `e2kd_objective` with precomputed `TeacherOutputs` (no teacher pass).
+- ``e2kd-ckpt``: ``e2kd-live`` with the student's stages activation-checkpointed (a copy of the
+  student with its own optimiser, so the other variants are untouched). Not in the default list.
 
 The variants alternate in rounds (A B C D, then D C B A, ...) so slow drift of the machine cancels.
 Peak memory is measured in a fresh subprocess per (configuration, variant): CUDA's
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -36,7 +39,8 @@ from bench import common
 
 SUITE = "step"
 REFERENCE = "reference"
-VARIANTS = ("reference", "kd", "e2kd-live", "e2kd-frozen")
+VARIANTS = ("reference", "kd", "e2kd-live", "e2kd-frozen", "e2kd-ckpt")
+DEFAULT_VARIANTS = VARIANTS[:4]
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"known: {', '.join(PAIRS)}",
     )
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)
+        "--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)
     )
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 64 on CUDA, 8 on CPU)")
     parser.add_argument("--resolution", type=int, default=None, help="image side (default 224 on CUDA, 128 on CPU)")
@@ -200,6 +204,13 @@ def make_step(setup: StepSetup, variant: str, compile: bool | None = None) -> Ca
     from e2kd_fast.engine.step import TrainStep
 
     cfg = setup.config
+    student, optimizer = setup.student, setup.optimizer
+    if variant == "e2kd-ckpt":
+        from e2kd_fast.nn.checkpointing import enable_activation_checkpointing
+
+        student = copy.deepcopy(setup.student)
+        enable_activation_checkpointing(student)
+        optimizer = torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9)
     lam = 0.0 if variant == "kd" else cfg["lam"]
     frozen = setup.frozen if variant == "e2kd-frozen" else None
     teacher = None if variant == "e2kd-frozen" else setup.teacher
@@ -207,17 +218,17 @@ def make_step(setup: StepSetup, variant: str, compile: bool | None = None) -> Ca
         raise ValueError("the e2kd-frozen variant needs a setup built with frozen=True")
     compile = cfg.get("compile", False) if compile is None else compile
     train_step = TrainStep(
-        setup.student, teacher, tau=cfg["tau"], lam=lam, explanation=cfg["explanation"], compile=compile, log=print
+        student, teacher, tau=cfg["tau"], lam=lam, explanation=cfg["explanation"], compile=compile, log=print
     )
 
     def step() -> None:
         if teacher is not None:
             teacher.requires_grad_(False)  # ours: a frozen teacher (the reference turns it back on)
-        setup.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         with setup.autocast():
             out = train_step(setup.x, None, 0, frozen)
         out["loss"].backward()
-        setup.optimizer.step()
+        optimizer.step()
 
     return step
 

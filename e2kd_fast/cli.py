@@ -5,6 +5,8 @@ e2kd-fast eval --config configs/x.yaml --checkpoint runs/x/checkpoints/last.pt
 e2kd-fast explain --model bcos_resnet18 --checkpoint ckpt.pt --out explanations/ img1.jpg img2.png
 e2kd-fast precompute --config configs/x_frozen.yaml
 e2kd-fast demo [--out runs/demo]
+e2kd-fast report runs/kd runs/e2kd --out reports/x [--images 4]
+e2kd-fast xdistill configs/xdistill/synthetic.yaml --out runs/xdistill
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2kd-fast", description="Explanation-enhanced knowledge distillation.")
+    # The `deepspeed` launcher puts --local_rank=N before the sub-command; LOCAL_RANK (env) is what is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a student (e²KD, KD or supervised) from a config")
@@ -53,11 +57,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     precompute = commands.add_parser("precompute", help="store a frozen teacher's logits and explanations")
     _add_config_args(precompute)
+    precompute.add_argument(
+        "--map-dtype", default="fp16", choices=("fp32", "fp16", "bf16", "int8"), help="map storage (default fp16)"
+    )
+    precompute.add_argument("--map-scale", type=int, default=1, help="store maps at 1/N resolution (default 1)")
+    precompute.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")
+    precompute.add_argument("--max-shards", type=int, default=None, help="stop after N shards (run again to go on)")
+    precompute.add_argument(
+        "--report-fidelity", action="store_true", help="print stored-vs-exact cosine and bytes/image per option"
+    )
+    precompute.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     demo = commands.add_parser("demo", help="the built-in demo (see README)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a tiny run that checks the pipeline (seconds)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    report = commands.add_parser("report", help="compare run folders in one HTML page (and markdown)")
+    report.add_argument("runs", nargs="+", type=Path, help="run folders (train.out_dir of each run)")
+    report.add_argument("--out", required=True, type=Path, help="output folder for report.html / report.md")
+    report.add_argument("--images", type=int, default=4, help="validation images in the explanation grid")
+    report.add_argument("--checkpoint", default="last", help="'last' (default), 'best' or a checkpoint path")
+    report.add_argument("--split", default=None, help="evaluate this split instead of each run's data.val_split")
+    report.add_argument("--max-eval", type=int, default=None, help="evaluate the first N validation images only")
+    report.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to evaluate")
+    report.add_argument("--unicam", action="store_true", help="also compute FSS / RS of each student vs its teacher")
+
+    xdistill = commands.add_parser("xdistill", help="run the XDistillation pipeline (docs/xdistill.md)")
+    xdistill.add_argument("config", type=Path, help="XDistillation YAML config (configs/xdistill/)")
+    xdistill.add_argument("--out", required=True, type=Path, help="run folder (metrics.json, checkpoints)")
     return parser
 
 
@@ -86,8 +114,14 @@ def _train(args: argparse.Namespace) -> int:
         val_indices=data.val_indices,
         show_progress=not args.no_progress,
     )
-    summary = trainer.fit(resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    try:
+        summary = trainer.fit(resume=args.resume)
+    finally:
+        from e2kd_fast.engine.distributed import shutdown_distributed
+
+        shutdown_distributed()  # torchrun / deepspeed launches: leave the process group cleanly
+    if trainer.backend.is_main:
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -169,7 +203,16 @@ def _precompute(args: argparse.Namespace) -> int:
     from e2kd_fast.data.frozen_store import precompute
 
     cfg = load_config(args.config, args.overrides)
-    store = precompute(cfg)
+    # Rank and world size from torchrun (RANK / WORLD_SIZE): each rank writes its own shards.
+    store = precompute(
+        cfg,
+        show_progress=not args.no_progress,
+        shard_size=args.shard_size,
+        map_dtype=args.map_dtype,
+        map_scale=args.map_scale,
+        max_shards=args.max_shards,
+        report_fidelity=args.report_fidelity,
+    )
     print(f"frozen teacher outputs written to {store}")
     return 0
 
@@ -182,7 +225,35 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from e2kd_fast.report import make_report
+
+    result = make_report(
+        args.runs,
+        args.out,
+        images=args.images,
+        checkpoint=args.checkpoint,
+        split=args.split,
+        max_eval=args.max_eval,
+        device=args.device,
+        unicam=args.unicam,
+    )
+    print(f"report: {result['html']}" + (f" and {result['markdown']}" if result["markdown"] else ""))
+    return 0
+
+
 _COMMANDS = {"train": _train, "eval": _eval, "explain": _explain, "precompute": _precompute, "demo": _demo}
+_COMMANDS["report"] = _report
+
+
+def _xdistill(args: argparse.Namespace) -> int:
+    from e2kd_fast.xdistill.run import run
+
+    print(json.dumps(run(args.config, args.out), indent=2))
+    return 0
+
+
+_COMMANDS["xdistill"] = _xdistill
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ A run is described by one `Config` with six sections::
     optim    OptimConfig     optimiser, schedule and gradient clipping (AGC for B-cos students)
     data     DataConfig      dataset, splits, few-shot sampling, augmentation and batch sizes
     train    TrainConfig     epochs, precision, device, checkpoints and logging
+    engine   EngineConfig    distribution: single device, DDP or DeepSpeed ZeRO-1/2
 
 Every section checks its own fields in ``__post_init__`` (types, allowed values, ranges) and `Config`
 checks the combinations, so an invalid configuration cannot exist. Errors are ``ValueError`` naming
@@ -43,6 +44,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "DistillConfig",
+    "EngineConfig",
     "ModelConfig",
     "OptimConfig",
     "TeacherConfig",
@@ -55,14 +57,30 @@ __all__ = [
 ]
 
 TeacherMode = Literal["live", "frozen"]
-DistillMethod = Literal["kd", "e2kd", "none"]
+DistillMethod = Literal["kd", "e2kd", "none", "at", "nst", "ab", "catkd", "reviewkd"]
+
+# Feature-based KD baselines (e2kd_fast.distill.baselines, docs/baselines.md): the paper-default weight
+# of each method's feature term and its options with their defaults (seeds_other_systems.md section 3).
+BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "at": {"weight": 1000.0, "p": 2.0},
+    "nst": {"weight": 50.0},
+    "ab": {"weight": 1.0, "margin": 1.0, "init_epochs": 30},
+    "catkd": {"weight": 0.5, "pool_size": 4, "normalize": False},
+    "reviewkd": {"weight": 1.0, "warmup_epochs": 20, "max_mid_channels": 512},
+}
 ExplanationKind = Literal["bcos", "gradcam"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["cosine", "constant"]
 ScheduleUnit = Literal["epoch", "step"]
-DatasetKind = Literal["folder", "synthetic"]
+DatasetKind = Literal["folder", "synthetic", "voc", "waterbirds"]
+LoaderName = Literal["torchvision", "dali", "auto"]
 Precision = Literal["fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+BackendName = Literal["single", "ddp", "deepspeed"]
+DistBackendName = Literal["auto", "nccl", "gloo"]
+
+# Architectures whose stages e2kd_fast.distill.features knows, by name prefix.
+_FEATURE_ARCHS = ("bcos_resnet", "bcos_resnext", "bcos_densenet", "bcos_vit", "resnet", "densenet")
 
 # B-cos models are recognised by name; the registry (`e2kd_fast.models`) follows this convention and
 # importing it here would pull torch into what is otherwise a plain-data module.
@@ -263,6 +281,14 @@ class DistillConfig(_Section):
         explanation: ``"bcos"`` (dynamic weights, B-cos models) or ``"gradcam"`` (standard models).
         gt_coef: weight of the ground-truth label loss in KD / e²KD (every paper config uses 0).
         guided_step_interval: compute the explanation loss on every K-th step only (spec section 3.3).
+        multilabel: multi-label targets (PASCAL VOC): the KD term is the per-class sigmoid KL of
+            `e2kd_fast.distill.multilabel.multilabel_kd` instead of the softmax KL; the explained class
+            stays the teacher's top-1 logit. Must be set exactly when ``data.dataset == "voc"``.
+        feature_weight: weight of the feature term of a baseline method (``at``, ``nst``, ``ab``,
+            ``catkd``, ``reviewkd``; docs/baselines.md); None = the paper default in `BASELINE_DEFAULTS`.
+        kd_coef: weight of an added τ²·KL term in a baseline's loss (0 = the papers' CE + feature loss).
+        feature_options: the baseline's options (keys and defaults in `BASELINE_DEFAULTS`, e.g.
+            ``{pool_size: 4}`` for CAT-KD); a plain dict, read-only.
     """
 
     _section = "distill"
@@ -273,10 +299,49 @@ class DistillConfig(_Section):
     explanation: ExplanationKind = "bcos"
     gt_coef: float = 0.0
     guided_step_interval: int = 1
+    multilabel: bool = False
+    feature_weight: float | None = None
+    kd_coef: float = 0.0
+    feature_options: dict = field(default_factory=dict, hash=False)
 
     def _validate(self) -> None:
         self._positive("tau", "guided_step_interval")
         self._positive("lam", "gt_coef", allow_zero=True)
+        self._validate_baseline()
+
+    def _validate_baseline(self) -> None:
+        """Baseline-only keys are errors elsewhere; option names and values are checked against the table."""
+        self._positive("kd_coef", allow_zero=True)
+        self._positive("feature_weight", allow_zero=True, optional=True)
+        defaults = BASELINE_DEFAULTS.get(self.method)
+        if defaults is None:
+            for name, unset in (("feature_weight", None), ("kd_coef", 0.0), ("feature_options", {})):
+                if getattr(self, name) != unset:
+                    raise ValueError(
+                        f"distill.{name} is set ({getattr(self, name)!r}) but is used only by the feature baselines "
+                        f"({', '.join(BASELINE_DEFAULTS)}); distill.method is {self.method!r}"
+                    )
+            return
+        if self.gt_coef != 0:
+            raise ValueError(
+                f"distill.gt_coef is {self.gt_coef!r}, but baseline method {self.method!r} always weighs its label "
+                "loss by 1 (the papers' recipe); set distill.gt_coef to 0"
+            )
+        allowed = [k for k in defaults if k != "weight"]
+        for key, value in self.feature_options.items():
+            if key not in allowed:
+                raise _unknown_key(f"distill.feature_options.{key}", allowed or ["(none)"], f"method {self.method!r}")
+            default = defaults[key]
+            kind = type(default)
+            ok = isinstance(value, bool) if kind is bool else isinstance(value, kind | (int if kind is float else kind))
+            if not ok or (kind is not bool and isinstance(value, bool)):
+                raise ValueError(
+                    f"distill.feature_options.{key}: expected {kind.__name__} (default {default!r}), got {value!r}"
+                )
+            if kind is not bool and value <= 0 and key != "init_epochs":
+                raise ValueError(f"distill.feature_options.{key}: must be > 0; got {value!r}")
+            if key == "init_epochs" and value < 0:
+                raise ValueError(f"distill.feature_options.init_epochs: must be >= 0; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -342,7 +407,10 @@ class DataConfig(_Section):
     Attributes:
         root: dataset folder (ImageFolder layout: ``<root>/<split>/<class>/<image>``); unused by
             ``"synthetic"``.
-        dataset: ``"folder"`` or ``"synthetic"`` (the built-in shapes data).
+        dataset: ``"folder"``, ``"synthetic"`` (the built-in shapes data), ``"voc"`` (PASCAL VOC: ``root``
+            is the year folder with JPEGImages/, Annotations/, ImageSets/Main/; splits are image-set
+            names such as ``trainval`` and ``test``) or ``"waterbirds"`` (``root`` holds
+            ``metadata.csv``; splits ``train``, ``val``, ``test``). See docs/datasets.md.
         train_split, val_split: sub-folders of ``root``. With ``val_per_class`` set, ``val_split`` is
             the final test split and model selection uses the held-out train images.
         image_size: training crop (RandomResizedCrop) and evaluation crop (CenterCrop) size.
@@ -350,7 +418,10 @@ class DataConfig(_Section):
         crop_scale_min: lower bound of the RandomResizedCrop area scale.
         batch_size: total training batch per optimiser micro-step (all devices together).
         eval_batch_size: evaluation batch; None = ``batch_size``.
-        num_workers: data-loader worker processes.
+        num_workers: data-loader worker processes (DALI: pipeline threads).
+        loader: input pipeline: ``"torchvision"`` (default), ``"dali"`` (NVIDIA DALI; GPU decoding on
+            CUDA, CPU operators otherwise) or ``"auto"`` (DALI when it imports and the data is an image
+            folder). Without DALI installed, ``dali``/``auto`` fall back to torchvision with a one-line notice.
         shots: images per class drawn from the train split (few-shot); None = all.
         shot_seed: seed of the few-shot draw (taken after the held-out split is removed).
         val_per_class: images per class held out of the train split for validation; None = none.
@@ -370,6 +441,7 @@ class DataConfig(_Section):
     batch_size: int = 64
     eval_batch_size: int | None = None
     num_workers: int = 8
+    loader: LoaderName = "torchvision"
     shots: int | None = None
     shot_seed: int = 42
     val_per_class: int | None = None
@@ -407,6 +479,8 @@ class TrainConfig(_Section):
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         compile: compile the step's forward-to-loss part with `torch.compile(fullgraph=True)` (the
             first steps then take the compile time; `false` runs eagerly).
+        activation_checkpointing: recompute the student's stages (ResNet layers, DenseNet blocks, ViT
+            encoder blocks) in the backward instead of keeping their activations: less memory, same result.
         log_every_steps: log training metrics every N optimiser steps.
     """
 
@@ -423,6 +497,7 @@ class TrainConfig(_Section):
     eval_every_epochs: int = 1
     device: DeviceName = "auto"
     compile: bool = True
+    activation_checkpointing: bool = False
     log_every_steps: int = 50
 
     def _validate(self) -> None:
@@ -432,6 +507,74 @@ class TrainConfig(_Section):
         _require(bool(self.out_dir.strip()), self._key("out_dir"), "must be a folder path", self.out_dir)
 
 
+@dataclass(frozen=True)
+class EngineConfig(_Section):
+    """How the step is distributed (see `e2kd_fast.engine.distributed` and docs/scaling.md).
+
+    Attributes:
+        backend: ``"single"`` (one process), ``"ddp"`` (torch DistributedDataParallel) or
+            ``"deepspeed"`` (DeepSpeed ZeRO stage ``zero_stage``). ``data.batch_size`` stays the global
+            batch and is split evenly across the processes of the launch (torchrun / deepspeed).
+        zero_stage: DeepSpeed ZeRO stage, 1 or 2 (3 is refused: see `_validate`; without partitioning
+            use ``backend: ddp``).
+        dist_backend: process-group back end; ``"auto"`` = nccl on CUDA, gloo on CPU.
+        timeout_minutes: collective-operation timeout of the process group.
+        find_unused_parameters: DDP's option of that name (only for students with unused parameters).
+        deepspeed_config: extra DeepSpeed config entries merged over the generated ones (e.g.
+            ``{"zero_optimization": {"overlap_comm": true}}``); the keys the other sections own
+            (batch sizes, accumulation, bf16, clipping, optimizer, ZeRO stage) are refused.
+    """
+
+    _section = "engine"
+
+    backend: BackendName = "single"
+    zero_stage: int = 1
+    dist_backend: DistBackendName = "auto"
+    timeout_minutes: int = 30
+    find_unused_parameters: bool = False
+    deepspeed_config: dict = field(default_factory=dict, hash=False)
+
+    def _validate(self) -> None:
+        self._positive("timeout_minutes")
+        if self.zero_stage == 3:
+            # ZeRO-3 releases each parameter after its module's forward and re-gathers it through module
+            # hooks; the explanation sweep re-uses the layer weights outside those forwards (the adjoint,
+            # transposed convolutions) and the backward of the explanation loss differentiates through
+            # them again, so the weights are gone when they are needed (platform_notes.md section 9.5).
+            raise ValueError(
+                "engine.zero_stage 3 is not supported: ZeRO-3 partitions the parameters and gathers each one "
+                "only around its own module's forward, but the e²KD explanation (the gradient of the logit "
+                "w.r.t. the input, computed by the reverse sweep) and the backward of the explanation loss use "
+                "the layer weights again outside that forward, where ZeRO-3 has already released them. Use "
+                "zero_stage 1 or 2 (parameters stay replicated; for CNNs of <= 25M parameters ZeRO-3 would save "
+                "little memory anyway); got 3"
+            )
+        _require(
+            self.zero_stage in (1, 2),
+            self._key("zero_stage"),
+            "must be 1 or 2 (stage 0, no partitioning, is what engine.backend 'ddp' does)",
+            self.zero_stage,
+        )
+        owned = {
+            "train_batch_size": "data.batch_size x train.grad_accum",
+            "train_micro_batch_size_per_gpu": "data.batch_size / number of processes",
+            "gradient_accumulation_steps": "train.grad_accum",
+            "bf16": "train.precision",
+            "fp16": "train.precision",
+            "gradient_clipping": "optim.grad_clip_norm",
+            "optimizer": "optim.*",
+            "scheduler": "optim.schedule",
+        }
+        for key, instead in owned.items():
+            if key in self.deepspeed_config:
+                raise ValueError(f"engine.deepspeed_config.{key} is set by {instead}; remove it from deepspeed_config")
+        stage = (self.deepspeed_config.get("zero_optimization") or {}).get("stage")
+        if stage is not None:
+            raise ValueError(
+                f"engine.deepspeed_config.zero_optimization.stage is set by engine.zero_stage; got {stage!r}"
+            )
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "student": ModelConfig,
     "teacher": TeacherConfig,
@@ -439,6 +582,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "optim": OptimConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "engine": EngineConfig,
 }
 
 
@@ -456,6 +600,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
@@ -469,7 +614,7 @@ class Config:
 
     def _validate_combinations(self) -> None:
         student, teacher, distill, data = self.student, self.teacher, self.distill, self.data
-        if distill.method in ("kd", "e2kd") and teacher.name is None:
+        if distill.method != "none" and teacher.name is None:
             raise ValueError(f"distill.method {distill.method!r} requires teacher.name; use method 'none' without one")
         if teacher.mode == "frozen" and (data.mixup_alpha > 0 or data.cutmix_alpha > 0):
             raise ValueError(
@@ -477,13 +622,56 @@ class Config:
                 f"(got {data.mixup_alpha} / {data.cutmix_alpha}): mixup/cutmix cannot be applied consistently to "
                 "stored explanations, which exist once per unmixed image"
             )
-        if distill.method in ("kd", "e2kd") and None not in (student.num_classes, teacher.num_classes):
+        if distill.method != "none" and None not in (student.num_classes, teacher.num_classes):
             if student.num_classes != teacher.num_classes:
                 raise ValueError(
                     f"student.num_classes ({student.num_classes}) != teacher.num_classes ({teacher.num_classes}): "
                     "distillation compares the two models' logits class by class"
                 )
+        self._validate_dataset()
         self._validate_explanation()
+        self._validate_baseline()
+
+    def _validate_baseline(self) -> None:
+        """Feature baselines need a live teacher and architectures whose stages they know."""
+        method = self.distill.method
+        if method not in BASELINE_DEFAULTS:
+            return
+        if self.teacher.mode == "frozen":
+            raise ValueError(
+                f"distill.method {method!r} compares intermediate features, which the frozen store does not hold; "
+                "use teacher.mode 'live'"
+            )
+        if self.distill.multilabel:
+            raise ValueError(f"distill.method {method!r} is single-label only; distill.multilabel must be false")
+        for role, name in (("student", self.student.name), ("teacher", self.teacher.name)):
+            if not str(name).startswith(_FEATURE_ARCHS):
+                raise ValueError(
+                    f"{role}.name {name!r} is not supported by distill.method {method!r}: feature baselines need "
+                    "B-cos ResNets/ResNeXts/DenseNets/ViTs or torchvision ResNets/DenseNets "
+                    f"(names starting with {', '.join(_FEATURE_ARCHS)})"
+                )
+            if method == "catkd" and str(name).startswith("bcos_vit"):
+                raise ValueError(
+                    f"{role}.name {name!r}: CAT-KD needs class activation maps, which a ViT (pooling before its "
+                    "head) does not have; use a CNN"
+                )
+
+    def _validate_dataset(self) -> None:
+        """VOC targets are multi-hot: the multi-label objective, and no label mixing or few-shot draws."""
+        data, multilabel = self.data, self.distill.multilabel
+        if (data.dataset == "voc") != multilabel:
+            raise ValueError(
+                f"distill.multilabel is {multilabel} but data.dataset is {data.dataset!r}: multi-label targets "
+                "come only from 'voc', and 'voc' needs distill.multilabel: true"
+            )
+        if data.dataset == "voc":
+            for key in ("mixup_alpha", "cutmix_alpha", "shots", "val_per_class"):
+                if getattr(data, key):
+                    raise ValueError(
+                        f"data.{key} is {getattr(data, key)!r} but is not supported with data.dataset 'voc' "
+                        "(multi-hot targets); leave it unset"
+                    )
 
     def _validate_explanation(self) -> None:
         """GradCAM explains standard networks, B-cos weights explain B-cos networks: check the names agree."""

@@ -112,7 +112,7 @@ def test_round_trip_through_yaml(tmp_path):
 def test_config_to_dict_is_a_plain_deep_copy():
     cfg = config_from_dict(_dict(student={"kwargs": {"norm": "bnu"}}))
     d = config_to_dict(cfg)
-    assert list(d) == ["student", "teacher", "distill", "optim", "data", "train"]
+    assert list(d) == ["student", "teacher", "distill", "optim", "data", "train", "engine"]
     d["student"]["kwargs"]["norm"] = "pn"
     assert cfg.student.kwargs == {"norm": "bnu"}
 
@@ -145,11 +145,15 @@ def test_every_config_file_loads_and_validates(path):
     assert cfg.train.out_dir == f"runs/{path.stem}", "runs of different configs must not share a folder"
     if path.stem.endswith("_kd"):
         assert (cfg.distill.method, cfg.distill.lam, cfg.teacher.mode) == ("kd", 0.0, "live")
+    elif path.parent.name == "baselines":  # feature baselines (tests/test_baselines.py): name ends with the method
+        assert path.stem.endswith(f"_{cfg.distill.method}") and cfg.teacher.mode == "live"
     else:
         assert (cfg.distill.method, cfg.distill.lam, cfg.distill.tau) == ("e2kd", 1.0, 1.0)
         assert cfg.teacher.mode == ("frozen" if path.stem.endswith("_frozen") else "live")
     if cfg.teacher.mode == "frozen":
         assert cfg.teacher.store.startswith("runs/precompute/")
+    if cfg.data.dataset != "folder":  # VOC / Waterbirds recipes: tests/test_voc_waterbirds.py
+        return
     assert cfg.distill.gt_coef == 0.0 and cfg.data.val_per_class == 50 and cfg.data.val_seed == 42
     assert (cfg.data.image_size, cfg.data.eval_resize, cfg.data.crop_scale_min) == (224, 256, 0.08)
 
@@ -259,13 +263,13 @@ def test_none_is_accepted_only_where_the_type_allows_it():
     ("section", "key", "value", "allowed"),
     [
         ("optim", "name", "adm", "'adam', 'adamw', 'sgd'"),
-        ("distill", "method", "e2KD", "'kd', 'e2kd', 'none'"),
+        ("distill", "method", "e2KD", "'kd', 'e2kd', 'none', 'at', 'nst', 'ab', 'catkd', 'reviewkd'"),
         ("distill", "explanation", "lrp", "'bcos', 'gradcam'"),
         ("teacher", "mode", "cached", "'live', 'frozen'"),
         ("optim", "schedule_unit", "iter", "'epoch', 'step'"),
         ("train", "precision", "fp16", "'fp32', 'bf16'"),
         ("train", "device", "gpu", "'auto', 'cpu', 'cuda'"),
-        ("data", "dataset", "imagenet", "'folder', 'synthetic'"),
+        ("data", "dataset", "imagenet", "'folder', 'synthetic', 'voc', 'waterbirds'"),
     ],
 )
 def test_choices_name_the_field_and_the_allowed_values(section, key, value, allowed):

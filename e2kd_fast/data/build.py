@@ -42,6 +42,10 @@ def build_datasets(cfg, train: bool = True) -> DataBundle:
     and crops each stored map with its image.
     """
     data = cfg.data
+    if data.dataset in ("voc", "waterbirds"):  # their own layouts: docs/datasets.md
+        from e2kd_fast.data import voc, waterbirds
+
+        return (voc if data.dataset == "voc" else waterbirds).build_bundle(cfg, train)
     if data.root is None:
         raise ValueError("data.root is not set: point it at a folder with <train_split>/<class>/<images>")
     encoding = input_encoding(cfg.student.name)

@@ -1,5 +1,17 @@
-"""Distillation objectives: e²KD (live or frozen teacher) and its KD baseline (λ = 0)."""
+"""Distillation objectives: e²KD (live or frozen teacher), its KD baseline (λ = 0) and the feature
+baselines AT, NST, AB, CAT-KD and ReviewKD (`e2kd_fast.distill.baselines`)."""
 
+from e2kd_fast.distill.baselines import BASELINES, FeatureDistillation, build_baseline
+from e2kd_fast.distill.features import Stages, forward_stages
 from e2kd_fast.distill.objective import EXPLANATIONS, TeacherOutputs, e2kd_objective
 
-__all__ = ["EXPLANATIONS", "TeacherOutputs", "e2kd_objective"]
+__all__ = [
+    "BASELINES",
+    "EXPLANATIONS",
+    "FeatureDistillation",
+    "Stages",
+    "TeacherOutputs",
+    "build_baseline",
+    "e2kd_objective",
+    "forward_stages",
+]

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from e2kd_fast.distill.multilabel import multilabel_bce, multilabel_kd
 from e2kd_fast.explain import dynamic_weights, gradcam
 from e2kd_fast.ops import distill_loss
-from e2kd_fast.reference.losses import kd_kl, uniform_off_label_bce
+from e2kd_fast.reference.losses import explanation_cosine_loss, kd_kl, uniform_off_label_bce
 
 EXPLANATIONS = ("bcos", "gradcam")
 
@@ -56,6 +57,7 @@ def e2kd_objective(
     guided_step_interval: int = 1,
     frozen: TeacherOutputs | None = None,
     backend: str = "autograd",
+    multilabel: bool = False,
 ) -> dict[str, Tensor]:
     """One batch of the e²KD objective (λ = 0 gives the KD baseline).
 
@@ -76,6 +78,8 @@ def e2kd_objective(
         frozen: precomputed teacher outputs instead of running ``teacher``.
         backend: how B-cos explanations are computed: ``"autograd"`` (the reference) or ``"sweep"``
             (explicit reverse sweep, first-order autograd only); both give the same loss and gradient.
+        multilabel: multi-hot ``labels`` [N, C] (VOC): the KD term is `multilabel_kd` (per-class sigmoid
+            KL), the ground-truth term multi-hot BCE; the explained class is still the teacher's top-1.
 
     Returns:
         A dict of tensors: ``loss`` (differentiable), and detached ``kd``, ``exp`` (0 on steps
@@ -107,23 +111,30 @@ def e2kd_objective(
                 f"student explanation {tuple(student_map.shape)} and teacher explanation "
                 f"{tuple(teacher_map.shape)} differ in shape"
             )
-        distill, kd, exp = distill_loss(
-            student_logits,
-            teacher_logits.to(student_logits.dtype),
-            student_map,
-            teacher_map.to(student_map.dtype),
-            tau,
-            lam,
-        )
+        if multilabel:
+            kd = multilabel_kd(student_logits, teacher_logits.to(student_logits.dtype), tau)
+            exp = explanation_cosine_loss(student_map, teacher_map.to(student_map.dtype))
+            distill = kd + lam * exp
+        else:
+            distill, kd, exp = distill_loss(
+                student_logits,
+                teacher_logits.to(student_logits.dtype),
+                student_map,
+                teacher_map.to(student_map.dtype),
+                tau,
+                lam,
+            )
         cosine = 1 - exp.detach()  # the batch mean of the cosines
     else:
         student_logits = student(x)
-        kd = kd_kl(student_logits, teacher_logits.to(student_logits.dtype), tau)
+        kd = (multilabel_kd if multilabel else kd_kl)(student_logits, teacher_logits.to(student_logits.dtype), tau)
         distill, exp = kd, student_logits.new_zeros(())
         cosine = student_logits.new_tensor(float("nan"))
 
     gt = student_logits.new_zeros(())
-    if gt_coef > 0:
+    if gt_coef > 0 and multilabel:
+        gt = multilabel_bce(student_logits, labels, 1 / student_logits.shape[1] if explanation == "bcos" else None)
+    elif gt_coef > 0:
         gt = (
             uniform_off_label_bce(student_logits, labels)
             if explanation == "bcos"

@@ -10,13 +10,17 @@ from torch import Tensor, nn
 
 from e2kd_fast.explain import dynamic_weights, gradcam
 from e2kd_fast.reference.losses import explanation_cosine
+from e2kd_fast.report.scores import EvalExtras
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
-    """Number of samples whose ``target`` is among the top-k logits, for each k (k capped at C)."""
+    """Number of samples whose ``target`` is among the top-k logits, for each k (k capped at C).
+
+    With multi-hot targets [N, C] (VOC) a sample counts when any of its top-k classes is present.
+    """
     max_k = min(max(ks), logits.shape[1])
     top = logits.topk(max_k, dim=1).indices
-    hits = top == target[:, None]
+    hits = target.gather(1, top) > 0 if target.dim() == 2 else top == target[:, None]
     return {k: int(hits[:, : min(k, max_k)].any(1).sum()) for k in ks}
 
 
@@ -45,7 +49,8 @@ def evaluate(
 
     Returns:
         ``top1``, ``top5`` (in [0, 1]), ``images``, ``skipped``, and with a teacher ``agreement``
-        and, with an explanation, ``explanation_cosine``.
+        and, with an explanation, ``explanation_cosine``. Multi-hot targets add ``map``; batches with
+        ``group`` / ``place`` add group, worst-group, ID and OOD accuracies (`EvalExtras`).
     """
     was_training = student.training
     student.eval()
@@ -54,6 +59,7 @@ def evaluate(
     # The same explanation path as training (the sweep), not the double-backward reference.
     explainers = {"bcos": partial(dynamic_weights, backend="sweep"), "gradcam": gradcam}
     explain = explainers.get(explanation) if explanation else None
+    extras = EvalExtras()  # VOC mAP, Waterbirds group accuracies (e2kd_fast.report.scores)
     try:
         for batch in batches:
             counts["skipped"] += int(batch.get("skipped", 0))
@@ -65,6 +71,7 @@ def evaluate(
             with torch.no_grad():
                 logits = student(images)
             hits = topk_correct(logits.float(), target)
+            extras.update(batch, logits)
             counts["images"] += images.shape[0]
             counts["top1"] += hits[1]
             counts["top5"] += hits[5]
@@ -87,6 +94,7 @@ def evaluate(
         "top5": counts["top5"] / n,
         "images": counts["images"],
         "skipped": counts["skipped"],
+        **extras.compute(),
     }
     if teacher is not None:
         result["agreement"] = counts["agree"] / n

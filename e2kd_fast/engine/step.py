@@ -17,6 +17,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from e2kd_fast.config import BASELINE_DEFAULTS
 from e2kd_fast.distill import TeacherOutputs, e2kd_objective
 
 
@@ -28,6 +29,9 @@ class TrainStep:
         tau, lam, explanation, gt_coef, guided_step_interval: as `e2kd_objective`.
         compile: compile the forward-to-loss function with ``fullgraph=True``.
         log: called with one line per compilation (what was compiled and how long it took).
+        objective: a feature baseline (`e2kd_fast.distill.baselines`) computed instead of e²KD / KD;
+            its connectors are in `extra_parameters`.
+        steps_per_epoch: optimiser steps per epoch, to give the baseline its epoch (warm-up, phases).
     """
 
     def __init__(
@@ -42,13 +46,45 @@ class TrainStep:
         guided_step_interval: int = 1,
         compile: bool = False,
         log: Callable[[str], None] = print,
+        multilabel: bool = False,
+        objective: nn.Module | None = None,
+        steps_per_epoch: int = 1,
     ) -> None:
         self.student, self.teacher = student, teacher
         self.lam, self.guided_step_interval = lam, guided_step_interval
         self.common = {"tau": tau, "explanation": explanation, "gt_coef": gt_coef, "backend": "sweep"}
+        self.common["multilabel"] = multilabel  # VOC: per-class sigmoid KD (e2kd_fast.distill.multilabel)
         self.compile, self.log = compile, log
         self._fns: dict[tuple[bool, bool], Callable] = {}
         self.compile_seconds: dict[str, float] = {}
+        self.objective, self.steps_per_epoch = objective, max(int(steps_per_epoch), 1)
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the objective (baseline connectors) to optimise with the student."""
+        return [] if self.objective is None else [p for p in self.objective.parameters() if p.requires_grad]
+
+    def _feature_call(self, images: Tensor, labels: Tensor | None, step: int, frozen) -> dict[str, Tensor]:
+        """A feature baseline's batch: one graph per phase; the warm-up ramp is a tensor (no recompiles)."""
+        if frozen is not None or self.teacher is None:
+            raise ValueError(f"baseline {self.objective.method!r} needs a live teacher (teacher.mode 'live')")
+        phase, ramp = self.objective.schedule(step // self.steps_per_epoch)
+        key = ("feature", phase)
+        fn = self._fns.get(key)
+        if fn is None:
+            objective, student, teacher = self.objective, self.student, self.teacher
+
+            def forward_to_loss(images: Tensor, labels: Tensor | None, ramp: Tensor):
+                return objective(student, teacher, images, labels, ramp, phase)
+
+            fn = self._fns[key] = torch.compile(forward_to_loss, fullgraph=True) if self.compile else forward_to_loss
+            started = time.perf_counter()
+            out = fn(images, labels, torch.tensor(ramp, device=images.device))
+            if self.compile:
+                name = f"{self.objective.method} step ({phase})"
+                self.compile_seconds[name] = time.perf_counter() - started
+                self.log(f"compiled the {name} forward-to-loss graph in {self.compile_seconds[name]:.1f} s")
+            return out
+        return fn(images, labels, torch.tensor(ramp, device=images.device))
 
     def explains_at(self, step: int) -> bool:
         return self.lam > 0 and step % self.guided_step_interval == 0
@@ -56,6 +92,8 @@ class TrainStep:
     def __call__(
         self, images: Tensor, labels: Tensor | None, step: int, frozen: TeacherOutputs | None = None
     ) -> dict[str, Tensor]:
+        if self.objective is not None:
+            return self._feature_call(images, labels, step, frozen)
         explain = self.explains_at(step)
         key = (explain, frozen is not None)
         if key not in self._fns:
@@ -83,9 +121,18 @@ class TrainStep:
         return torch.compile(forward_to_loss, fullgraph=True) if self.compile else forward_to_loss
 
 
-def make_train_step(student: nn.Module, teacher: nn.Module | None, cfg, *, log=print) -> TrainStep:
+def make_train_step(
+    student: nn.Module, teacher: nn.Module | None, cfg, *, log=print, steps_per_epoch: int = 1
+) -> TrainStep:
     """The `TrainStep` a `Config` describes (``train.compile`` chooses compiled or eager)."""
     d = cfg.distill
+    objective = None
+    if d.method in BASELINE_DEFAULTS:
+        from e2kd_fast.distill.baselines import build_baseline
+
+        objective = build_baseline(
+            d.method, student, teacher, weight=d.feature_weight, kd_coef=d.kd_coef, tau=d.tau, options=d.feature_options
+        )
     return TrainStep(
         student,
         teacher,
@@ -96,4 +143,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, cfg, *, log=p
         guided_step_interval=d.guided_step_interval,
         compile=cfg.train.compile,
         log=log,
+        multilabel=d.multilabel,
+        objective=objective,
+        steps_per_epoch=steps_per_epoch,
     )

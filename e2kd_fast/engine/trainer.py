@@ -31,12 +31,21 @@ from tqdm import tqdm
 
 from e2kd_fast.config import Config, config_to_dict, save_config
 from e2kd_fast.distill import TeacherOutputs
+from e2kd_fast.distill.multilabel import multilabel_bce
+from e2kd_fast.engine.distributed import (
+    NullMetricsLogger,
+    ShardedEpochSampler,
+    StateDictView,
+    make_backend,
+    setup_distributed,
+)
 from e2kd_fast.engine.evaluate import evaluate
 from e2kd_fast.engine.logging import MetricsLogger
 from e2kd_fast.engine.optim import adaptive_clip_grad_, build_optimizer, set_learning_rate, warmup_cosine_factor
 from e2kd_fast.engine.sampling import EpochSampler, SeededDataset, mix_seed
 from e2kd_fast.engine.step import make_train_step
 from e2kd_fast.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
+from e2kd_fast.nn.checkpointing import enable_activation_checkpointing
 from e2kd_fast.reference.losses import uniform_off_label_bce
 
 
@@ -69,6 +78,8 @@ def build_student(cfg: Config) -> nn.Module:
     model = create_model(cfg.student.name, num_classes=cfg.student.num_classes, **kwargs)
     if cfg.student.checkpoint:
         load_checkpoint(model, cfg.student.checkpoint)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     return model
 
 
@@ -110,7 +121,8 @@ class Trainer:
         show_progress: bool = True,
     ) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.train.device)
+        # One process per device under torchrun / deepspeed: the process group first, then this rank's device.
+        self.dist_env, self.device = setup_distributed(cfg.engine, resolve_device(cfg.train.device))
         self.train_set, self.val_set = train_set, val_set
         self.train_indices = torch.arange(len(train_set)) if train_indices is None else train_indices
         self.val_indices = (
@@ -137,12 +149,28 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.run_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.show_progress = show_progress
+        self.show_progress = show_progress and self.dist_env.is_main  # rank 0 reports for all
         self.state = TrainState()
         self._clock = (time.perf_counter(), 0)  # (time, step) that throughput and ETA are measured from
+        self._last_micro = True  # whether the micro-batch in flight ends the optimiser step
         self.mixing = _batch_mixing(cfg, self._num_classes())
         # The forward-to-loss part of the step; compiled whole when train.compile is set.
-        self.step_fn = make_train_step(self.student, self.teacher, cfg, log=self._log)
+        self.step_fn = make_train_step(
+            self.student, self.teacher, cfg, log=self._log, steps_per_epoch=self.steps_per_epoch
+        )
+        if self.step_fn.extra_parameters():  # feature baselines: connectors train with the student
+            self.optimizer.add_param_group({"params": self.step_fn.extra_parameters()})
+        # single / DDP / DeepSpeed (engine.backend); the objective runs inside the wrapped module's forward.
+        self.backend = make_backend(
+            cfg,
+            self.dist_env,
+            self.student,
+            self.optimizer,
+            self._forward_to_loss,
+            self.device,
+            agc=cfg.optim.agc and self.is_bcos,
+            extra=getattr(self.step_fn, "objective", None),
+        )
 
     def _log(self, line: str) -> None:
         if self.show_progress:
@@ -154,12 +182,13 @@ class Trainer:
         """Trains to ``train.epochs``; ``resume`` = a checkpoint path or ``"auto"`` (``last.pt`` if present)."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.backend.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
         if resume == "auto":
             resume = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").is_file() else None
         if resume is not None:
             self._load_state(Path(resume))
-        logger = MetricsLogger(self.run_dir)
+        logger = MetricsLogger(self.run_dir) if self.backend.is_main else NullMetricsLogger()
         started = time.perf_counter()
         steps_at_start = self.state.step
         eval_metrics: dict = {}
@@ -168,7 +197,8 @@ class Trainer:
                 self._train_epoch(logger, started, steps_at_start)
                 epoch_done = self.state.epoch + 1
                 if self.val_set is not None and epoch_done % cfg.train.eval_every_epochs == 0:
-                    eval_metrics = self.evaluate()
+                    # Rank 0 evaluates the whole validation set; the others wait and receive its metrics.
+                    eval_metrics = self.backend.broadcast(self.evaluate() if self.backend.is_main else None)
                     logger.log("eval", self.state.step, epoch=epoch_done, **eval_metrics)
                 self.state.epoch, self.state.step_in_epoch = epoch_done, 0
                 self._save_epoch(eval_metrics)
@@ -182,21 +212,23 @@ class Trainer:
             "final_eval": eval_metrics,
             "best": [{"top1": m, "checkpoint": p} for m, p in self.state.best],
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.backend.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
     def evaluate(self) -> dict:
         """Top-1/top-5, agreement and explanation similarity on the validation set."""
         loader = self._loader(self.val_set, self.val_indices, shuffle=False, epoch=0, start=0, train=False)
         explanation = self.cfg.distill.explanation if self.teacher is not None else None
-        return evaluate(
-            self.student,
-            loader,
-            teacher=self.teacher,
-            explanation=explanation,
-            device=self.device,
-            prepare=self._prepare,
-        )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.backend.bf16_weights):
+            return evaluate(
+                self.student,
+                loader,
+                teacher=self.teacher,
+                explanation=explanation,
+                device=self.device,
+                prepare=self._prepare,
+            )
 
     # ------------------------------------------------------------------ training
 
@@ -223,7 +255,8 @@ class Trainer:
             lr = self._set_lr()
             totals: dict[str, float] = {}
             images_this_step = 0
-            for _ in range(self.micro_batches):
+            for micro in range(self.micro_batches):
+                self._last_micro = micro == self.micro_batches - 1  # DDP all-reduces on the last one only
                 batch = next(batches)
                 state.skipped_images += int(batch.get("skipped", 0))
                 if batch["image"].shape[0] == 0:
@@ -236,12 +269,13 @@ class Trainer:
                         f"checkpoint ({self.ckpt_dir / 'last.pt'}) is intact. Lower optim.lr or check the data, "
                         "then resume from it."
                     )
-                (loss / self.micro_batches).backward()
+                self.backend.backward(loss, self.micro_batches)  # (loss / micro_batches).backward() on one device
                 images_this_step += batch["image"].shape[0]
-                for key in ("loss", "kd", "exp", "gt", "agreement"):
+                for key in ("loss", "kd", "exp", "feat", "gt", "agreement"):
                     if key in out:
                         totals[key] = totals.get(key, 0.0) + float(out[key].detach()) / self.micro_batches
             self._optimizer_step()
+            totals = self.backend.reduce_mean(totals)  # the logged values are means over all ranks
             state.step += 1
             state.step_in_epoch += 1
             bar.update(1)
@@ -271,20 +305,36 @@ class Trainer:
             )
         if self.mixing is not None:
             images, labels = self.mixing(images, labels)
+        # Through the back end's wrapped module, whose forward is `_forward_to_loss` (DDP / DeepSpeed hooks).
+        return self.backend.forward(images, labels, self.state.step, frozen, last_micro=self._last_micro)
+
+    def _forward_to_loss(
+        self, images: Tensor, labels: Tensor, step: int, frozen: TeacherOutputs | None
+    ) -> dict[str, Tensor]:
+        """Batch → loss dict: the forward of the module the back end wraps (explanations included)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if cfg.distill.method == "none":
+            if self.cfg.distill.method == "none":
                 logits = self.student(images)
-                loss = uniform_off_label_bce(logits, labels) if self.is_bcos else F.cross_entropy(logits, labels)
+                if self.is_bcos:
+                    loss = uniform_off_label_bce(logits, labels)
+                elif self.cfg.distill.multilabel:  # multi-hot targets (VOC): per-class BCE, not softmax CE
+                    loss = multilabel_bce(logits, labels)
+                else:
+                    loss = F.cross_entropy(logits, labels)
                 return {"loss": loss, "gt": loss.detach()}
-            return self.step_fn(images, labels, self.state.step, frozen)
+            return self.step_fn(images, labels, step, frozen)
 
     def _optimizer_step(self) -> None:
+        if self.backend.name == "deepspeed":  # ZeRO clips its gradient partitions itself (engine/distributed.py)
+            self.backend.step()
+            return
         optim = self.cfg.optim
         params = [p for p in self.student.parameters() if p.grad is not None]
         if optim.agc and self.is_bcos:
             adaptive_clip_grad_(params, optim.agc_clip, optim.agc_eps)
         if optim.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip_norm)
+            extra = [p for p in self.step_fn.extra_parameters() if p.grad is not None]  # AGC stays student-only
+            torch.nn.utils.clip_grad_norm_(params + extra, optim.grad_clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -307,10 +357,31 @@ class Trainer:
 
     def _loader(self, dataset, indices, *, shuffle: bool, epoch: int, start: int, train: bool) -> DataLoader:
         data = self.cfg.data
+        world = self.dist_env.world_size if train else 1  # training data is sharded; rank 0 evaluates alone
+        if data.loader != "torchvision":  # DALI (data.loader dali|auto); None: falls back to torchvision
+            from e2kd_fast.data.dali import maybe_dali_loader
+
+            dali = maybe_dali_loader(
+                self.cfg,
+                dataset,
+                indices,
+                batch_size=data.batch_size // world if train else (data.eval_batch_size or data.batch_size),
+                train=train,
+                shuffle=shuffle,
+                epoch=epoch,
+                start=start,
+                seed=self.cfg.train.seed if train else 0,
+                drop_last=train,
+                device=self.device,
+                rank=self.dist_env.rank if train else 0,
+                world_size=world,
+            )
+            if dali is not None:
+                return dali
         return make_loader(
             dataset,
             indices,
-            batch_size=data.batch_size if train else (data.eval_batch_size or data.batch_size),
+            batch_size=data.batch_size // world if train else (data.eval_batch_size or data.batch_size),
             num_workers=data.num_workers,
             seed=self.cfg.train.seed if train else 0,
             shuffle=shuffle,
@@ -318,6 +389,8 @@ class Trainer:
             start=start,
             drop_last=train,
             pin_memory=self.device.type == "cuda",
+            rank=self.dist_env.rank if train else 0,
+            world_size=world,
         )
 
     def _num_classes(self) -> int:
@@ -327,17 +400,24 @@ class Trainer:
 
     def _save(self, path: Path) -> None:
         s = self.state
+        # Whole weights and optimiser state on every back end (DeepSpeed gathers its partitions: collective).
+        model_state, optimizer_state = self.backend.model_state(), self.backend.optimizer_state()
+        if not self.backend.is_main:
+            self.backend.barrier()
+            return
         save_checkpoint(
-            self.student,
+            StateDictView(self.student, model_state),
             path,
-            optimizer=self.optimizer.state_dict(),
+            optimizer=optimizer_state,
             step=s.step,
             epoch=s.epoch,
             step_in_epoch=s.step_in_epoch,
             skipped_images=s.skipped_images,
             best=[[m, p] for m, p in s.best],
             config=config_to_dict(self.cfg),
+            **({} if self.step_fn.objective is None else {"distill_objective": self.step_fn.objective.state_dict()}),
         )
+        self.backend.barrier()  # no rank goes on (or reads the file) before it is complete
 
     def _save_epoch(self, eval_metrics: dict) -> None:
         """Writes last.pt and epoch_XXXX.pt, keeping the best ``keep_best`` epoch files by val top-1."""
@@ -350,7 +430,8 @@ class Trainer:
             self._save(epoch_path)
         self._save(self.ckpt_dir / "last.pt")  # after the epoch file, so last.pt lists it
         for _, path in drop:
-            Path(path).unlink(missing_ok=True)
+            if self.backend.is_main:
+                Path(path).unlink(missing_ok=True)
 
     def _load_state(self, path: Path) -> None:
         payload = read_checkpoint(path)
@@ -362,7 +443,13 @@ class Trainer:
                     f"this run trains {self.cfg.student.name!r}"
                 )
         load_checkpoint(self.student, payload)
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.step_fn.objective is not None:
+            if "distill_objective" not in payload:
+                raise TrainingError(
+                    f"{path} holds no distill_objective state for the {self.cfg.distill.method!r} baseline"
+                )
+            self.step_fn.objective.load_state_dict(payload["distill_objective"])
+        self.backend.load_optimizer_state(payload["optimizer"], payload.get("model"))
         self.state = TrainState(
             step=int(payload["step"]),
             epoch=int(payload["epoch"]),
@@ -384,14 +471,21 @@ def make_loader(
     start: int = 0,
     drop_last: bool = False,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A loader over ``dataset[indices]`` with deterministic order and per-sample augmentation seeds.
 
     Items that are None (unreadable images) are dropped and counted in each batch's ``skipped``.
+    With ``world_size > 1`` it loads this rank's shard (`ShardedEpochSampler`): ``batch_size`` is then
+    the per-rank batch and ``start`` the global position in the epoch.
     """
     from e2kd_fast.data import collate_skipping
 
-    sampler = EpochSampler(indices, seed, shuffle=shuffle)
+    if world_size > 1:
+        sampler = ShardedEpochSampler(indices, seed, shuffle=shuffle, rank=rank, world_size=world_size)
+    else:
+        sampler = EpochSampler(indices, seed, shuffle=shuffle)
     sampler.set_epoch(epoch, start)
     return DataLoader(
         SeededDataset(dataset),
