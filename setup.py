@@ -113,6 +113,7 @@ setup(
     packages=find_packages(include=["e2kd_fast", "e2kd_fast.*"]) + ["e2kd_fast.kernels"],
     # Triton kernels live in the top-level kernels/ folder and ship inside the package.
     package_dir={"e2kd_fast.kernels": "kernels"},
+    package_data={"e2kd_fast.ops": ["fastest.json"]},
     install_requires=[
         "torch>=2.11",
         "torchvision>=0.26",

@@ -38,8 +38,8 @@ case "${1:-build-test}" in
   step)
     build
     $PY -m bench step --device cuda --pairs 'bcos_r18<-bcos_d169' --batch 128 --resolution 224 \
-      --dtype bfloat16 --channels-last --compile --rounds 3 --warmup 2 \
-      --variants reference,kd,e2kd-live,e2kd-frozen --out "$OUT/step.jsonl" >"$OUT/step.log" 2>&1
+      --dtype bfloat16 --channels-last ${STEP_FLAGS---compile} --rounds 2 --warmup 1 --memory none --no-flops \
+      --variants ${STEP_VARIANTS:-reference,kd,e2kd-live,e2kd-frozen} --out "$OUT/step.jsonl" >"$OUT/step.log" 2>&1
     tail -25 "$OUT/step.log"
     ;;
 esac

@@ -138,7 +138,8 @@ def scaled_conv_adjoint(
 
 def _conv_transpose(product: Tensor, weight: Tensor, in_size, stride, padding, dilation, groups: int) -> Tensor:
     out_pad = transposed_output_padding(in_size, product.shape[-2:], weight.shape[-2:], stride, padding, dilation)
-    out = F.conv_transpose2d(product, weight, None, stride, padding, out_pad, groups, dilation)
+    # Mixed precision: the sweep's g and the scale may be bf16/fp16 while the weight stays fp32.
+    out = F.conv_transpose2d(product, weight.to(product.dtype), None, stride, padding, out_pad, groups, dilation)
     return out.contiguous(memory_format=memory_format_of(product))
 
 
@@ -172,10 +173,14 @@ def _adjoint_setup(ctx, inputs, output) -> None:
 def _adjoint_backward(ctx, grad: Tensor):
     g, scale, weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
-    grad_scaled = F.conv2d(grad, weight, None, stride, padding, dilation, groups)  # adjoint of the transpose
+    # Mixed precision: grad, g and the scale may be bf16/fp16 while the weight stays fp32.
+    grad_scaled = F.conv2d(
+        grad, weight.to(grad.dtype), None, stride, padding, dilation, groups
+    )  # adjoint of the transpose
     grad_weight = None
     if ctx.needs_input_grad[2]:
-        grad_weight = torch.nn.grad.conv2d_weight(grad, weight.shape, scale * g, stride, padding, dilation, groups)
+        scaled = (scale * g).to(grad.dtype)
+        grad_weight = torch.nn.grad.conv2d_weight(grad, weight.shape, scaled, stride, padding, dilation, groups)
     return scale * grad_scaled, g * grad_scaled, grad_weight, None, None, None, None, None
 
 
@@ -440,6 +445,8 @@ def bcos_conv2d_triton(x, weight, b, stride, padding, groups):
     from e2kd_fast.kernels import bcos_layer
 
     linear = _conv_linear(x, weight, stride, padding, groups)
+    # Under autocast the conv runs in the low precision: the epilogue reads x in that dtype too.
+    x = x.to(linear.dtype)
     _, scale = bcos_layer.bcos_epilogue(linear, x, list(weight.shape[-2:]), stride, padding, groups, b, False)
     return linear, scale
 
@@ -449,7 +456,7 @@ def scaled_conv_adjoint_triton(g, scale, weight, in_size, stride, padding, dilat
     """s ⊙ g in one Triton pass (in g's memory format), then cuDNN's transposed conv."""
     from e2kd_fast.kernels import bcos_layer
 
-    product = bcos_layer.scale_product(scale.expand_as(g), g)
+    product = bcos_layer.scale_product(scale.to(g.dtype).expand_as(g), g)
     return _conv_transpose(product, weight, in_size, stride, padding, dilation, groups)
 
 
@@ -500,7 +507,9 @@ def bcos_conv2d_cpp(x, weight, b, stride, padding, groups):
     if op is None:
         return bcos_conv2d_ref(x, weight, b, stride, padding, groups)
     linear = _conv_linear(x, weight, stride, padding, groups)
-    scale, _ = op(linear, x, list(weight.shape[-2:]), stride, padding, groups, b, False)
+    if linear.device.type == "cpu" and linear.dtype not in (torch.float32, torch.float64):
+        return bcos_conv2d_ref(x, weight, b, stride, padding, groups)  # the CPU kernel is fp32/fp64 only
+    scale, _ = op(linear, x.to(linear.dtype), list(weight.shape[-2:]), stride, padding, groups, b, False)
     return linear, scale
 
 
