@@ -1,14 +1,17 @@
 """e2kd-fast: explanation-enhanced knowledge distillation (e²KD), exact to the method and fast.
 
 Submodules:
-    nn         B-cos layers, no-bias norms, the [x, 1 − x] encoding, explanation mode
+    nn         B-cos layers, no-bias norms, the [x, 1 − x] encoding, explanation mode, activation checkpointing
     models     the model zoo (`create_model`, `list_models`) and checkpoint loading
     explain    dynamic weights (autograd reference and explicit sweep), GradCAM, contribution maps, pictures
     reference  the maths in plain PyTorch, the spec for every fast path
-    ops        registered e2kd:: ops (reference implementations, fakes, autograd)
-    distill    the e²KD objective and its KD baseline
-    data       image folders, splits, transforms, frozen-teacher stores, synthetic data
-    engine     the (compiled) training step, trainer, evaluation, logging
+    ops        registered e2kd:: ops (reference, Triton, C++/CUDA implementations; `ops.backends` chooses)
+    distill    the e²KD objective, KD, the feature baselines (AT, NST, AB, CAT-KD, ReviewKD), multi-label KD
+    xdistill   XDistillation (superpixel explanations, autoencoders, fused student)
+    data       image folders, VOC, Waterbirds, splits, transforms, DALI pipelines, frozen stores, synthetic data
+    engine     the (compiled) training step, trainer, single/DDP/DeepSpeed back ends, evaluation, logging
+    metrics    localisation, shift equivariance, distance correlation, UniCAM with FSS/RS
+    report     the HTML/markdown comparison of runs (`e2kd-fast report`)
     config     run configuration (frozen dataclasses, YAML)
 Command line: ``e2kd-fast`` (``python -m e2kd_fast``); the demo: ``python -m e2kd_fast.demo``.
 """
