@@ -52,8 +52,14 @@ class TrainStep:
     ) -> None:
         self.student, self.teacher = student, teacher
         self.lam, self.guided_step_interval = lam, guided_step_interval
-        self.common = {"tau": tau, "explanation": explanation, "gt_coef": gt_coef, "backend": "sweep"}
-        self.common["multilabel"] = multilabel  # VOC: per-class sigmoid KD (e2kd_fast.distill.multilabel)
+        # multilabel (VOC): per-class sigmoid KD (e2kd_fast.distill.multilabel)
+        self.common = {
+            "tau": tau,
+            "explanation": explanation,
+            "gt_coef": gt_coef,
+            "backend": "sweep",
+            "multilabel": multilabel,
+        }
         self.compile, self.log = compile, log
         self._fns: dict[tuple[bool, bool], Callable] = {}
         self.compile_seconds: dict[str, float] = {}
