@@ -184,7 +184,14 @@ class _Section:
     def __post_init__(self) -> None:
         hints = _field_types(type(self))
         for f in dataclasses.fields(self):
-            value = _check_type(f"{self._section}.{f.name}", getattr(self, f.name), hints[f.name])
+            key, value, tp = f"{self._section}.{f.name}", getattr(self, f.name), hints[f.name]
+            if typing.get_origin(tp) is list:  # ``list[X]``: checked element by element
+                if not isinstance(value, list | tuple):
+                    raise ValueError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+                (arm,) = typing.get_args(tp)
+                value = [_check_type(f"{key}[{i}]", v, arm) for i, v in enumerate(value)]
+            else:
+                value = _check_type(key, value, tp)
             object.__setattr__(self, f.name, value)  # frozen: normalise (int → float) in place once
         self._validate()
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from e2kd_fast.config import _check_type, _parse_yaml, _require, _unknown_key
+from e2kd_fast.config import _parse_yaml, _require, _Section, _unknown_key
 
 __all__ = [
     "CaeSection",
@@ -41,40 +40,6 @@ __all__ = [
 ]
 
 Explainer = Literal["kernel_shap", "lime", "gradcam"]
-
-
-class _Section:
-    """Type-checks every field (lists element by element), then runs the section's `_validate`."""
-
-    _section = ""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            key, value, tp = f"{self._section}.{f.name}", getattr(self, f.name), hints[f.name]
-            if typing.get_origin(tp) is list:
-                if not isinstance(value, list | tuple):
-                    raise ValueError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-                (arm,) = typing.get_args(tp)
-                value = [_check_type(f"{key}[{i}]", v, arm) for i, v in enumerate(value)]
-            else:
-                value = _check_type(key, value, tp)
-            object.__setattr__(self, f.name, value)
-        self._validate()
-
-    def _key(self, name: str) -> str:
-        return f"{self._section}.{name}"
-
-    def _positive(self, *names: str, allow_zero: bool = False, optional: bool = False) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if optional and value is None:
-                continue
-            ok = value >= 0 if allow_zero else value > 0
-            _require(ok, self._key(name), "must be >= 0" if allow_zero else "must be > 0", value)
-
-    def _validate(self) -> None:
-        pass
 
 
 @dataclass(frozen=True)
