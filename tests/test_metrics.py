@@ -3,8 +3,6 @@ equivariance, UniCAM / FSS / RS properties (spec seeds_other_systems.md §1.11, 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -35,8 +33,8 @@ from e2kd_fast.metrics import (
 from e2kd_fast.metrics import dcor as mdcor
 from e2kd_fast.metrics.unicam import check_label_batch, feature_similarity, stage_features
 
-# dcor is only the oracle: numba's JIT would spend ~10-40 s compiling it; plain Python is fast enough here.
-os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
+# dcor is only the oracle. Its import compiles numba gufuncs (cached in site-packages afterwards);
+# NUMBA_DISABLE_JIT cannot shorten that: the gufuncs then fail to type against the un-jitted helpers.
 dcor = pytest.importorskip("dcor")
 
 
