@@ -101,17 +101,19 @@ def curves_png(curves: dict[str, list[dict]]) -> bytes | None:
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (kind, key, title) in zip(axes.flat, panels, strict=False):
-        for name, records in curves.items():
+        # One colour per run in every panel (a run without this metric must not shift the others').
+        for index, (name, records) in enumerate(curves.items()):
             steps, values = _series(records, kind, key)
             if steps:
-                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=name)
+                marker = "o" if len(steps) < 20 else None
+                ax.plot(steps, values, color=f"C{index % 10}", marker=marker, markersize=3, label=name)
+        ax.legend(fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
