@@ -214,30 +214,22 @@ class FeatureDistillation(nn.Module):
             t = forward_stages(teacher, x, cam=self.needs_cam)
         s = forward_stages(student, x, cam=self.needs_cam)
         teacher_logits = t.logits.detach().to(s.logits.dtype)
-        kd = kd_kl(s.logits, teacher_logits, self.tau)
         feat = self.feature_loss(s, t)
         if phase == "init":  # AB's initialisation: the feature term alone
-            gt = s.logits.new_zeros(())
+            gt, kd = s.logits.new_zeros(()), kd_kl(s.logits, teacher_logits, self.tau)
             loss = self.weight * feat
         else:
-            gt = uniform_off_label_bce(s.logits, labels) if self.student_bcos else F.cross_entropy(s.logits, labels)
-            loss = gt
-            if self.kd_coef > 0:
-                loss = loss + self.kd_coef * kd
+            gt, kd, loss = self.label_loss(s.logits, teacher_logits, labels)
             if self.weight > 0:
                 scaled = self.weight * feat
                 loss = loss + (scaled if ramp is None else ramp * scaled)
-        target = teacher_logits.argmax(1)
-        return {
-            "loss": loss,
-            "feat": feat.detach(),
-            "kd": kd.detach(),
-            "gt": gt.detach(),
-            "agreement": (s.logits.argmax(1) == target).float().mean().detach(),
-            "target": target,
-            "student_logits": s.logits.detach(),
-            "teacher_logits": teacher_logits,
-        }
+        return _outputs(loss, feat, kd, gt, s.logits, teacher_logits)
+
+    def label_loss(self, logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(L_label, KD, L_label + kd_coef · KD): the supervised part of every objective."""
+        kd = kd_kl(logits, teacher_logits, self.tau)
+        gt = uniform_off_label_bce(logits, labels) if self.student_bcos else F.cross_entropy(logits, labels)
+        return gt, kd, (gt + self.kd_coef * kd if self.kd_coef > 0 else gt)
 
 
 class AttentionTransfer(FeatureDistillation):
@@ -312,9 +304,15 @@ class ActivationBoundaries(FeatureDistillation):
         ramp: Tensor | None = None,
         phase: str = "main",
     ) -> dict[str, Tensor]:
-        if phase != "init":  # after initialisation AB trains on the label loss (+ KD) only: no features
-            return _label_only(self, student, teacher, x, labels)
-        return super().forward(student, teacher, x, labels, ramp, phase)
+        if phase == "init":
+            return super().forward(student, teacher, x, labels, ramp, phase)
+        # After initialisation AB trains on the label loss (+ KD) only: plain forwards, no features.
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        logits = student(x)
+        teacher_logits = teacher_logits.detach().to(logits.dtype)
+        gt, kd, loss = self.label_loss(logits, teacher_logits, labels)
+        return _outputs(loss, logits.new_zeros(()), kd, gt, logits, teacher_logits)
 
 
 class CATKD(FeatureDistillation):
@@ -400,19 +398,12 @@ def _check_stage_count(s: Stages, t: Stages, method: str) -> None:
         raise ValueError(f"{method}: the student has {len(s.feats)} stages, the teacher {len(t.feats)}")
 
 
-def _label_only(objective: FeatureDistillation, student, teacher, x, labels) -> dict[str, Tensor]:
-    """The label loss (+ KD) without features: AB after its initialisation phase."""
-    with torch.no_grad():
-        teacher_logits = teacher(x)
-    logits = student(x)
-    teacher_logits = teacher_logits.detach().to(logits.dtype)
-    kd = kd_kl(logits, teacher_logits, objective.tau)
-    gt = uniform_off_label_bce(logits, labels) if objective.student_bcos else F.cross_entropy(logits, labels)
-    loss = gt + objective.kd_coef * kd if objective.kd_coef > 0 else gt
+def _outputs(loss: Tensor, feat: Tensor, kd: Tensor, gt: Tensor, logits: Tensor, teacher_logits: Tensor) -> dict:
+    """The dict every objective returns (see `FeatureDistillation.forward`)."""
     target = teacher_logits.argmax(1)
     return {
         "loss": loss,
-        "feat": logits.new_zeros(()),
+        "feat": feat.detach(),
         "kd": kd.detach(),
         "gt": gt.detach(),
         "agreement": (logits.argmax(1) == target).float().mean().detach(),

@@ -13,8 +13,8 @@ released, so σ(z/τ) and the τ² factor are this project's reading (docs/datas
 factor is 1 and the formula is exactly ``MLD``.
 
 The explained class stays the teacher's top-1 logit (GTE's ``exp_of='top1'``, the only option it
-implements): `explained_class`. Localisation metrics on VOC instead explain every ground-truth class
-(seeds_other_systems.md §4.1): `present_classes`.
+implements), as in `e2kd_objective`. Localisation metrics on VOC instead explain every ground-truth
+class (seeds_other_systems.md §4.1): `present_classes`.
 """
 
 from __future__ import annotations
@@ -77,11 +77,6 @@ def multilabel_bce(logits: Tensor, targets: Tensor, off_label: float | None = No
     return F.binary_cross_entropy_with_logits(logits, targets)
 
 
-def explained_class(teacher_logits: Tensor) -> Tensor:
-    """The class both models explain during multi-label e²KD: the teacher's top-1 logit, [N, C] → [N]."""
-    return teacher_logits.argmax(1)
-
-
 def present_classes(targets: Tensor) -> tuple[Tensor, Tensor]:
     """The (image, class) pairs a localisation metric explains: every class present in the image.
 
@@ -95,4 +90,4 @@ def present_classes(targets: Tensor) -> tuple[Tensor, Tensor]:
     return images, classes
 
 
-__all__ = ["MLD_EPS", "explained_class", "multilabel_bce", "multilabel_kd", "present_classes"]
+__all__ = ["MLD_EPS", "multilabel_bce", "multilabel_kd", "present_classes"]

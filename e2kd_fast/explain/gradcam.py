@@ -94,8 +94,25 @@ def gradcam(
         if target is None:
             target = logits.argmax(1)
         check_target(target, logits.shape[0], logits.shape[1])
-        h, w = activations.shape[-2:]
-        channel_weights = head_weight(model)[target.long()] / (h * w)  # [N, K] = mean of ∂y_c/∂A_k
-        cam = F.relu((channel_weights[:, :, None, None] * activations).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        cam = linear_head_cam(activations, head_weight(model)[target.long()], x.shape[-2:])
     return (cam, logits) if return_logits else cam
+
+
+def linear_head_cam(activations: Tensor, class_weights: Tensor, size: tuple[int, int]) -> Tensor:
+    """GradCAM in closed form for a head that is global average pooling then a linear layer.
+
+    ∂y_c/∂A_k = W[c, k]/(h·w) at every position, so the channel weights are W[c]/(h·w).
+
+    Args:
+        activations: A [N, K, h, w].
+        class_weights: [N, K] the linear layer's weight rows W[c] of the explained classes (the
+            columns that multiply the pooled A; other inputs of the layer do not change ∂y_c/∂A).
+        size: (H, W) of the returned map.
+
+    Returns:
+        ReLU(Σ_k W[c, k]/(h·w) · A_k), bilinearly resized: [N, 1, H, W].
+    """
+    h, w = activations.shape[-2:]
+    channel_weights = class_weights / (h * w)  # [N, K] = mean of ∂y_c/∂A_k
+    cam = F.relu((channel_weights[:, :, None, None] * activations).sum(1, keepdim=True))
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)

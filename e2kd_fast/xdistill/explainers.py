@@ -25,9 +25,9 @@ seeded: the same inputs and seed give the same values.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from e2kd_fast.xdistill.superpixels import num_segments, segment_masks_to_pixels, superpixel_sums
@@ -69,25 +69,34 @@ def _coalition_outputs(
     images: Tensor,
     background: Tensor,
     segments: Tensor,
-    z: Tensor,
     target: Tensor,
+    rows: Tensor,
+    z: Tensor,
+    *,
     output: str,
     batch_size: int,
 ) -> Tensor:
-    """f(z) for every coalition: [N, S] model outputs of class ``target`` on the masked images."""
+    """f(z) for every coalition z [n, S, M] of the images ``rows`` [n] (indices into the batch).
+
+    Returns:
+        [n, S] float64 on the CPU: model outputs of class ``target`` on the masked images.
+    """
     n, s, _ = z.shape
-    out = torch.empty(n * s, dtype=torch.float64, device=images.device)
-    pairs = torch.arange(n * s, device=images.device)
+    device = images.device
+    rows, z = rows.to(device), z.to(device)
+    out = torch.empty(n * s, dtype=torch.float64, device=device)
+    pairs = torch.arange(n * s, device=device)
     for start in range(0, n * s, batch_size):
         idx = pairs[start : start + batch_size]
-        img_idx, sample_idx = idx // s, idx % s
-        mask = segment_masks_to_pixels(z[img_idx, sample_idx][:, None], segments[img_idx])[:, 0]
+        problem, sample_idx = idx // s, idx % s
+        img = rows[problem]
+        mask = segment_masks_to_pixels(z[problem, sample_idx][:, None], segments[img])[:, 0]
         mask = mask.to(images.dtype)
-        x = mask * images[img_idx] + (1 - mask) * background[img_idx]
+        x = mask * images[img] + (1 - mask) * background[img]
         logits = model(x).to(torch.float64)  # f(z) enters a float64 regression
         values = logits.softmax(1) if output == "probability" else logits
-        out[start : start + len(idx)] = values.gather(1, target[img_idx, None].long())[:, 0]
-    return out.reshape(n, s)
+        out[start : start + len(idx)] = values.gather(1, target[img, None].long())[:, 0]
+    return out.reshape(n, s).cpu()
 
 
 def _check_common(images: Tensor, segments: Tensor, target: Tensor, output: str, hide: str) -> None:
@@ -166,17 +175,14 @@ def kernel_shap(
     """
     _check_common(images, segments, target, output, hide)
     gen = torch.Generator().manual_seed(seed)
-    background = hide_image(images, segments, hide)
-    n = images.shape[0]
-    k = int(num_segments(segments).max())
-    phi = torch.zeros(n, k, dtype=torch.float64)
+    outputs = partial(
+        _coalition_outputs, model, images, hide_image(images, segments, hide), segments, target, output=output,
+        batch_size=batch_size,
+    )  # fmt: skip
+    phi = torch.zeros(images.shape[0], int(num_segments(segments).max()), dtype=torch.float64)
     for m, idx in _groups(segments).items():
-        dev_idx = idx.to(images.device)
         ends = torch.stack([torch.zeros(len(idx), m), torch.ones(len(idx), m)], 1).to(torch.float64)
-        f_ends = _coalition_outputs(
-            model, images[dev_idx], background[dev_idx], segments[dev_idx], ends.to(images.device),
-            target[dev_idx], output, batch_size,
-        ).to("cpu", torch.float64)  # fmt: skip
+        f_ends = outputs(idx, ends)
         f0, delta = f_ends[:, 0], f_ends[:, 1] - f_ends[:, 0]
         if m == 1:
             phi[idx, 0] = delta
@@ -188,10 +194,7 @@ def kernel_shap(
         else:
             z = _sample_shap_coalitions(len(idx), m, budget, gen)
             weight = torch.ones(z.shape[:2], dtype=torch.float64)
-        f = _coalition_outputs(
-            model, images[dev_idx], background[dev_idx], segments[dev_idx], z.to(images.device),
-            target[dev_idx], output, batch_size,
-        ).to("cpu", torch.float64)  # fmt: skip
+        f = outputs(idx, z)
         # Efficiency eliminates the last superpixel: y − z_M·Δ = Σ_{j<M} (z_j − z_M) φ_j.
         a = z[..., :-1] - z[..., -1:]
         b = (f - f0[:, None]) - z[..., -1] * delta[:, None]
@@ -231,18 +234,15 @@ def lime(
     if num_samples < 2:
         raise ValueError(f"lime: num_samples must be >= 2, got {num_samples}")
     gen = torch.Generator().manual_seed(seed)
-    background = hide_image(images, segments, hide)
-    n = images.shape[0]
-    k = int(num_segments(segments).max())
-    coef = torch.zeros(n, k, dtype=torch.float64)
+    outputs = partial(
+        _coalition_outputs, model, images, hide_image(images, segments, hide), segments, target, output=output,
+        batch_size=batch_size,
+    )  # fmt: skip
+    coef = torch.zeros(images.shape[0], int(num_segments(segments).max()), dtype=torch.float64)
     for m, idx in _groups(segments).items():
-        dev_idx = idx.to(images.device)
         z = torch.randint(0, 2, (len(idx), num_samples, m), generator=gen).to(torch.float64)
         z[:, 0] = 1  # LIME's first sample is the instance itself
-        f = _coalition_outputs(
-            model, images[dev_idx], background[dev_idx], segments[dev_idx], z.to(images.device),
-            target[dev_idx], output, batch_size,
-        ).to("cpu", torch.float64)  # fmt: skip
+        f = outputs(idx, z)
         # Cosine distance to the all-ones instance; the empty coalition has similarity 0 (scikit-learn).
         distance = 1 - (z.sum(2) / m).sqrt()
         weight = torch.exp(-(distance**2) / kernel_width**2).sqrt()
@@ -309,11 +309,6 @@ def explain_superpixels(
     raise ValueError(f"unknown explainer {explainer!r}; available: {', '.join(EXPLAINERS)}")
 
 
-def upsample_to(cam: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of [N, 1, h, w] maps to ``size`` (GradCAM's convention)."""
-    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-
-
 __all__ = [
     "EXPLAINERS",
     "HIDE_MODES",
@@ -325,5 +320,4 @@ __all__ = [
     "kernel_shap",
     "lime",
     "shapley_kernel_weight",
-    "upsample_to",
 ]

@@ -345,10 +345,7 @@ def run(config: str | os.PathLike | Mapping[str, Any] | XDistillConfig, out_dir:
     gen = torch.Generator().manual_seed(cfg.run.seed)
     logger = MetricsLogger(out, tensorboard=False)
     times: dict[str, float] = {}
-
-    def log(kind: str, step: int, **values: Any) -> None:
-        logger.log(kind, step, **values)
-
+    log = logger.log
     try:
         start = time.perf_counter()
         xt, yt, xv, yv, num_classes = load_data(cfg)

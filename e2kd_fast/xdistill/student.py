@@ -21,27 +21,18 @@ while the CAE sees the raw image.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from e2kd_fast.explain.gradcam import linear_head_cam, split_forward
 from e2kd_fast.xdistill.cae import ConvAutoencoder
 
 PENALTIES = ("classifier", "all", "features")
 CLS_WEIGHTS = ("one", "alpha")
-
-
-def _gradcam_autograd(features: Tensor, head: Callable[[Tensor], Tensor], target: Tensor, size) -> Tensor:
-    """ReLU-GradCAM from a split model: channel weights are the spatial mean of ∂y_c/∂A."""
-    a = features.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = head(a)
-        (grad,) = torch.autograd.grad(logits.gather(1, target[:, None].long()).sum(), a)
-    cam = F.relu((grad.mean((2, 3), keepdim=True) * a.detach()).sum(1, keepdim=True))
-    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
 
 
 class Normaliser(nn.Module):
@@ -99,9 +90,10 @@ class SmallCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x).mean((2, 3)))
 
+    @torch.no_grad()
     def gradcam(self, x: Tensor, target: Tensor) -> Tensor:
-        """ReLU-GradCAM [N, 1, H, W] of the last conv stage."""
-        return _gradcam_autograd(self.features(x), lambda a: self.fc(a.mean((2, 3))), target, x.shape[-2:])
+        """ReLU-GradCAM [N, 1, H, W] of the last conv stage (closed form: the head is pooling + linear)."""
+        return linear_head_cam(self.features(x), self.fc.weight[target.long()], x.shape[-2:])
 
 
 class TorchvisionTrunk(nn.Module):
@@ -121,8 +113,6 @@ class TorchvisionTrunk(nn.Module):
         self.normalise = Normaliser(mean, std)
 
     def features(self, x: Tensor) -> Tensor:
-        from e2kd_fast.explain.gradcam import split_forward
-
         return split_forward(self.model, self.normalise(x))[0]
 
 
@@ -209,16 +199,12 @@ class XDistillStudent(nn.Module):
         _, f = self.fused(x)
         return self.classifier(f), f
 
+    @torch.no_grad()
     def gradcam(self, x: Tensor, target: Tensor) -> Tensor:
-        """GradCAM of the CNN branch's last conv stage, with the CAE features held at their values."""
+        """GradCAM of the CNN branch's last conv stage. The classifier is linear in the pooled features,
+        so the CAE features do not change ∂y_c/∂A: only the classifier columns of the CNN features count."""
         a = self.backbone.features(x)
-        g = self.cae_features(x) if self.use_cae else None
-
-        def head(act: Tensor) -> Tensor:
-            f = act.mean((2, 3))
-            return self.classifier(f if g is None else torch.cat([f, g], 1))
-
-        return _gradcam_autograd(a, head, target, x.shape[-2:])
+        return linear_head_cam(a, self.classifier.weight[target.long(), : a.shape[1]], x.shape[-2:])
 
     def penalty(self, mode: str = "classifier", features: Tensor | None = None) -> Tensor:
         """‖c‖² for the chosen c (see the module docstring)."""
