@@ -143,16 +143,13 @@ def _dali_epochs(root: Path, args: argparse.Namespace, workers: int, gpu: bool) 
 
 
 def _make_store(root: Path, args: argparse.Namespace):
-    """A frozen store of random [6, size, size] maps for the folder (cached per option)."""
+    """A frozen store of random [6, size, size] maps for the folder (cached per option: `create` reopens it)."""
     from e2kd_fast.data import ImageFolderDataset
     from e2kd_fast.data.frozen_store import FrozenStore
 
     dataset = ImageFolderDataset(root, "train")
-    path = root / f"store-{args.store}-{args.store_scale}-{args.size}"
-    if (path / "index.json").is_file() and FrozenStore.open(path).complete:
-        return dataset, FrozenStore.open(path)
     store = FrozenStore.create(
-        path,
+        root / f"store-{args.store}-{args.store_scale}-{args.size}",
         {"num_images": len(dataset)},
         1000,
         (6, args.size, args.size),
@@ -164,7 +161,7 @@ def _make_store(root: Path, args: argparse.Namespace):
     for k in store.missing_shards():
         lo, hi = store.shard_range(k)
         store.write_shard(k, torch.randn(hi - lo, 1000, generator=gen), torch.randn(hi - lo, 6, args.size, args.size))
-    return dataset, FrozenStore.open(path)
+    return dataset, store
 
 
 def _engine_epochs(root: Path, args: argparse.Namespace, workers: int, provider: str) -> Iterator[int]:

@@ -190,8 +190,8 @@ def test_stored_options_are_decoded_and_upsampled_in_the_pipeline(tmp_path, map_
 
 def test_loader_choice_and_fallback(monkeypatch, capsys):
     assert dali.resolve_loader("torchvision") == "torchvision"
-    assert dali.resolve_loader("auto", folder=True, cuda=False) == "dali"
-    assert dali.resolve_loader("auto", folder=False, cuda=False) == "torchvision"
+    assert dali.resolve_loader("auto", folder=True) == "dali"
+    assert dali.resolve_loader("auto", folder=False) == "torchvision"
     with pytest.raises(ValueError, match="data.loader must be one of"):
         dali.resolve_loader("pillow")
     monkeypatch.setattr(dali, "dali_available", lambda: False)

@@ -53,23 +53,19 @@ def build_datasets(cfg, train: bool = True) -> DataBundle:
     train_base = ImageFolderDataset(
         data.root, data.train_split, transform=train_transform(data.image_size, scale, encoding)
     )
-    _check_classes(cfg, train_base.classes)
+    n = len(train_base.classes)
+    _check_num_classes(cfg, n, f"{data.root}/{data.train_split} has {n} class folders")
     eval_tf = eval_transform(data.image_size, data.eval_resize, encoding)
 
-    held_out = None
-    train_indices = None
-    if data.val_per_class:
-        train_indices, held_out = held_out_split(train_base.targets, data.val_per_class, data.val_seed)
+    train_indices, held_out = split_indices(data, train_base.targets)
+    if held_out is not None:
         val = ImageFolderDataset(data.root, data.train_split, transform=eval_tf)
-        val_indices = held_out
     elif (train_base.root / data.val_split).is_dir():
-        val, val_indices = ImageFolderDataset(data.root, data.val_split, transform=eval_tf), None
+        val = ImageFolderDataset(data.root, data.val_split, transform=eval_tf)
     else:
-        val, val_indices = None, None
-    if data.shots:
-        train_indices = few_shot_indices(train_base.targets, data.shots, data.shot_seed, exclude=held_out)
+        val = None
     if not train:
-        return DataBundle(None, val, None, val_indices, train_base.classes)
+        return DataBundle(None, val, None, held_out, train_base.classes)
 
     train_set: Dataset = train_base
     if cfg.teacher.mode == "frozen" and cfg.distill.method != "none":
@@ -78,7 +74,30 @@ def build_datasets(cfg, train: bool = True) -> DataBundle:
         raw = ImageFolderDataset(data.root, data.train_split, transform=None)
         store = FrozenStore.open(cfg.teacher.store, expect=store_identity(cfg, raw))
         train_set = FrozenTeacherDataset(raw, store, paired_train_transform(data.image_size, scale, encoding))
-    return DataBundle(train_set, val, train_indices, val_indices, train_base.classes)
+    return DataBundle(train_set, val, train_indices, held_out, train_base.classes)
+
+
+def split_indices(data, targets: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(training indices, held-out validation indices) from ``data.val_per_class`` and ``data.shots``.
+
+    ``val_per_class`` holds that many images per class out of the training split; ``shots`` then draws
+    that many training images per class from the rest. None where the option is not set.
+    """
+    train_indices = held_out = None
+    if data.val_per_class:
+        train_indices, held_out = held_out_split(targets, data.val_per_class, data.val_seed)
+    if data.shots:
+        train_indices = few_shot_indices(targets, data.shots, data.shot_seed, exclude=held_out)
+    return train_indices, held_out
+
+
+def check_dataset_config(cfg, dataset: str, num_classes: int) -> None:
+    """What the VOC and Waterbirds readers share: a root, no frozen store, matching class counts."""
+    if cfg.data.root is None:
+        raise ValueError(f"data.root is not set: data.dataset {dataset!r} needs the data set folder (docs/datasets.md)")
+    if cfg.teacher.mode == "frozen" and cfg.distill.method != "none":
+        raise ValueError(f"teacher.mode 'frozen' is not supported with data.dataset {dataset!r}; use a live teacher")
+    _check_num_classes(cfg, num_classes, f"data.dataset {dataset!r} has {num_classes} classes")
 
 
 class FullImageDataset(Dataset):
@@ -109,14 +128,20 @@ def full_image_dataset(cfg, teacher_family: str) -> FullImageDataset:
     return FullImageDataset(base, cfg.data.image_size, "bcos" if teacher_family == "bcos" else "standard")
 
 
-def _check_classes(cfg, classes: list[str]) -> None:
+def _check_num_classes(cfg, num_classes: int, data_has: str) -> None:
+    """Raises unless student/teacher ``num_classes`` (where set) equal the data's; ``data_has`` ends the message."""
     for section in ("student", "teacher"):
         expected = getattr(cfg, section).num_classes
-        if expected is not None and expected != len(classes):
-            raise ValueError(
-                f"{section}.num_classes is {expected} but {cfg.data.root}/{cfg.data.train_split} has "
-                f"{len(classes)} class folders"
-            )
+        if expected is not None and expected != num_classes:
+            raise ValueError(f"{section}.num_classes is {expected} but {data_has}")
 
 
-__all__ = ["DataBundle", "FullImageDataset", "build_datasets", "full_image_dataset", "input_encoding"]
+__all__ = [
+    "DataBundle",
+    "FullImageDataset",
+    "build_datasets",
+    "check_dataset_config",
+    "full_image_dataset",
+    "input_encoding",
+    "split_indices",
+]

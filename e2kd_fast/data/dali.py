@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from e2kd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop_box, random_resized_crop_box
+from e2kd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairedRandomResizedCropFlip, center_crop_box
 
 LOADERS = ("dali", "torchvision", "auto")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -73,12 +73,12 @@ def notice(line: str) -> None:
         print(f"[e2kd-fast data] {line}", file=sys.stderr)
 
 
-def resolve_loader(kind: str, *, folder: bool = True, cuda: bool | None = None) -> str:
+def resolve_loader(kind: str, *, folder: bool = True) -> str:
     """``data.loader`` → ``"dali"`` or ``"torchvision"``.
 
-    ``auto`` is DALI when it imports and (CUDA is present or the data is an image folder), else
-    torchvision. ``dali`` without DALI installed, or for data that is not an image folder, falls back to
-    torchvision with a one-line notice.
+    ``auto`` is DALI when it imports and the data is an image folder, else torchvision (CPU operators
+    serve a machine without CUDA). ``dali`` without DALI installed, or for data that is not an image
+    folder, falls back to torchvision with a one-line notice.
     """
     if kind not in LOADERS:
         raise ValueError(f"data.loader must be one of {', '.join(LOADERS)}, got {kind!r}")
@@ -87,8 +87,6 @@ def resolve_loader(kind: str, *, folder: bool = True, cuda: bool | None = None) 
     if not dali_available():
         notice(f"data.loader={kind}: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); using torchvision")
         return "torchvision"
-    if cuda is None:
-        cuda = torch.cuda.is_available()
     if not folder:
         if kind == "dali":
             notice("data.loader=dali reads image folders only; this dataset is not one, using torchvision")
@@ -165,10 +163,11 @@ class Geometry:
 
     def roi(self, height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """Relative ROI start [2] (y, x), end [2] and the flip for an image of ``height`` × ``width``."""
-        if self.train:
+        if self.train:  # the torchvision path's draw: its paired crop under the sample's seed
             gen = torch.Generator().manual_seed(seed)
-            top, left, h, w = random_resized_crop_box(height, width, self.scale, generator=gen)
-            flip = bool(torch.rand((), generator=gen) < 0.5)  # the draw order of PairedRandomResizedCropFlip
+            (top, left, h, w), flip = PairedRandomResizedCropFlip(self.size, self.scale, generator=gen).get_params(
+                height, width
+            )
         else:
             top, left, h, w = center_crop_box(height, width, self.size, self.resize)
             flip = False
@@ -481,7 +480,7 @@ def maybe_dali_loader(
     if isinstance(dataset, FrozenTeacherDataset):
         store, base = dataset.store, dataset.base
     folder = isinstance(base, ImageFolderDataset) and base.masks_root is None
-    if resolve_loader(kind, folder=folder, cuda=device.type == "cuda") != "dali":
+    if resolve_loader(kind, folder=folder) != "dali":
         return None
     from e2kd_fast.data.build import input_encoding
 

@@ -267,14 +267,17 @@ def center_crop_box(height: int, width: int, size: int | Sequence[int], resize: 
     return top / rh, left / rw, out_h / rh, out_w / rw
 
 
-def _apply_geometry(box: Box, flip: bool, size: tuple[int, int], tensors: Sequence[Tensor], antialias: bool):
+def _apply_geometry(
+    box: Box, flip: bool, size: tuple[int, int], image: Tensor, maps: Sequence[Tensor], antialias: bool
+) -> Tensor | tuple[Tensor, ...]:
+    """``image`` (no maps) or ``(image, *maps)``, each cropped to ``box``, resized to ``size``, flipped if ``flip``."""
     out = []
-    for t in tensors:
+    for t in (image, *maps):
         if t.dim() < 2:
             raise ValueError(f"expected a tensor [..., H, W], got shape {tuple(t.shape)}")
         y = resized_crop_relative(t, box, size, antialias=antialias)
         out.append(y.flip(-1) if flip else y)
-    return out
+    return out[0] if not maps else tuple(out)
 
 
 class PairedRandomResizedCropFlip:
@@ -310,8 +313,7 @@ class PairedRandomResizedCropFlip:
 
     def __call__(self, image: Tensor, *maps: Tensor) -> Tensor | tuple[Tensor, ...]:
         box, flip = self.get_params(*image.shape[-2:])
-        out = _apply_geometry(box, flip, self.size, (image, *maps), self.antialias)
-        return out[0] if not maps else tuple(out)
+        return _apply_geometry(box, flip, self.size, image, maps, self.antialias)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip_p={self.flip_p})"
@@ -330,8 +332,7 @@ class PairedResizeCenterCrop:
 
     def __call__(self, image: Tensor, *maps: Tensor) -> Tensor | tuple[Tensor, ...]:
         box = center_crop_box(*image.shape[-2:], self.size, self.resize)
-        out = _apply_geometry(box, False, self.size, (image, *maps), self.antialias)
-        return out[0] if not maps else tuple(out)
+        return _apply_geometry(box, False, self.size, image, maps, self.antialias)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, resize={self.resize})"

@@ -290,20 +290,6 @@ class VOCDataset(Dataset):
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, {len(self)} images)"
 
 
-def _check_common(cfg, dataset: str, num_classes: int) -> None:
-    """What the VOC and Waterbirds readers share: a root, no frozen store, matching class counts."""
-    if cfg.data.root is None:
-        raise ValueError(f"data.root is not set: data.dataset {dataset!r} needs the data set folder (docs/datasets.md)")
-    if cfg.teacher.mode == "frozen" and cfg.distill.method != "none":
-        raise ValueError(f"teacher.mode 'frozen' is not supported with data.dataset {dataset!r}; use a live teacher")
-    for section in ("student", "teacher"):
-        expected = getattr(cfg, section).num_classes
-        if expected is not None and expected != num_classes:
-            raise ValueError(
-                f"{section}.num_classes is {expected} but data.dataset {dataset!r} has {num_classes} classes"
-            )
-
-
 def build_bundle(cfg, train: bool = True):
     """The `DataBundle` of a ``data.dataset: voc`` config.
 
@@ -312,11 +298,11 @@ def build_bundle(cfg, train: bool = True):
     file does not exist). Box masks are for the report's localisation metrics (`VOCDataset` with
     ``box_size``), not for training.
     """
-    from e2kd_fast.data.build import DataBundle, input_encoding
+    from e2kd_fast.data.build import DataBundle, check_dataset_config, input_encoding
     from e2kd_fast.data.transforms import eval_transform, train_transform
 
     data = cfg.data
-    _check_common(cfg, "voc", len(VOC_CLASSES))
+    check_dataset_config(cfg, "voc", len(VOC_CLASSES))
     encoding = input_encoding(cfg.student.name)
     val = None
     if (Path(data.root) / "ImageSets" / "Main" / f"{data.val_split}.txt").is_file():

@@ -189,28 +189,20 @@ def build_bundle(cfg, train: bool = True):
     folders, ``val_per_class`` holds images per class out of the training split (then ``val_split``
     is not used), and ``shots`` draws that many training images per class.
     """
-    from e2kd_fast.data.build import DataBundle, input_encoding
-    from e2kd_fast.data.splits import few_shot_indices, held_out_split
+    from e2kd_fast.data.build import DataBundle, check_dataset_config, input_encoding, split_indices
     from e2kd_fast.data.transforms import eval_transform, train_transform
-    from e2kd_fast.data.voc import _check_common
 
     data = cfg.data
-    _check_common(cfg, "waterbirds", len(WATERBIRDS_LABELS))
+    check_dataset_config(cfg, "waterbirds", len(WATERBIRDS_LABELS))
     encoding = input_encoding(cfg.student.name)
     eval_tf = eval_transform(data.image_size, data.eval_resize, encoding)
     train_tf = train_transform(data.image_size, (data.crop_scale_min, 1.0), encoding)
     train_base = WaterbirdsDataset(data.root, data.train_split, train_tf)
-    held_out = train_indices = None
-    if data.val_per_class:
-        train_indices, held_out = held_out_split(train_base.targets, data.val_per_class, data.val_seed)
-        val, val_indices = WaterbirdsDataset(data.root, data.train_split, eval_tf), held_out
-    else:
-        val, val_indices = WaterbirdsDataset(data.root, data.val_split, eval_tf), None
-    if data.shots:
-        train_indices = few_shot_indices(train_base.targets, data.shots, data.shot_seed, exclude=held_out)
+    train_indices, held_out = split_indices(data, train_base.targets)
+    val = WaterbirdsDataset(data.root, data.train_split if held_out is not None else data.val_split, eval_tf)
     if not train:
-        return DataBundle(None, val, None, val_indices, list(WATERBIRDS_LABELS))
-    return DataBundle(train_base, val, train_indices, val_indices, list(WATERBIRDS_LABELS))
+        return DataBundle(None, val, None, held_out, list(WATERBIRDS_LABELS))
+    return DataBundle(train_base, val, train_indices, held_out, list(WATERBIRDS_LABELS))
 
 
 __all__ = [
