@@ -16,8 +16,9 @@ from e2kd_fast.data.build import build_datasets
 from e2kd_fast.data.voc import VOC_CLASSES, VOCDataset, box_masks, parse_voc_annotation, read_image_set
 from e2kd_fast.data.waterbirds import WaterbirdsDataset, read_waterbirds_metadata
 from e2kd_fast.distill import e2kd_objective
-from e2kd_fast.distill.multilabel import multilabel_bce, multilabel_kd, present_classes
+from e2kd_fast.distill.multilabel import multilabel_bce, multilabel_kd
 from e2kd_fast.engine import Trainer, evaluate
+from e2kd_fast.reference.losses import uniform_off_label_bce
 from e2kd_fast.report.scores import EvalExtras, average_precision, group_accuracy, mean_average_precision
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -232,12 +233,12 @@ def test_multilabel_kd_matches_the_bernoulli_kl_formula(tau):
     torch.autograd.gradcheck(lambda z: multilabel_kd(z, t.double(), tau), (s,))
 
 
-def test_multilabel_bce_and_present_classes():
+def test_multilabel_bce_and_bcos_off_labels_on_multi_hot_targets():
     logits, targets = torch.randn(3, 4), torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.clamp(min=0.25))
-    assert torch.allclose(multilabel_bce(logits, targets, off_label=0.25), expected)
-    images, classes = present_classes(targets)
-    assert images.tolist() == [0, 0, 1] and classes.tolist() == [0, 3, 1]
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.allclose(multilabel_bce(logits, targets), plain)
+    off = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.clamp(min=0.25))
+    assert torch.allclose(uniform_off_label_bce(logits, targets), off)  # 1/C = 0.25
     with pytest.raises(ValueError, match="must match the logits"):
         multilabel_bce(logits, targets[:, :2])
 
@@ -304,7 +305,7 @@ def test_the_objective_uses_the_multilabel_kd_term():
     x, labels = torch.randn(4, 3, 2, 2), (torch.rand(4, 5) < 0.5).float()
     out = e2kd_objective(s_net, t_net, x, tau=2.0, lam=0.0, labels=labels, gt_coef=0.5, multilabel=True)
     expected_kd = multilabel_kd(s_net(x), t_net(x), 2.0)
-    expected_gt = multilabel_bce(s_net(x), labels, 1 / 5)
+    expected_gt = uniform_off_label_bce(s_net(x), labels)  # explanation="bcos": off-labels at 1/C
     assert torch.allclose(out["kd"], expected_kd) and torch.allclose(out["gt"], expected_gt)
     assert torch.allclose(out["loss"], expected_kd + 0.5 * expected_gt)
     assert torch.equal(out["target"], t_net(x).argmax(1))  # the explained class: the teacher's top-1
@@ -377,6 +378,20 @@ def test_dataset_config_combinations_are_checked(tmp_path):
         extra = ["student.num_classes=4", "teacher.num_classes=4"]
         cfg = _small(CONFIGS / "waterbirds_bcos_r18_from_r50_kd.yaml", tmp_path, tmp_path, extra)
         build_datasets(cfg)
+
+
+def test_waterbirds_held_out_and_few_shot_splits_are_the_folder_ones(tmp_path):
+    from e2kd_fast.data.splits import few_shot_indices, held_out_split
+
+    root = write_waterbirds(tmp_path / "wb", per_split=8)
+    extra = ["data.val_per_class=1", "data.shots=2", "data.val_split=test"]
+    cfg = _small(CONFIGS / "waterbirds_bcos_r18_from_r50_kd.yaml", root, tmp_path, extra)
+    data = build_datasets(cfg)
+    targets = WaterbirdsDataset(root, "train").targets
+    _, held_out = held_out_split(targets, 1, cfg.data.val_seed)
+    assert data.val.split == "train" and torch.equal(data.val_indices, held_out)  # held out of train, not test
+    assert torch.equal(data.train_indices, few_shot_indices(targets, 2, cfg.data.shot_seed, exclude=held_out))
+    assert len(data.train_indices) == 4 and not set(data.train_indices.tolist()) & set(held_out.tolist())
 
 
 def test_evaluate_reports_map_for_multi_hot_batches():

@@ -13,8 +13,8 @@ released, so σ(z/τ) and the τ² factor are this project's reading (docs/datas
 factor is 1 and the formula is exactly ``MLD``.
 
 The explained class stays the teacher's top-1 logit (GTE's ``exp_of='top1'``, the only option it
-implements), as in `e2kd_objective`. Localisation metrics on VOC instead explain every ground-truth
-class (seeds_other_systems.md §4.1): `present_classes`.
+implements), as in `e2kd_objective`. The ground-truth term of a B-cos student is
+`uniform_off_label_bce`, which takes multi-hot targets as they are; standard students use `multilabel_bce`.
 """
 
 from __future__ import annotations
@@ -57,37 +57,19 @@ def multilabel_kd(student_logits: Tensor, teacher_logits: Tensor, tau: float = 1
     return (positive + negative).sum(1).mean() * tau**2
 
 
-def multilabel_bce(logits: Tensor, targets: Tensor, off_label: float | None = None) -> Tensor:
-    """Binary cross-entropy with multi-hot targets, the ground-truth loss of multi-label training.
+def multilabel_bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy with multi-hot targets: the ground-truth loss of a standard multi-label student.
 
     Args:
         logits: [N, C].
         targets: [N, C] multi-hot (0/1) targets.
-        off_label: absent classes get this target instead of 0; the B-cos recipe uses 1/C
-            (``uniform_off_label_bce``), standard networks None (plain BCE).
 
     Returns:
         Scalar loss, mean over N·C.
     """
     if targets.shape != logits.shape:
         raise ValueError(f"multi-hot targets {tuple(targets.shape)} must match the logits {tuple(logits.shape)}")
-    targets = targets.to(logits.dtype)
-    if off_label is not None:
-        targets = targets.clamp(min=off_label)
-    return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
 
 
-def present_classes(targets: Tensor) -> tuple[Tensor, Tensor]:
-    """The (image, class) pairs a localisation metric explains: every class present in the image.
-
-    Args:
-        targets: [N, C] multi-hot targets.
-
-    Returns:
-        (image indices [P], class indices [P]), image-major order.
-    """
-    images, classes = (targets > 0).nonzero(as_tuple=True)
-    return images, classes
-
-
-__all__ = ["MLD_EPS", "multilabel_bce", "multilabel_kd", "present_classes"]
+__all__ = ["MLD_EPS", "multilabel_bce", "multilabel_kd"]

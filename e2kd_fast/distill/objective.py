@@ -133,7 +133,8 @@ def e2kd_objective(
 
     gt = student_logits.new_zeros(())
     if gt_coef > 0 and multilabel:
-        gt = multilabel_bce(student_logits, labels, 1 / student_logits.shape[1] if explanation == "bcos" else None)
+        bce = uniform_off_label_bce if explanation == "bcos" else multilabel_bce  # B-cos: off-labels at 1/C
+        gt = bce(student_logits, labels)
     elif gt_coef > 0:
         gt = (
             uniform_off_label_bce(student_logits, labels)
