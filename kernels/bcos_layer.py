@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from e2kd_fast.ops.bcos import memory_format_of
+
 try:
     import triton
     import triton.language as tl
@@ -36,13 +38,6 @@ except ImportError:  # the package must import without Triton; the launchers the
 def _require_triton() -> None:
     if triton is None:
         raise RuntimeError("e2kd_fast.kernels.bcos_layer needs triton, which is not importable")
-
-
-def memory_format_of(t: Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor dense in that order (and not plain contiguous), else contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _acc(*tensors: Tensor):

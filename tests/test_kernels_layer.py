@@ -8,7 +8,7 @@ twice the reference's own low-precision error.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import pytest
 import torch
@@ -19,20 +19,14 @@ from e2kd_fast.ops import backends
 from e2kd_fast.reference.bcos import dynamic_scale, unit_norm_weight
 from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED or backends.unavailable_reason("triton") != "", reason="needs triton and TRITON_INTERPRET=1"
+# The fast back ends of the layer ops on CPU tensors here: Triton under TRITON_INTERPRET=1, C++ when
+# the loaded extension has the B-cos kernels (`backends` checks both).
+FAST_BACKENDS = [b for b in backends.candidates("e2kd::bcos_conv2d", "cpu") if b != "reference"]
+needs_interpreter = pytest.mark.skipif("triton" not in FAST_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
+needs_cpp = pytest.mark.skipif(
+    "cpp" not in FAST_BACKENDS,
+    reason=backends.unavailable_reason("cpp") or "the loaded extension was built without csrc/*/bcos_epilogue.*",
 )
-
-
-def _cpp_ready() -> str:
-    reason = backends.unavailable_reason("cpp")
-    if not reason and not hasattr(torch.ops.e2kd_cpp, "bcos_epilogue"):
-        reason = "the extension was built without csrc/cpu/bcos_epilogue.cpp"
-    return reason
-
-
-needs_cpp = pytest.mark.skipif(bool(_cpp_ready()), reason=f"C++ extension: {_cpp_ready()}")
 
 # (N, C, H, W, O, k, stride, padding, groups, B): odd images, strides, paddings, groups, exponents.
 GEOMETRIES = [
@@ -162,15 +156,6 @@ def test_cpp_rejects_bad_input_with_a_clear_error():
 # ---------------------------------------------------------------------------------------------- the ops, per back end
 
 
-def _fast_backends() -> list[str]:
-    found = []
-    if INTERPRETED and not backends.unavailable_reason("triton"):
-        found.append("triton")
-    if not _cpp_ready():
-        found.append("cpp")
-    return found
-
-
 def _op_cases():
     gen = torch.Generator().manual_seed(7)
 
@@ -190,7 +175,7 @@ def _op_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", _fast_backends())
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_ops_with_each_backend_forced_match_and_differentiate(backend):
     for name, op, args in _op_cases():
         if backend not in backends.candidates(name, "cpu"):
@@ -220,7 +205,7 @@ def test_ops_with_each_backend_forced_match_and_differentiate(backend):
             torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend", ["reference", *_fast_backends()])
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
 def test_bcos_conv2d_op_in_channels_last_passes_opcheck(backend):
     x = torch.randn(1, 4, 5, 7, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -250,7 +235,29 @@ def test_bcos_linear_op_equals_the_reference_layer():
 # ---------------------------------------------------------------------------------------------- layers
 
 
-@pytest.mark.parametrize("backend", _fast_backends())
+@needs_cpp
+def test_a_kernel_missing_from_the_extension_routes_ops_and_layers_to_the_reference(monkeypatch):
+    """An extension built before a kernel existed: `backends` drops cpp for that op, so the op and
+    `use_fused` agree on the reference (no per-op fallback in the implementations)."""
+    key = ("e2kd::bcos_conv2d", "cpp")
+    monkeypatch.setitem(backends._IMPLS, key, dataclasses.replace(backends._IMPLS[key], available=lambda: False))
+    with backends.use_backend("cpp"):
+        assert "cpp" not in backends.candidates("e2kd::bcos_conv2d", "cpu")
+        assert backends.choose("e2kd::bcos_conv2d", "cpu") == "reference"
+        assert not ops.use_fused("e2kd::bcos_conv2d", "cpu")
+        assert backends.choose("e2kd::patch_norm", "cpu") == "cpp"
+
+
+@needs_interpreter
+def test_auto_never_routes_to_the_interpreter_even_when_recorded_fastest(monkeypatch):
+    monkeypatch.setattr(backends, "_fastest_table", lambda: {"e2kd::bcos_conv2d@cpu": "triton"})
+    with backends.use_backend("auto"):
+        assert backends.choose("e2kd::bcos_conv2d", "cpu") != "triton"
+    with backends.use_backend("triton"):
+        assert ops.use_fused("e2kd::bcos_conv2d", "cpu")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_layer_routes_through_the_fast_op_and_compiles_in_one_graph(backend):
     from e2kd_fast.nn import BcosConv2d
 
@@ -270,7 +277,7 @@ def test_layer_routes_through_the_fast_op_and_compiles_in_one_graph(backend):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", _fast_backends())
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_sweep_with_a_fast_backend_equals_autograd(backend):
     from e2kd_fast.explain.sweep import dynamic_weights_sweep
     from e2kd_fast.models.bcos_resnet import BasicBlock, BcosResNet

@@ -46,6 +46,7 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("e2kd_bac
 class _Impl:
     fn: Callable
     device_types: tuple[str, ...]
+    available: Callable[[], bool] | None = None  # a per-op check (e.g. a kernel missing from an older build)
 
 
 # (op name, back end) -> implementation; the reference is registered by each op module.
@@ -80,14 +81,20 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def register(op_name: str, backend: str, device_types: tuple[str, ...]) -> Callable[[Callable], Callable]:
-    """Decorator: ``fn`` implements the forward of ``op_name`` for ``backend`` on ``device_types``."""
+def register(
+    op_name: str, backend: str, device_types: tuple[str, ...], available: Callable[[], bool] | None = None
+) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements the forward of ``op_name`` for ``backend`` on ``device_types``.
+
+    ``available``, when given, is asked (after the back end itself is found available) whether this
+    op's kernel can run here; when it says no, the op runs as if ``backend`` had no kernel for it.
+    """
     _check_name(backend, "register")
     if backend == "auto":
         raise ValueError("register: 'auto' is a choice, not a back end")
 
     def wrap(fn: Callable) -> Callable:
-        _IMPLS[(op_name, backend)] = _Impl(fn, tuple(device_types))
+        _IMPLS[(op_name, backend)] = _Impl(fn, tuple(device_types), available)
         return fn
 
     return wrap
@@ -125,7 +132,9 @@ def candidates(op_name: str, device_type: str) -> list[str]:
     found = []
     for backend in FAST_BACKENDS:
         impl = _IMPLS.get((op_name, backend))
-        if impl is not None and _runs_on(backend, impl, device_type) and not unavailable_reason(backend):
+        if impl is None or not _runs_on(backend, impl, device_type) or unavailable_reason(backend):
+            continue
+        if impl.available is None or impl.available():
             found.append(backend)
     return [*found, "reference"]
 
@@ -147,11 +156,10 @@ def choose(op_name: str, device_type: str) -> str:
         return "reference"
     available = candidates(op_name, device_type)
     if requested == "auto":
-        recorded = _fastest_table().get(f"{op_name}@{device_type}")
-        if recorded in available:
-            return recorded
         # Triton on CPU tensors is the interpreter (tests): asked for by name, never a default.
-        return next(b for b in available if not (b == "triton" and device_type == "cpu"))
+        available = [b for b in available if not (b == "triton" and device_type == "cpu")]
+        recorded = _fastest_table().get(f"{op_name}@{device_type}")
+        return recorded if recorded in available else available[0]
     reason = unavailable_reason(requested)
     if reason:
         raise RuntimeError(f"E2KD_BACKEND={requested!r} was requested for {op_name}, but it is not available: {reason}")

@@ -33,20 +33,12 @@ def use_fused(op_name: str, device_type: str) -> bool:
     """Whether a layer should call the registered op ``op_name`` instead of its inline reference maths.
 
     True when the back end chosen for ``device_type`` is not the reference: the plain torch ops stay
-    visible to Inductor on the reference path (an opaque reference op was slower). The Triton
-    interpreter on CPU is a test tool: ``auto`` never routes layers to it, only an explicit
-    ``triton`` request does. Under ``torch.compile`` the answer is a trace-time constant (no guard,
-    no graph break): choose the back end before compiling.
+    visible to Inductor on the reference path (an opaque reference op was slower). (`backends.choose`
+    never picks the Triton interpreter on CPU under ``auto``, nor a C++ kernel missing from the
+    loaded extension.) Under ``torch.compile`` the answer is a trace-time constant (no guard, no
+    graph break): choose the back end before compiling.
     """
-    chosen = backends.choose(op_name, device_type)
-    if chosen == "triton" and device_type == "cpu" and backends.current_backend() == "auto":
-        return False
-    if chosen == "cpp" and op_name in _CPP_KERNELS and _cpp_op(_CPP_KERNELS[op_name]) is None:
-        return False  # a stale extension: keep the inline reference maths
-    return chosen != "reference"
-
-
-_CPP_KERNELS = {"e2kd::bcos_conv2d": "bcos_epilogue", "e2kd::patch_norm": "bcos_patch_norm"}
+    return backends.choose(op_name, device_type) != "reference"
 
 
 def memory_format_of(t: Tensor) -> torch.memory_format:
@@ -105,16 +97,20 @@ def _patch_norm_setup(ctx, inputs, output) -> None:
     ctx.geometry = (kernel, stride, padding, groups, out_channels)
 
 
-def _patch_norm_backward(ctx, grad: Tensor):
-    x, norm = ctx.saved_tensors
-    kernel, stride, padding, groups, out_channels = ctx.geometry
+def _patch_norm_vjp(x: Tensor, norm: Tensor, grad: Tensor, kernel, stride, padding, groups: int, out_channels: int):
+    """∂/∂x of ⟨grad, n⟩ for n = patch_norm(x): dS = dn / 2n, dx = 2x · boxsumᵀ(dS)."""
     grad_sq = grad / (2 * norm)  # d/dS of sqrt(S + eps)
     if groups > 1:  # the adjoint of repeat_interleave: sum the copies of each group
         grad_sq = grad_sq.unflatten(1, (groups, out_channels // groups)).sum(2)
     grad_box = _box_sum_adjoint(grad_sq, kernel, stride, padding, x.shape[-2:])
     if groups > 1:
         grad_box = grad_box.repeat_interleave(x.shape[1] // groups, dim=1)
-    return 2 * x * grad_box, None, None, None, None, None
+    return 2 * x * grad_box
+
+
+def _patch_norm_backward(ctx, grad: Tensor):
+    x, norm = ctx.saved_tensors
+    return _patch_norm_vjp(x, norm, grad, *ctx.geometry), None, None, None, None, None
 
 
 patch_norm.register_autograd(_patch_norm_backward, setup_context=_patch_norm_setup)
@@ -232,10 +228,14 @@ def bcos_conv2d_ref(
     x: Tensor, weight: Tensor, b: float, stride: list[int], padding: list[int], groups: int
 ) -> tuple[Tensor, Tensor]:
     """The reference forward of `bcos_conv2d`: conv, patch norm and scale as separate torch ops."""
-    fmt = memory_format_of(x)
-    linear = F.conv2d(x, unit_norm_weight(weight), None, stride, padding, 1, groups)
+    linear = _conv_linear(x, weight, stride, padding, groups)
+    return linear, _reference_scale(linear, x, weight, b, stride, padding, groups)
+
+
+def _reference_scale(linear: Tensor, x: Tensor, weight: Tensor, b: float, stride, padding, groups: int) -> Tensor:
+    """The dynamic scale of the conv output ``linear`` as torch ops (patch norm of x, then the scale)."""
     norm = patch_norm_reference(x, weight.shape[-2:], stride, padding, groups, weight.shape[0] if groups > 1 else None)
-    return linear.contiguous(memory_format=fmt), dynamic_scale(linear, norm, b).contiguous(memory_format=fmt)
+    return dynamic_scale(linear, norm, b).contiguous(memory_format=memory_format_of(x))
 
 
 def _conv_linear(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], groups: int) -> Tensor:
@@ -250,6 +250,13 @@ def _(x, weight, b, stride, padding, groups):
     w = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
     shape = (x.shape[0], weight.shape[0], h, w)
     return _empty(x, shape), _empty(x, shape)
+
+
+def _scale_slope(ratio: Tensor, b: float) -> Tensor:
+    """ds/dr of the dynamic scale s(r), r = l/n: sign(r) for B = 2 (s = |r|), else (B−1)(|r| + 1e-6)^(B−2) sign(r)."""
+    if b == 2:
+        return torch.sign(ratio)
+    return (b - 1) * (ratio.abs() + 1e-6).pow(b - 2) * torch.sign(ratio)
 
 
 def _bcos_conv_setup(ctx, inputs, output) -> None:
@@ -268,24 +275,15 @@ def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
     w_hat = weight / w_norm
     norm = patch_norm_reference(x, kernel, stride, padding, groups, out_channels if groups > 1 else None)
     ratio = linear / norm
-    if b == 2:  # s = |l| / n
-        ds_dratio = torch.sign(linear)
-    else:  # s = (|l/n| + 1e-6)^(B−1)
-        ds_dratio = (b - 1) * (ratio.abs() + 1e-6).pow(b - 2) * torch.sign(ratio)
+    ds_dratio = _scale_slope(ratio, b)
     grad_linear = grad_linear + grad_scale * ds_dratio / norm
     grad_norm = -grad_scale * ds_dratio * ratio / norm
     if groups == 1:
         grad_norm = grad_norm.sum(1, keepdim=True)  # n was broadcast over the output channels
-    # Through the patch norm n = sqrt(S + 1e-6): dS = dn / 2n, dx = 2x · boxsumᵀ(dS).
-    grad_sq = grad_norm / (2 * norm)
-    if groups > 1:
-        grad_sq = grad_sq.unflatten(1, (groups, out_channels // groups)).sum(2)
-    grad_box = _box_sum_adjoint(grad_sq, kernel, stride, padding, x.shape[-2:])
-    if groups > 1:
-        grad_box = grad_box.repeat_interleave(x.shape[1] // groups, dim=1)
-    # Through l = conv(x, ŵ).
+    # Through the patch norm and through l = conv(x, ŵ).
     out_pad = transposed_output_padding(x.shape[-2:], linear.shape[-2:], kernel, stride, padding)
-    grad_x = 2 * x * grad_box + F.conv_transpose2d(grad_linear, w_hat, None, stride, padding, out_pad, groups)
+    grad_x = _patch_norm_vjp(x, norm, grad_norm, kernel, stride, padding, groups, out_channels)
+    grad_x = grad_x + F.conv_transpose2d(grad_linear, w_hat, None, stride, padding, out_pad, groups)
     grad_w_hat = torch.nn.grad.conv2d_weight(x, weight.shape, grad_linear, stride, padding, 1, groups)
     # Through ŵ = w / ‖w‖ (per output unit): dw = (dŵ − ŵ ⟨ŵ, dŵ⟩) / ‖w‖.
     grad_weight = (grad_w_hat - w_hat * (w_hat * grad_w_hat).sum(dim=(1, 2, 3), keepdim=True)) / w_norm
@@ -353,10 +351,7 @@ def _bcos_linear_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
     x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     norm = x_norm + 1e-12
     ratio = linear / norm
-    if b == 2:
-        ds_dratio = torch.sign(linear)
-    else:
-        ds_dratio = (b - 1) * (ratio.abs() + 1e-6).pow(b - 2) * torch.sign(ratio)
+    ds_dratio = _scale_slope(ratio, b)
     grad_linear = grad_linear + grad_scale * ds_dratio / norm
     grad_norm = -(grad_scale * ds_dratio * ratio / norm).sum(-1, keepdim=True)
     # d‖x‖/dx = x/‖x‖, taken as 0 at x = 0 (as vector_norm's own backward).
@@ -478,38 +473,39 @@ def _cpp_devices() -> tuple[str, ...]:
 
 
 @functools.cache
-def _cpp_op(name: str):
-    """``torch.ops.e2kd_cpp.<name>``, or None (one warning) when the loaded extension predates it."""
-    from e2kd_fast._ext import load_extension
+def _has_cpp_op(name: str) -> bool:
+    """Whether the loaded extension has ``e2kd_cpp::<name>`` (one warning when it predates it).
 
-    if load_extension() is not None and hasattr(torch.ops.e2kd_cpp, name):
-        return getattr(torch.ops.e2kd_cpp, name)
+    `backends` asks only once the extension is loaded; without the op, the layer ops run as if
+    ``cpp`` had no kernel for them (the reference, or ``auto``'s next choice).
+    """
+    if hasattr(torch.ops.e2kd_cpp, name):
+        return True
     warnings.warn(
         f"e2kd_cpp::{name} is not in the loaded extension (rebuild it: pip install -e .); "
         "the B-cos layer ops use the reference instead",
-        stacklevel=3,
+        stacklevel=2,
     )
-    return None
+    return False
 
 
-@backends.register("e2kd::patch_norm", "cpp", _cpp_devices())
+@backends.register(
+    "e2kd::patch_norm", "cpp", _cpp_devices(), available=functools.partial(_has_cpp_op, "bcos_patch_norm")
+)
 def patch_norm_cpp(x, kernel, stride, padding, groups, out_channels):
-    op = _cpp_op("bcos_patch_norm")
-    if op is None:
-        return patch_norm_ref(x, kernel, stride, padding, groups, out_channels)
-    return op(x, kernel, stride, padding, groups, out_channels)
+    return torch.ops.e2kd_cpp.bcos_patch_norm(x, kernel, stride, padding, groups, out_channels)
 
 
-@backends.register("e2kd::bcos_conv2d", "cpp", _cpp_devices())
+@backends.register(
+    "e2kd::bcos_conv2d", "cpp", _cpp_devices(), available=functools.partial(_has_cpp_op, "bcos_epilogue")
+)
 def bcos_conv2d_cpp(x, weight, b, stride, padding, groups):
     """oneDNN/cuDNN conv, then the C++/CUDA epilogue (patch norm and scale in one pass over l)."""
-    op = _cpp_op("bcos_epilogue")
-    if op is None:
-        return bcos_conv2d_ref(x, weight, b, stride, padding, groups)
     linear = _conv_linear(x, weight, stride, padding, groups)
     if linear.device.type == "cpu" and linear.dtype not in (torch.float32, torch.float64):
-        return bcos_conv2d_ref(x, weight, b, stride, padding, groups)  # the CPU kernel is fp32/fp64 only
-    scale, _ = op(linear, x.to(linear.dtype), list(weight.shape[-2:]), stride, padding, groups, b, False)
+        return linear, _reference_scale(linear, x, weight, b, stride, padding, groups)  # the CPU kernel: fp32/fp64
+    args = (linear, x.to(linear.dtype), list(weight.shape[-2:]), stride, padding, groups, b, False)
+    scale, _ = torch.ops.e2kd_cpp.bcos_epilogue(*args)
     return linear, scale
 
 
