@@ -100,6 +100,14 @@ def register(
     return wrap
 
 
+def cpp_device_types() -> tuple[str, ...]:
+    """Where the C++ back end has kernels: CUDA only when setup.py recorded a CUDA build (a file read, no
+    device query), so a CPU-only build never claims CUDA tensors."""
+    from e2kd_fast._ext import build_config
+
+    return ("cpu", "cuda") if build_config()["cuda"] else ("cpu",)
+
+
 def unavailable_reason(backend: str) -> str:
     """Why ``backend`` cannot run at all here (empty when it can)."""
     if backend == "cpp":

@@ -463,13 +463,7 @@ def contribution_map_triton(x, weights):
 
 
 # C++ (CPU) / CUDA: the kernels of csrc/{cpu,cuda}/bcos_epilogue.*, private ops e2kd_cpp::*.
-# CUDA is listed only where setup.py recorded a CUDA build (a file read, no device query).
-
-
-def _cpp_devices() -> tuple[str, ...]:
-    from e2kd_fast._ext import build_config
-
-    return ("cpu", "cuda") if build_config()["cuda"] else ("cpu",)
+# CUDA is listed only where setup.py recorded a CUDA build (`backends.cpp_device_types`).
 
 
 @functools.cache
@@ -490,14 +484,14 @@ def _has_cpp_op(name: str) -> bool:
 
 
 @backends.register(
-    "e2kd::patch_norm", "cpp", _cpp_devices(), available=functools.partial(_has_cpp_op, "bcos_patch_norm")
+    "e2kd::patch_norm", "cpp", backends.cpp_device_types(), available=functools.partial(_has_cpp_op, "bcos_patch_norm")
 )
 def patch_norm_cpp(x, kernel, stride, padding, groups, out_channels):
     return torch.ops.e2kd_cpp.bcos_patch_norm(x, kernel, stride, padding, groups, out_channels)
 
 
 @backends.register(
-    "e2kd::bcos_conv2d", "cpp", _cpp_devices(), available=functools.partial(_has_cpp_op, "bcos_epilogue")
+    "e2kd::bcos_conv2d", "cpp", backends.cpp_device_types(), available=functools.partial(_has_cpp_op, "bcos_epilogue")
 )
 def bcos_conv2d_cpp(x, weight, b, stride, padding, groups):
     """oneDNN/cuDNN conv, then the C++/CUDA epilogue (patch norm and scale in one pass over l)."""

@@ -243,20 +243,13 @@ def distill_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def _cpp_devices() -> tuple[str, ...]:
-    """CUDA only when setup.py built the CUDA sources (a CPU-only build must not claim CUDA tensors)."""
-    from e2kd_fast._ext import build_config
-
-    return ("cpu", "cuda") if build_config()["cuda"] else ("cpu",)
-
-
-@backends.register(OP, "cpp", _cpp_devices())
+@backends.register(OP, "cpp", backends.cpp_device_types())
 def _cpp(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, Tensor, Tensor]:
     loss, kd, exp, _, _ = torch.ops.e2kd_cpp.distill_loss(zs, zt, es, et, tau, lam, False)
     return loss, kd, exp
 
 
-@backends.register(FUSED_OP, "cpp", _cpp_devices())
+@backends.register(FUSED_OP, "cpp", backends.cpp_device_types())
 def _cpp_fused(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, ...]:
     return tuple(torch.ops.e2kd_cpp.distill_loss(zs, zt, es, et, tau, lam, True))
 
