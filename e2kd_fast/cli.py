@@ -242,10 +242,6 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "explain": _explain, "precompute": _precompute, "demo": _demo}
-_COMMANDS["report"] = _report
-
-
 def _xdistill(args: argparse.Namespace) -> int:
     from e2kd_fast.xdistill.run import run
 
@@ -253,7 +249,15 @@ def _xdistill(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS["xdistill"] = _xdistill
+_COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "explain": _explain,
+    "precompute": _precompute,
+    "demo": _demo,
+    "report": _report,
+    "xdistill": _xdistill,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -730,15 +730,21 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
     Returns:
         The frozen `Config`.
     """
+    return Config(**_sections_from_dict(d, _SECTIONS, "the config"))
+
+
+def _sections_from_dict(d: Any, sections: Mapping[str, type[_Section]], where: str) -> dict[str, _Section]:
+    """Each section of ``sections`` built from its mapping in ``d`` (absent or None: its defaults).
+
+    Shared by `config_from_dict` and the XDistillation config; ``where`` names the config in errors.
+    """
     if not isinstance(d, Mapping):
-        raise ValueError(f"a config must be a mapping of sections ({', '.join(_SECTIONS)}), got {type(d).__name__}")
+        raise ValueError(f"{where} must be a mapping of sections ({', '.join(sections)}), got {type(d).__name__}")
     for key in d:
-        if key not in _SECTIONS:
-            raise _unknown_key(str(key), list(_SECTIONS), "the config")
-    if d.get("student") is None:
-        raise ValueError("missing required key 'student.name' (the student model)")
-    sections: dict[str, _Section] = {}
-    for name, cls in _SECTIONS.items():
+        if key not in sections:
+            raise _unknown_key(str(key), list(sections), where)
+    built: dict[str, _Section] = {}
+    for name, cls in sections.items():
         values = d.get(name)
         if values is None:
             values = {}
@@ -751,8 +757,8 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _is_required(f)]
         if missing:
             raise ValueError(f"missing required key '{name}.{missing[0]}'")
-        sections[name] = cls(**values)
-    return Config(**sections)
+        built[name] = cls(**values)
+    return built
 
 
 def _is_required(f: dataclasses.Field) -> bool:

@@ -255,10 +255,10 @@ def _config_dict(cfg) -> dict:
 
 def test_deepspeed_config_from_the_run_settings():
     config = deepspeed_config(
-        global_batch=256, world_size=8, grad_accum=4, zero_stage=2, bf16=True, extra={"zero_optimization": {"a": 1}}
+        global_batch=256, world_size=8, grad_accum=4, zero_stage=2, extra={"zero_optimization": {"a": 1}}
     )
     assert config["train_batch_size"] == 1024
     assert config["train_micro_batch_size_per_gpu"] == 32
     assert config["gradient_accumulation_steps"] == 4
     assert config["zero_optimization"] == {"stage": 2, "a": 1}
-    assert config["bf16"] == {"enabled": True}
+    assert config["bf16"] == {"enabled": False}  # bf16 is the trainer's autocast, weights stay fp32

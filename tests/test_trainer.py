@@ -84,6 +84,20 @@ def _train_losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir, "train")]
 
 
+def _fit_until_interrupted(trainer: Trainer, step: int) -> None:
+    """Runs ``trainer.fit()`` until a failure just before optimiser step ``step`` is applied."""
+    original = trainer._optimizer_step
+
+    def failing_step():
+        if trainer.state.step == step:
+            raise KeyboardInterrupt
+        original()
+
+    trainer._optimizer_step = failing_step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
     full = _trainer(tmp_path / "a", train={"epochs": 2})
     full.fit()
@@ -91,17 +105,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
     assert len(reference) == 2 * full.steps_per_epoch == 10
 
     # The same run, interrupted after 7 of 10 steps (mid-epoch 2) by a failure, then resumed.
-    interrupted = _trainer(tmp_path / "b", train={"epochs": 2, "checkpoint_every_steps": 7})
-    original_step = interrupted._optimizer_step
-
-    def failing_step():
-        if interrupted.state.step == 8:
-            raise KeyboardInterrupt
-        original_step()
-
-    interrupted._optimizer_step = failing_step
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+    _fit_until_interrupted(_trainer(tmp_path / "b", train={"epochs": 2, "checkpoint_every_steps": 7}), 8)
     last = read_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last.pt")
     assert (last["step"], last["epoch"], last["step_in_epoch"]) == (7, 1, 2)
 
@@ -225,17 +229,7 @@ def test_frozen_teacher_training_resumes_exactly(tmp_path):
 
     make("a").fit()
     reference = _train_losses(tmp_path / "a" / "run")
-    interrupted = make("b")
-    original = interrupted._optimizer_step
-
-    def failing_step():
-        if interrupted.state.step == 4:
-            raise KeyboardInterrupt
-        original()
-
-    interrupted._optimizer_step = failing_step
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+    _fit_until_interrupted(make("b"), 4)
     make("b").fit(resume="auto")
     resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b" / "run", "train")}
     assert [resumed[s] for s in range(4, 11)] == reference[3:]

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from e2kd_fast.config import _deep_merge
 from e2kd_fast.engine.optim import _unitwise_norm, adaptive_clip_grad_
 from e2kd_fast.engine.sampling import EpochSampler
 
@@ -286,7 +287,6 @@ class DistributedBackend:
     ) -> None:
         self.env, self.module, self.optimizer, self.clipping = env, module, optimizer, clipping
         self.wrapped: nn.Module = module
-        self.bf16_weights = False  # whether the student's working weights are bf16 (DeepSpeed bf16 mode)
 
     @property
     def is_main(self) -> bool:
@@ -305,12 +305,17 @@ class DistributedBackend:
         (loss / micro_batches).backward()
 
     def step(self) -> None:
-        """Clips the accumulated gradient, applies the optimiser, clears the gradient."""
+        """Clips the accumulated gradient, applies the optimiser, clears the gradient.
+
+        AGC applies to the student's parameters; the global-norm clip also covers the objective's own
+        (``module.extra``: a feature baseline's connectors).
+        """
         params = [p for p in self.module.student.parameters() if p.grad is not None]
         if self.clipping.agc:
             adaptive_clip_grad_(params, self.clipping.agc_clip, self.clipping.agc_eps)
         if self.clipping.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.clipping.max_norm)
+            extra = [] if self.module.extra is None else list(self.module.extra.parameters())
+            torch.nn.utils.clip_grad_norm_(params + [p for p in extra if p.grad is not None], self.clipping.max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -386,17 +391,15 @@ class DDPBackend(DistributedBackend):
         return self.wrapped(images, labels, step, frozen)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def deepspeed_config(
-    *, global_batch: int, world_size: int, grad_accum: int, zero_stage: int, bf16: bool, extra: dict | None = None
+    *, global_batch: int, world_size: int, grad_accum: int, zero_stage: int, extra: dict | None = None
 ) -> dict:
-    """The DeepSpeed JSON config a run's settings describe (``extra`` merged over it)."""
+    """The DeepSpeed JSON config a run's settings describe (``extra`` merged over it).
+
+    DeepSpeed's ``bf16`` mode (bf16 working weights) stays off: the backward of the B-cos ops fails on
+    bf16 weights with fp32 activations ("expected scalar type BFloat16 but found Float", measured on
+    CPU). ``train.precision: bf16`` is the trainer's autocast (CUDA) with fp32 weights, as under DDP.
+    """
     config = {
         "train_batch_size": global_batch * grad_accum,
         "train_micro_batch_size_per_gpu": global_batch // world_size,
@@ -404,7 +407,7 @@ def deepspeed_config(
         "zero_optimization": {"stage": zero_stage},
         # Our client optimiser (torch Adam/AdamW/SGD): no FusedAdam JIT build (platform_notes.md 9.3).
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": False},
         "gradient_clipping": 0.0,  # clipping is ours, on the averaged partitions (see _ZeroPartitionClipper)
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -492,10 +495,7 @@ class _ZeroPartitionClipper:
 
 
 class DeepSpeedBackend(DistributedBackend):
-    """DeepSpeed ZeRO stage 1 or 2 with the client optimiser.
-
-    ``bf16=True`` selects DeepSpeed's bf16 mode (bf16 working weights, fp32 masters); `make_backend`
-    does not use it (see there) and the trainer's autocast gives bf16 compute instead.
+    """DeepSpeed ZeRO stage 1 or 2 with the client optimiser (fp32 weights; bf16 is the trainer's autocast).
 
     ``engine.backward`` and ``engine.step`` run after every micro-batch (DeepSpeed applies the optimiser
     at its accumulation boundary; skipping ``step`` on the others gives wrong parameters,
@@ -506,14 +506,10 @@ class DeepSpeedBackend(DistributedBackend):
 
     name = "deepspeed"
 
-    def __init__(
-        self, env, module, optimizer, clipping, *, device, global_batch, grad_accum, zero_stage, bf16, extra=None
-    ):
+    def __init__(self, env, module, optimizer, clipping, *, global_batch, grad_accum, zero_stage, extra=None):
         super().__init__(env, module, optimizer, clipping)
         import deepspeed
 
-        self.device, self.bf16 = device, bf16
-        self.bf16_weights = bf16
         if len(optimizer.param_groups) != 1:
             raise ValueError(
                 f"the DeepSpeed back end expects one optimiser parameter group, got {len(optimizer.param_groups)}"
@@ -525,7 +521,6 @@ class DeepSpeedBackend(DistributedBackend):
             world_size=env.world_size,
             grad_accum=grad_accum,
             zero_stage=zero_stage,
-            bf16=bf16,
             extra=extra,
         )
         self.engine, self.zero_opt, _, _ = deepspeed.initialize(
@@ -546,12 +541,6 @@ class DeepSpeedBackend(DistributedBackend):
 
     def _master(self) -> Tensor:
         return self.zero_opt.single_partition_of_fp32_groups[0]
-
-    def forward(self, images, labels, step, frozen, *, last_micro: bool):
-        if self.bf16:  # DeepSpeed's bf16 mode keeps the student's weights in bf16
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return self.engine(images, labels, step, frozen)
-        return self.engine(images, labels, step, frozen)
 
     def backward(self, loss: Tensor, micro_batches: int) -> None:
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
@@ -582,7 +571,7 @@ class DeepSpeedBackend(DistributedBackend):
         weights = self._unflatten(self._gather_flat(self._master().detach()))
         for p, w in zip(self.params, weights, strict=True):
             if id(p) in self.names:  # objective-owned parameters (connectors) are not the student's
-                state[self.names[id(p)]] = w  # fp32 master, not the (possibly bf16) working copy
+                state[self.names[id(p)]] = w  # from the fp32 masters
         return state
 
     def optimizer_state(self) -> dict:
@@ -615,7 +604,7 @@ class DeepSpeedBackend(DistributedBackend):
         for key, value in saved_group.items():
             if key != "params":
                 group[key] = value
-        # fp32 masters from the saved weights (the working copy may be bf16), then the bf16 copy from them.
+        # The fp32 masters from the saved weights, then every rank's working copy from them.
         for i, p_off, f, n in self.layout.slices:
             p = self.params[i]
             name = self.names.get(id(p))
@@ -679,14 +668,9 @@ def make_backend(
         module,
         optimizer,
         clipping,
-        device=device,
         global_batch=cfg.data.batch_size,
         grad_accum=cfg.train.grad_accum,
         zero_stage=engine.zero_stage,
-        # DeepSpeed's bf16 mode (bf16 working weights) is not used: the backward of the B-cos ops fails on
-        # bf16 weights with fp32 activations ("expected scalar type BFloat16 but found Float", measured on
-        # CPU). train.precision bf16 is the trainer's autocast (CUDA), with fp32 weights, as under DDP.
-        bf16=False,
         extra=engine.deepspeed_config,
     )
 

@@ -41,12 +41,15 @@ from e2kd_fast.engine.distributed import (
 )
 from e2kd_fast.engine.evaluate import evaluate
 from e2kd_fast.engine.logging import MetricsLogger
-from e2kd_fast.engine.optim import adaptive_clip_grad_, build_optimizer, set_learning_rate, warmup_cosine_factor
+from e2kd_fast.engine.optim import build_optimizer, set_learning_rate, warmup_cosine_factor
 from e2kd_fast.engine.sampling import EpochSampler, SeededDataset, mix_seed
 from e2kd_fast.engine.step import make_train_step
 from e2kd_fast.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
 from e2kd_fast.nn.checkpointing import enable_activation_checkpointing
 from e2kd_fast.reference.losses import uniform_off_label_bce
+
+# The loss terms logged per step (means over micro-batches and ranks), when the objective returns them.
+_LOGGED = ("loss", "kd", "exp", "feat", "gt", "agreement")
 
 
 class TrainingError(RuntimeError):
@@ -169,7 +172,7 @@ class Trainer:
             self._forward_to_loss,
             self.device,
             agc=cfg.optim.agc and self.is_bcos,
-            extra=getattr(self.step_fn, "objective", None),
+            extra=self.step_fn.objective,
         )
 
     def _log(self, line: str) -> None:
@@ -220,15 +223,14 @@ class Trainer:
         """Top-1/top-5, agreement and explanation similarity on the validation set."""
         loader = self._loader(self.val_set, self.val_indices, shuffle=False, epoch=0, start=0, train=False)
         explanation = self.cfg.distill.explanation if self.teacher is not None else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.backend.bf16_weights):
-            return evaluate(
-                self.student,
-                loader,
-                teacher=self.teacher,
-                explanation=explanation,
-                device=self.device,
-                prepare=self._prepare,
-            )
+        return evaluate(
+            self.student,
+            loader,
+            teacher=self.teacher,
+            explanation=explanation,
+            device=self.device,
+            prepare=self._prepare,
+        )
 
     # ------------------------------------------------------------------ training
 
@@ -254,7 +256,6 @@ class Trainer:
             torch.manual_seed(mix_seed(cfg.train.seed, 7, state.step))  # dropout, drop-path, mixup
             lr = self._set_lr()
             totals: dict[str, float] = {}
-            images_this_step = 0
             for micro in range(self.micro_batches):
                 self._last_micro = micro == self.micro_batches - 1  # DDP all-reduces on the last one only
                 batch = next(batches)
@@ -262,18 +263,17 @@ class Trainer:
                 if batch["image"].shape[0] == 0:
                     continue
                 out = self._objective(batch)
-                loss = out["loss"]
-                if not torch.isfinite(loss.detach()).all():
+                keys = [k for k in _LOGGED if k in out]  # "loss" first
+                values = torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()  # one sync
+                if not math.isfinite(values[0]):
                     raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {state.step} (epoch {state.epoch + 1}); the last "
+                        f"non-finite loss ({values[0]}) at step {state.step} (epoch {state.epoch + 1}); the last "
                         f"checkpoint ({self.ckpt_dir / 'last.pt'}) is intact. Lower optim.lr or check the data, "
                         "then resume from it."
                     )
-                self.backend.backward(loss, self.micro_batches)  # (loss / micro_batches).backward() on one device
-                images_this_step += batch["image"].shape[0]
-                for key in ("loss", "kd", "exp", "feat", "gt", "agreement"):
-                    if key in out:
-                        totals[key] = totals.get(key, 0.0) + float(out[key].detach()) / self.micro_batches
+                self.backend.backward(out["loss"], self.micro_batches)  # one device: (loss / micro_batches).backward()
+                for key, value in zip(keys, values, strict=True):
+                    totals[key] = totals.get(key, 0.0) + value / self.micro_batches
             self._optimizer_step()
             totals = self.backend.reduce_mean(totals)  # the logged values are means over all ranks
             state.step += 1
@@ -325,18 +325,8 @@ class Trainer:
             return self.step_fn(images, labels, step, frozen)
 
     def _optimizer_step(self) -> None:
-        if self.backend.name == "deepspeed":  # ZeRO clips its gradient partitions itself (engine/distributed.py)
-            self.backend.step()
-            return
-        optim = self.cfg.optim
-        params = [p for p in self.student.parameters() if p.grad is not None]
-        if optim.agc and self.is_bcos:
-            adaptive_clip_grad_(params, optim.agc_clip, optim.agc_eps)
-        if optim.grad_clip_norm is not None:
-            extra = [p for p in self.step_fn.extra_parameters() if p.grad is not None]  # AGC stays student-only
-            torch.nn.utils.clip_grad_norm_(params + extra, optim.grad_clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Clipping (AGC, global norm), the optimiser, cleared gradients: the back end's step."""
+        self.backend.step()
 
     def _set_lr(self) -> float:
         optim, state = self.cfg.optim, self.state
@@ -358,39 +348,24 @@ class Trainer:
     def _loader(self, dataset, indices, *, shuffle: bool, epoch: int, start: int, train: bool) -> DataLoader:
         data = self.cfg.data
         world = self.dist_env.world_size if train else 1  # training data is sharded; rank 0 evaluates alone
-        if data.loader != "torchvision":  # DALI (data.loader dali|auto); None: falls back to torchvision
-            from e2kd_fast.data.dali import maybe_dali_loader
-
-            dali = maybe_dali_loader(
-                self.cfg,
-                dataset,
-                indices,
-                batch_size=data.batch_size // world if train else (data.eval_batch_size or data.batch_size),
-                train=train,
-                shuffle=shuffle,
-                epoch=epoch,
-                start=start,
-                seed=self.cfg.train.seed if train else 0,
-                drop_last=train,
-                device=self.device,
-                rank=self.dist_env.rank if train else 0,
-                world_size=world,
-            )
-            if dali is not None:
-                return dali
-        return make_loader(
-            dataset,
-            indices,
+        common = dict(
             batch_size=data.batch_size // world if train else (data.eval_batch_size or data.batch_size),
-            num_workers=data.num_workers,
-            seed=self.cfg.train.seed if train else 0,
             shuffle=shuffle,
             epoch=epoch,
             start=start,
+            seed=self.cfg.train.seed if train else 0,
             drop_last=train,
-            pin_memory=self.device.type == "cuda",
             rank=self.dist_env.rank if train else 0,
             world_size=world,
+        )
+        if data.loader != "torchvision":  # DALI (data.loader dali|auto); None: falls back to torchvision
+            from e2kd_fast.data.dali import maybe_dali_loader
+
+            dali = maybe_dali_loader(self.cfg, dataset, indices, train=train, device=self.device, **common)
+            if dali is not None:
+                return dali
+        return make_loader(
+            dataset, indices, num_workers=data.num_workers, pin_memory=self.device.type == "cuda", **common
         )
 
     def _num_classes(self) -> int:
@@ -398,26 +373,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self, path: Path) -> None:
+    def _save(self, *paths: Path) -> None:
+        """Writes the same checkpoint to each of ``paths`` (the state is gathered once)."""
         s = self.state
         # Whole weights and optimiser state on every back end (DeepSpeed gathers its partitions: collective).
         model_state, optimizer_state = self.backend.model_state(), self.backend.optimizer_state()
-        if not self.backend.is_main:
-            self.backend.barrier()
-            return
-        save_checkpoint(
-            StateDictView(self.student, model_state),
-            path,
-            optimizer=optimizer_state,
-            step=s.step,
-            epoch=s.epoch,
-            step_in_epoch=s.step_in_epoch,
-            skipped_images=s.skipped_images,
-            best=[[m, p] for m, p in s.best],
-            config=config_to_dict(self.cfg),
-            **({} if self.step_fn.objective is None else {"distill_objective": self.step_fn.objective.state_dict()}),
-        )
-        self.backend.barrier()  # no rank goes on (or reads the file) before it is complete
+        if self.backend.is_main:
+            extra = {} if self.step_fn.objective is None else {"distill_objective": self.step_fn.objective.state_dict()}
+            for path in paths:
+                save_checkpoint(
+                    StateDictView(self.student, model_state),
+                    path,
+                    optimizer=optimizer_state,
+                    step=s.step,
+                    epoch=s.epoch,
+                    step_in_epoch=s.step_in_epoch,
+                    skipped_images=s.skipped_images,
+                    best=[[m, p] for m, p in s.best],
+                    config=config_to_dict(self.cfg),
+                    **extra,
+                )
+        self.backend.barrier()  # no rank goes on (or reads the files) before they are complete
 
     def _save_epoch(self, eval_metrics: dict) -> None:
         """Writes last.pt and epoch_XXXX.pt, keeping the best ``keep_best`` epoch files by val top-1."""
@@ -426,22 +402,19 @@ class Trainer:
         ranked = sorted([*self.state.best, (score, str(epoch_path))], key=lambda b: -b[0])
         keep, drop = ranked[: self.cfg.train.keep_best], ranked[self.cfg.train.keep_best :]
         self.state.best = keep
-        if any(p == str(epoch_path) for _, p in keep):
-            self._save(epoch_path)
-        self._save(self.ckpt_dir / "last.pt")  # after the epoch file, so last.pt lists it
+        keep_epoch = any(p == str(epoch_path) for _, p in keep)
+        self._save(*([epoch_path] if keep_epoch else []), self.ckpt_dir / "last.pt")
         for _, path in drop:
             if self.backend.is_main:
                 Path(path).unlink(missing_ok=True)
 
     def _load_state(self, path: Path) -> None:
         payload = read_checkpoint(path)
-        saved = payload.get("config", {})
-        for section in ("student",):
-            if saved.get(section, {}).get("name") != config_to_dict(self.cfg)[section]["name"]:
-                raise TrainingError(
-                    f"{path} was written for student {saved.get(section, {}).get('name')!r}, "
-                    f"this run trains {self.cfg.student.name!r}"
-                )
+        saved_student = payload.get("config", {}).get("student", {}).get("name")
+        if saved_student != self.cfg.student.name:
+            raise TrainingError(
+                f"{path} was written for student {saved_student!r}, this run trains {self.cfg.student.name!r}"
+            )
         load_checkpoint(self.student, payload)
         if self.step_fn.objective is not None:
             if "distill_objective" not in payload:

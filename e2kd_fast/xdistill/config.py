@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from e2kd_fast.config import _parse_yaml, _require, _Section, _unknown_key
+from e2kd_fast.config import _read_yaml_file, _require, _Section, _sections_from_dict
 
 __all__ = [
     "CaeSection",
@@ -285,24 +285,7 @@ class XDistillConfig:
 
 def xdistill_config_from_dict(d: Mapping[str, Any] | None) -> XDistillConfig:
     """Builds and validates an `XDistillConfig` from a nested mapping; unknown keys are errors."""
-    if d is None:
-        d = {}
-    if not isinstance(d, Mapping):
-        raise ValueError(f"an xdistill config must be a mapping of sections ({', '.join(_SECTIONS)}), got {d!r}")
-    for key in d:
-        if key not in _SECTIONS:
-            raise _unknown_key(str(key), list(_SECTIONS), "the xdistill config")
-    sections = {}
-    for name, cls in _SECTIONS.items():
-        values = d.get(name) or {}
-        if not isinstance(values, Mapping):
-            raise ValueError(f"{name}: expected a mapping of its keys, got {type(values).__name__} {values!r}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in allowed:
-                raise _unknown_key(f"{name}.{key}", allowed, repr(name))
-        sections[name] = cls(**values)
-    return XDistillConfig(**sections)
+    return XDistillConfig(**_sections_from_dict({} if d is None else d, _SECTIONS, "the xdistill config"))
 
 
 def xdistill_config_to_dict(cfg: XDistillConfig) -> dict[str, Any]:
@@ -313,9 +296,7 @@ def xdistill_config_to_dict(cfg: XDistillConfig) -> dict[str, Any]:
 def load_xdistill_config(path: str | os.PathLike) -> XDistillConfig:
     """Reads and validates a YAML file; errors name the file and the dotted key."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"xdistill config file not found: {path}")
-    data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    data = _read_yaml_file(path)
     try:
         return xdistill_config_from_dict(data)
     except ValueError as e:
