@@ -67,12 +67,12 @@ class TrainState:
     best: list[tuple[float, str]] = field(default_factory=list)  # (val top-1, checkpoint path), best first
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU (queried here, never at import)."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` → CUDA when available, else CPU (queried here, never at import); ``key`` names the setting."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device is 'cuda' but no CUDA device is available")
+        raise TrainingError(f"{key} is 'cuda' but no CUDA device is available")
     return torch.device(name)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from e2kd_fast.engine.trainer import resolve_device
 from e2kd_fast.xdistill.cae import build_cae, count_parameters
 from e2kd_fast.xdistill.config import (
     XDistillConfig,
@@ -292,14 +293,6 @@ def evaluate(cfg, teacher, student, cae, images, labels, device) -> dict[str, An
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     """Atomic JSON write (NaN written as null: JSON has none)."""
 
@@ -340,7 +333,7 @@ def run(config: str | os.PathLike | Mapping[str, Any] | XDistillConfig, out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(xdistill_config_to_dict(cfg), sort_keys=False))
-    device = _resolve_device(cfg.run.device)
+    device = resolve_device(cfg.run.device, key="run.device")
     torch.manual_seed(cfg.run.seed)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     logger = MetricsLogger(out, tensorboard=False)
