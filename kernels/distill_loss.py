@@ -32,8 +32,6 @@ try:
 except ImportError:  # the package works without Triton; the back end then reports itself unavailable
     triton = None
 
-_EPS = 1e-8  # the reference's clamp of ‖s‖‖t‖ and ‖s‖²
-
 if triton is not None:
 
     @triton.jit
@@ -184,12 +182,16 @@ if triton is not None:
                 dot += tl.load(p, mask=row_ok, other=0.0)
                 ss += tl.load(p + 1, mask=row_ok, other=0.0)
                 tt += tl.load(p + 2, mask=row_ok, other=0.0)
-            denom = tl.maximum(tl.sqrt(ss) * tl.sqrt(tt), eps)
-            cos = dot / denom
+            s_norm = tl.sqrt(ss)
+            a = tl.maximum(s_norm, eps)  # each norm clamped on its own (F.cosine_similarity)
+            b = tl.maximum(tl.sqrt(tt), eps)
+            cos = dot / a / b
             exp_acc += tl.where(row_ok, 1.0 - cos, 0.0)
             kl_acc += tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
-            tl.store(coef_ptr + rows * 2, -inv_n / denom, mask=row_ok)
-            tl.store(coef_ptr + rows * 2 + 1, cos * inv_n / tl.maximum(ss, eps), mask=row_ok)
+            tl.store(coef_ptr + rows * 2, -inv_n / a / b, mask=row_ok)
+            # s/‖s‖ is 0 at s = 0 (vector_norm's backward); the divisor is kept nonzero for the masked lane.
+            beta = tl.where(s_norm > 0, cos * inv_n / a / tl.where(s_norm > 0, s_norm, 1.0), 0.0)
+            tl.store(coef_ptr + rows * 2 + 1, beta, mask=row_ok)
         kd = tl.sum(kl_acc, axis=0) * kd_scale
         exp = tl.sum(exp_acc, axis=0) * inv_n
         tl.store(loss_ptr, (kd + lam * exp).to(loss_ptr.dtype.element_ty))
@@ -208,9 +210,12 @@ def distill_loss_triton(
     teacher_maps: Tensor,
     tau: float,
     lam: float,
+    eps: float,
     with_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """(loss, kd, exp, ∂kd/∂z_S or None, ∂exp/∂s or None) for logits [N, C] and maps [N, ...].
+
+    ``eps`` is the cosine's clamp of each norm (`e2kd_fast.reference.losses.COSINE_EPS`).
 
     loss/kd/exp are 0-dim in the logits' dtype; the gradients are contiguous, in the dtype and
     shape of the student logits and maps.
@@ -248,7 +253,7 @@ def distill_loss_triton(
     block_r = max(1, min(_pow2(n), 16384 // block_c)) if on_cpu else 1
     kl = torch.empty(n, dtype=acc, device=dev)
     grad_logits = torch.empty_like(zs) if with_grad else None
-    params = torch.tensor([1.0 / tau, tau / n, tau * tau / n, lam, 1.0 / n, _EPS], dtype=acc, device=dev)
+    params = torch.tensor([1.0 / tau, tau / n, tau * tau / n, lam, 1.0 / n, eps], dtype=acc, device=dev)
     _kd_rows[(triton.cdiv(n, block_r),)](
         zs,
         zt,

@@ -3,7 +3,9 @@
 //
 //   kd   = τ²/N · Σ_i KL(p_T,i^τ ‖ p_S,i^τ)          ∂kd/∂z_S  = τ (p_S^τ − p_T^τ) / N
 //   exp  = 1/N · Σ_i (1 − cos_i)                       ∂exp/∂s_i = α_i t_i + β_i s_i
-//   cos_i = s·t / max(‖s‖‖t‖, ε),   α_i = −1 / (N max(‖s‖‖t‖, ε)),   β_i = cos_i / (N max(‖s‖², ε))
+//   cos_i = s·t / (a b),   α_i = −1 / (N a b),   β_i = cos_i / (N a ‖s‖)  (0 where ‖s‖ = 0)
+//   with a = max(‖s‖, ε), b = max(‖t‖, ε): F.cosine_similarity's per-norm clamp and the gradient
+//   torch's autograd gives it (e2kd_fast/reference/losses.py states both; ε is passed from there).
 //
 // The maps are read in chunks of kChunk elements, in parallel over (sample, chunk): phase 1 sums
 // s·t, ‖s‖², ‖t‖² per chunk (float vectors inside a block of kBlock elements, double across blocks,
@@ -13,7 +15,7 @@
 // the exponentials kept in a row buffer so each is computed once.
 //
 // Schema (the Python wrappers in e2kd_fast/ops/loss.py are the only callers):
-//   distill_loss(Tensor zs, Tensor zt, Tensor es, Tensor et, float tau, float lam, bool with_grad)
+//   distill_loss(Tensor zs, Tensor zt, Tensor es, Tensor et, float tau, float lam, float eps, bool with_grad)
 //     -> (loss, kd, exp, grad_logits, grad_maps)
 // loss/kd/exp are 0-dim tensors of the logits' dtype; grad_logits [N, C] (logits' dtype) and
 // grad_maps (shape and dtype of es, contiguous) are the unit-upstream gradients ∂kd/∂zs and
@@ -33,7 +35,6 @@
 namespace e2kd_cpp {
 namespace {
 
-constexpr double kEps = 1e-8;        // the reference's clamp of ‖s‖‖t‖ and ‖s‖²
 constexpr int64_t kChunk = 32768;    // map elements per parallel task
 constexpr int64_t kBlock = 1024;     // elements summed in acc_t lanes before the double accumulator
 
@@ -150,7 +151,7 @@ void check_inputs(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& student_maps,
-    const at::Tensor& teacher_maps, double tau, double lam, bool with_grad) {
+    const at::Tensor& teacher_maps, double tau, double lam, double eps, bool with_grad) {
   check_inputs(student_logits, teacher_logits, student_maps, teacher_maps);
   const int64_t N = student_logits.size(0), C = student_logits.size(1);
   const at::Tensor zs = student_logits.contiguous(), zt = teacher_logits.contiguous();
@@ -196,11 +197,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_l
         ss += partial[(i * chunks + c) * 3 + 1];
         tt += partial[(i * chunks + c) * 3 + 2];
       }
-      const double denom = std::max(std::sqrt(ss) * std::sqrt(tt), kEps);
-      const double cos = dot / denom;
+      const double s_norm = std::sqrt(ss);
+      const double a = std::max(s_norm, eps), b = std::max(std::sqrt(tt), eps);
+      const double cos = dot / a / b;
       exp_sum += 1.0 - cos;
-      alpha[i] = -1.0 / (static_cast<double>(N) * denom);
-      beta[i] = cos / (static_cast<double>(N) * std::max(ss, kEps));
+      alpha[i] = -1.0 / static_cast<double>(N) / a / b;
+      beta[i] = s_norm > 0 ? cos / static_cast<double>(N) / a / s_norm : 0.0;
     }
     if (!with_grad) return;
     // Phase 2: ∂exp/∂s = α t + β s, with the partition of phase 1.
@@ -247,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_l
 TORCH_LIBRARY_FRAGMENT(e2kd_cpp, m) {
   m.def(
       "distill_loss(Tensor student_logits, Tensor teacher_logits, Tensor student_maps, Tensor teacher_maps, "
-      "float tau, float lam, bool with_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float tau, float lam, float eps, bool with_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(e2kd_cpp, CPU, m) { m.impl("distill_loss", &distill_loss_cpu); }

@@ -26,7 +26,6 @@
 namespace e2kd_cpp {
 namespace {
 
-constexpr double kEps = 1e-8;
 constexpr int kThreads = 256;
 constexpr int kItems = 8;  // loads (of one pack each) in flight per thread and chunk
 
@@ -228,7 +227,7 @@ __global__ void kd_rows_kernel(const scalar_t* __restrict__ zs, const scalar_t* 
 // One block: cosines, coefficients coef[n] = (α_n, β_n), and the scalars loss, kd, exp.
 template <typename out_t>
 __global__ void finalize_kernel(const double* __restrict__ partial, const double* __restrict__ kl, int64_t N,
-                                int64_t chunks, double tau, double lam, double* __restrict__ coef,
+                                int64_t chunks, double tau, double lam, double eps, double* __restrict__ coef,
                                 out_t* __restrict__ loss, out_t* __restrict__ kd_out, out_t* __restrict__ exp_out) {
   double exp_sum = 0, kl_sum = 0, unused = 0;
   const double inv_n = 1.0 / static_cast<double>(N);
@@ -240,12 +239,13 @@ __global__ void finalize_kernel(const double* __restrict__ partial, const double
       ss += p[1];
       tt += p[2];
     }
-    const double denom = fmax(sqrt(ss) * sqrt(tt), kEps);
-    const double cos = dot / denom;
+    const double s_norm = sqrt(ss);
+    const double a = fmax(s_norm, eps), b = fmax(sqrt(tt), eps);  // per-norm clamp
+    const double cos = dot / a / b;
     exp_sum += 1.0 - cos;
     kl_sum += kl[n];
-    coef[2 * n] = -inv_n / denom;
-    coef[2 * n + 1] = cos * inv_n / fmax(ss, kEps);
+    coef[2 * n] = -inv_n / a / b;
+    coef[2 * n + 1] = s_norm > 0 ? cos * inv_n / a / s_norm : 0.0;
   }
   block_sum3(exp_sum, kl_sum, unused);
   if (threadIdx.x == 0) {
@@ -267,7 +267,7 @@ int pack_width(const at::Tensor& s, const at::Tensor& t, const at::Tensor& g, in
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& student_maps,
-    const at::Tensor& teacher_maps, double tau, double lam, bool with_grad) {
+    const at::Tensor& teacher_maps, double tau, double lam, double eps, bool with_grad) {
   TORCH_CHECK(student_logits.dim() == 2, "e2kd_cpp::distill_loss: student_logits must be [N, C], got ",
               student_logits.sizes());
   TORCH_CHECK(teacher_logits.sizes() == student_logits.sizes() && teacher_maps.sizes() == student_maps.sizes(),
@@ -329,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_l
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zs.scalar_type(), "distill_loss_cuda_finalize", [&] {
     finalize_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
-        partial.const_data_ptr<double>(), kl.const_data_ptr<double>(), N, chunks, tau, lam,
+        partial.const_data_ptr<double>(), kl.const_data_ptr<double>(), N, chunks, tau, lam, eps,
         coef.mutable_data_ptr<double>(), loss.mutable_data_ptr<scalar_t>(), kd.mutable_data_ptr<scalar_t>(),
         exp_out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -32,9 +32,12 @@ import contextvars
 import functools
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
 FAST_BACKENDS = ("cpp", "triton")  # the order "auto" tries when nothing is recorded
@@ -106,6 +109,22 @@ def cpp_device_types() -> tuple[str, ...]:
     from e2kd_fast._ext import build_config
 
     return ("cpu", "cuda") if build_config()["cuda"] else ("cpu",)
+
+
+@functools.cache
+def cpp_op_current(name: str, argument: str | None = None) -> bool:
+    """Whether the loaded extension has ``e2kd_cpp::<name>`` (with ``argument`` in its schema, when
+    given); one warning when the extension predates it. Pass as `register`'s ``available``: with an
+    older build, the op runs as if ``cpp`` had no kernel for it."""
+    packet = getattr(torch.ops.e2kd_cpp, name, None)
+    if packet is not None and (argument is None or any(a.name == argument for a in packet.default._schema.arguments)):
+        return True
+    warnings.warn(
+        f"e2kd_cpp::{name} in the loaded extension predates this package (rebuild it: pip install -e .); "
+        f"its op runs on the next back end instead",
+        stacklevel=2,
+    )
+    return False
 
 
 def unavailable_reason(backend: str) -> str:

@@ -1,13 +1,13 @@
 """The e²KD loss as registered ops: ``e2kd::distill_loss`` and its gradient-emitting twin.
 
-    kd  = τ² · (1/N) Σ_i KL(p_T,i^τ ‖ p_S,i^τ)
-    exp = (1/N) Σ_i (1 − cos(s_i, t_i))          (s, t: flattened student and teacher maps)
-    loss = kd + λ · exp
+The maths is `e2kd_fast.reference.losses`: ``distill_loss`` (loss = τ²·KL + λ·(1 − cos), the cosine
+of ``F.cosine_similarity`` with each norm clamped at ε = 1e-8) and ``distill_loss_grads`` (the
+gradients torch's autograd gives that forward). Every back end computes those two; this module
+adds the op contracts, the autograd wiring and the kernels' dispatch. In the kernels' terms, for
+sample i with a = max(‖s_i‖, ε), b = max(‖t_i‖, ε):
 
-Gradients (derived by hand):
-
-    ∂kd/∂z_S  = τ · (p_S^τ − p_T^τ) / N
-    ∂exp/∂s_i = −(1/N) · ( t_i / max(‖s_i‖‖t_i‖, ε) − cos_i · s_i / max(‖s_i‖², ε) )
+    ∂kd/∂z_S  = τ (p_S^τ − p_T^τ) / N
+    ∂exp/∂s_i = α_i t_i + β_i s_i,   α_i = −1 / (N a b),   β_i = cos_i / (N a ‖s_i‖)  (0 where s_i = 0)
 
 The teacher's logits and maps are targets: no gradient flows to them (the teacher is frozen in e²KD).
 
@@ -28,11 +28,11 @@ The saved gradients are constants to autograd (``mark_non_differentiable``): a p
 has the right value but no second derivative. So the fused op's backward checks whether it is
 itself being recorded (``torch.is_grad_enabled()`` inside a backward is true exactly under
 ``create_graph=True``) and then computes the gradients with the reference formula in plain,
-differentiable torch ops from the saved inputs instead. First-order backwards (training) take the
-fast path; ``gradgradcheck`` and any ``create_graph`` use take the formula, which is itself
-differentiable to any order (`torch.compile` traces a first-order backward through the scaling
-path too). The price is that the fused op saves its four inputs, as the forward-only op does, plus
-the two gradients: one map-sized buffer more than the forward-only op.
+differentiable torch ops from the saved inputs instead (`reference.losses.distill_loss_grads`).
+First-order backwards (training) take the fast path; ``gradgradcheck`` and any ``create_graph``
+use take the formula, which is itself differentiable to any order (`torch.compile` traces a
+first-order backward through the scaling path too). The price is that the fused op saves its
+four inputs, as the forward-only op does, plus the two gradients: one map-sized buffer more.
 
 Back ends
 ---------
@@ -46,14 +46,14 @@ and shape; the kernels accumulate in float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from e2kd_fast.ops import backends
 from e2kd_fast.ops._registry import register_op_test
-
-_EPS = 1e-8  # F.cosine_similarity's eps: the product of the norms is clamped below by it
+from e2kd_fast.reference import losses as reference
 
 OP = "e2kd::distill_loss"
 FUSED_OP = "e2kd::distill_loss_fused"
@@ -78,38 +78,6 @@ def _check(student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor,
         )
 
 
-def _norms(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    s_norm, t_norm = s.norm(dim=1), t.norm(dim=1)
-    denom = (s_norm * t_norm).clamp_min(_EPS)
-    return s_norm, denom, (s * t).sum(1) / denom
-
-
-def _reference_terms(
-    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float
-) -> tuple[Tensor, Tensor]:
-    """(kd, exp) in plain torch ops, both in the logits' dtype."""
-    n = student_logits.shape[0]
-    log_p_s = F.log_softmax(student_logits / tau, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / tau, dim=1)
-    kd = (log_p_t.exp() * (log_p_t - log_p_s)).sum() * (tau**2 / n)
-    _, _, cos = _norms(student_maps.reshape(n, -1), teacher_maps.reshape(n, -1))
-    return kd, (1 - cos).mean().to(kd.dtype)
-
-
-def _reference_grads(
-    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float
-) -> tuple[Tensor, Tensor]:
-    """(∂kd/∂z_S [N, C], ∂exp/∂s [shape of the maps]) in plain, differentiable torch ops."""
-    n = student_logits.shape[0]
-    p_s = F.softmax(student_logits / tau, dim=1)
-    p_t = F.softmax(teacher_logits / tau, dim=1)
-    grad_logits = tau * (p_s - p_t) / n
-    s, t = student_maps.reshape(n, -1), teacher_maps.reshape(n, -1)
-    s_norm, denom, cos = _norms(s, t)
-    grad_s = t / denom[:, None] - cos[:, None] * s / s_norm.square().clamp_min(_EPS)[:, None]
-    return grad_logits, (grad_s / -n).reshape(student_maps.shape)
-
-
 # --------------------------------------------------------------------------------------------------
 # e2kd::distill_loss: the forward alone
 # --------------------------------------------------------------------------------------------------
@@ -130,8 +98,7 @@ def distill_loss_reference(
     student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reference forward of `distill_loss` (the spec every kernel is tested against)."""
-    kd, exp = _reference_terms(student_logits, teacher_logits, student_maps, teacher_maps, tau)
-    return kd + lam * exp, kd, exp
+    return reference.distill_loss(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
 
 
 @distill_loss_op.register_fake
@@ -151,7 +118,8 @@ def _formula_backward(ctx, grad_loss: Tensor, grad_kd: Tensor, grad_exp: Tensor)
     student_logits, teacher_logits, student_maps, teacher_maps = ctx.saved_tensors[:4]
     # The outputs are loss = kd + λ·exp, kd and exp: their gradients combine per term.
     g_kd, g_exp = grad_loss + grad_kd, ctx.lam * grad_loss + grad_exp
-    grad_logits, grad_maps = _reference_grads(student_logits, teacher_logits, student_maps, teacher_maps, ctx.tau)
+    grads = reference.distill_loss_grads(student_logits, teacher_logits, student_maps, teacher_maps, ctx.tau)
+    grad_logits, grad_maps = grads
     return g_kd * grad_logits, None, g_exp * grad_maps, None, None, None
 
 
@@ -177,10 +145,10 @@ def distill_loss_fused(
 def distill_loss_fused_reference(
     student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The reference of `distill_loss_fused`: the reference forward and the hand-derived gradients."""
-    loss, kd, exp = distill_loss_reference(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
-    grad_logits, grad_maps = _reference_grads(student_logits, teacher_logits, student_maps, teacher_maps, tau)
-    return loss, kd, exp, grad_logits.contiguous(), grad_maps.contiguous()
+    """The reference of `distill_loss_fused`: the reference forward and gradient formula."""
+    loss, kd, exp = reference.distill_loss(student_logits, teacher_logits, student_maps, teacher_maps, tau, lam)
+    grads = reference.distill_loss_grads(student_logits, teacher_logits, student_maps, teacher_maps, tau)
+    return loss, kd, exp, grads[0].contiguous(), grads[1].contiguous()
 
 
 @distill_loss_fused.register_fake
@@ -243,22 +211,25 @@ def distill_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-@backends.register(OP, "cpp", backends.cpp_device_types())
+_cpp_current = functools.partial(backends.cpp_op_current, "distill_loss", "eps")
+
+
+@backends.register(OP, "cpp", backends.cpp_device_types(), available=_cpp_current)
 def _cpp(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, Tensor, Tensor]:
-    loss, kd, exp, _, _ = torch.ops.e2kd_cpp.distill_loss(zs, zt, es, et, tau, lam, False)
+    loss, kd, exp, _, _ = torch.ops.e2kd_cpp.distill_loss(zs, zt, es, et, tau, lam, reference.COSINE_EPS, False)
     return loss, kd, exp
 
 
-@backends.register(FUSED_OP, "cpp", backends.cpp_device_types())
+@backends.register(FUSED_OP, "cpp", backends.cpp_device_types(), available=_cpp_current)
 def _cpp_fused(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, ...]:
-    return tuple(torch.ops.e2kd_cpp.distill_loss(zs, zt, es, et, tau, lam, True))
+    return tuple(torch.ops.e2kd_cpp.distill_loss(zs, zt, es, et, tau, lam, reference.COSINE_EPS, True))
 
 
 @backends.register(OP, "triton", ("cuda",))
 def _triton(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, Tensor, Tensor]:
     from e2kd_fast.kernels.distill_loss import distill_loss_triton
 
-    loss, kd, exp, _, _ = distill_loss_triton(zs, zt, es, et, tau, lam, with_grad=False)
+    loss, kd, exp, _, _ = distill_loss_triton(zs, zt, es, et, tau, lam, reference.COSINE_EPS, with_grad=False)
     return loss, kd, exp
 
 
@@ -266,7 +237,7 @@ def _triton(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: flo
 def _triton_fused(zs: Tensor, zt: Tensor, es: Tensor, et: Tensor, tau: float, lam: float) -> tuple[Tensor, ...]:
     from e2kd_fast.kernels.distill_loss import distill_loss_triton
 
-    return distill_loss_triton(zs, zt, es, et, tau, lam, with_grad=True)
+    return distill_loss_triton(zs, zt, es, et, tau, lam, reference.COSINE_EPS, with_grad=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,5 +259,5 @@ def _sample_inputs(dtype: torch.dtype = torch.float64) -> list[tuple]:
     ]
 
 
-register_op_test(distill_loss_op, _sample_inputs)
-register_op_test(distill_loss_fused, _sample_inputs)
+register_op_test(distill_loss_op, _sample_inputs, reference.distill_loss)
+register_op_test(distill_loss_fused, _sample_inputs, reference.distill_loss, reference.distill_loss_grads)

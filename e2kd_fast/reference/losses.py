@@ -1,9 +1,26 @@
-"""The e²KD loss terms in plain PyTorch (bcos_and_e2kd.md §3.1): the spec for the fused loss."""
+"""The e²KD loss terms in plain PyTorch (bcos_and_e2kd.md §3.1): the spec for the fused loss.
+
+The cosine is the official one, ``F.cosine_similarity(s, t, eps=1e-8)`` (torch ≥ 1.12): each norm
+is clamped below at ε *separately*, and the clamp is applied without autograd, so the gradient
+flows through ‖s‖ as if it were not clamped. With a = max(‖s‖, ε), b = max(‖t‖, ε):
+
+    cos = Σ (s/a)(t/b)
+    ∂cos/∂s = t/(a·b) − cos · s/(a·‖s‖)        (the second term is 0 where ‖s‖ = 0)
+
+Where ‖s‖ ≥ ε this is the derivative of the forward. Where 0 < ‖s‖ < ε the forward is linear in s
+(a = ε is constant) but torch's gradient keeps the second term; it differs from the derivative
+of the forward by at most ‖s‖/ε relative. This module follows torch there, because the official
+training steps with torch's gradient. `distill_loss_grads` states the gradient of the whole loss
+in differentiable torch ops (the double-backward path of ``e2kd::distill_loss``).
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+COSINE_EPS = 1e-8  # F.cosine_similarity's default eps: the clamp of each norm
 
 
 def kd_kl(student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0) -> Tensor:
@@ -42,7 +59,54 @@ def explanation_cosine_loss(student_maps: Tensor, teacher_maps: Tensor) -> Tenso
 
 def explanation_cosine(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
     """Per-sample cosine similarity of the flattened explanations: [N, ...] × [N, ...] → [N]."""
-    return F.cosine_similarity(student_maps.flatten(1), teacher_maps.flatten(1), dim=1, eps=1e-8)
+    return F.cosine_similarity(student_maps.flatten(1), teacher_maps.flatten(1), dim=1, eps=COSINE_EPS)
+
+
+def distill_loss(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float, lam: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The e²KD loss (loss, kd, exp) = (kd + λ·exp, `kd_kl`, `explanation_cosine_loss`), 0-dim each.
+
+    Args:
+        student_logits, teacher_logits: [N, C].
+        student_maps, teacher_maps: [N, ...] explanations (flattened per sample for the cosine).
+        tau: temperature τ; lam: weight λ of the explanation term.
+
+    Returns:
+        Three 0-dim tensors in the logits' dtype.
+    """
+    kd = kd_kl(student_logits, teacher_logits, tau)
+    exp = explanation_cosine_loss(student_maps, teacher_maps).to(kd.dtype)
+    return kd + lam * exp, kd, exp
+
+
+def distill_loss_grads(
+    student_logits: Tensor, teacher_logits: Tensor, student_maps: Tensor, teacher_maps: Tensor, tau: float
+) -> tuple[Tensor, Tensor]:
+    """(∂kd/∂z_S, ∂exp/∂s) of `distill_loss`, as torch's autograd gives them, in differentiable ops.
+
+    ∂kd/∂z_S = τ (p_S^τ − p_T^τ) / N;  ∂exp/∂s_i = −(1/N) ∂cos_i/∂s_i with ∂cos/∂s as in the module
+    docstring (per-norm clamp, torch's gradient through the unclamped norm).
+
+    Args:
+        student_logits, teacher_logits: [N, C].
+        student_maps, teacher_maps: [N, ...].
+
+    Returns:
+        ([N, C] in the logits' dtype, the maps' shape and dtype).
+    """
+    n = student_logits.shape[0]
+    grad_logits = tau * (F.softmax(student_logits / tau, dim=1) - F.softmax(teacher_logits / tau, dim=1)) / n
+    s, t = student_maps.reshape(n, -1), teacher_maps.reshape(n, -1)
+    s_norm = torch.linalg.vector_norm(s, dim=1, keepdim=True)
+    a = s_norm.clamp_min(COSINE_EPS)
+    b = torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min(COSINE_EPS)
+    cos = ((s / a) * (t / b)).sum(1, keepdim=True)
+    # s/‖s‖ is taken as 0 at s = 0, as vector_norm's own backward does.
+    nonzero = s_norm > 0
+    inv_s_norm = torch.where(nonzero, 1 / torch.where(nonzero, s_norm, torch.ones_like(s_norm)), 0)
+    grad_s = t / a / b - cos * s * (inv_s_norm / a)
+    return grad_logits, (grad_s / -n).reshape(student_maps.shape)
 
 
 def uniform_off_label_bce(logits: Tensor, target: Tensor, off_label: float | None = None) -> Tensor:
