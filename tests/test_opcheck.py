@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -13,6 +15,31 @@ def test_every_op_is_listed():
     """Every op in the e2kd namespace has sample inputs in ops/_registry.py, so the checks below run on it."""
     registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("e2kd::")}
     assert registered and registered == {t.name for t in OPS}
+
+
+@pytest.mark.parametrize("case", OPS, ids=[case.name for case in OPS])
+def test_every_op_runs_its_reference(case):
+    """Each op names its maths in e2kd_fast/reference/, and its reference back end calls exactly
+    that (so the maths is stated once: ops and kernels are tested against it, never a copy)."""
+    assert case.references, f"{case.name} names no reference"
+    for fn in case.references:
+        assert fn.__module__.startswith("e2kd_fast.reference."), f"{case.name}: {fn.__qualname__} is not in reference/"
+    wanted = {fn.__code__ for fn in case.references}
+    called = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in wanted:
+            called.add(frame.f_code)
+
+    with backends.use_backend("reference"), torch.no_grad():
+        for args in case.sample_inputs():
+            sys.setprofile(profile)
+            try:
+                case.op(*args)
+            finally:
+                sys.setprofile(None)
+    missing = [fn.__qualname__ for fn in case.references if fn.__code__ not in called]
+    assert not missing, f"{case.name}'s reference back end does not call {missing}"
 
 
 # Every (op, back end) that runs on CPU tensors here: the reference, the C++ kernels when the

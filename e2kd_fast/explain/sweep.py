@@ -42,7 +42,14 @@ from e2kd_fast.nn import (
     LogitLayer,
 )
 from e2kd_fast.nn.checkpointing import is_checkpointed, run_checkpointed
-from e2kd_fast.reference.bcos import dynamic_scale, patch_norm_slow, transposed_output_padding, unit_norm_weight
+from e2kd_fast.reference.bcos import (
+    LINEAR_NORM_EPS,
+    bcos_conv_linear,
+    conv_adjoint,
+    dynamic_scale,
+    patch_norm_slow,
+    unit_norm_weight,
+)
 from e2kd_fast.reference.explain import check_target
 
 Tape = list
@@ -140,7 +147,7 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
         linear, scale = ops.bcos_conv2d(x, m.linear.weight, float(m.b), *geometry)
         tape.append((scale, None, x.shape[-2:]))
         return scale * linear
-    linear = F.conv2d(x, unit_norm_weight(m.linear.weight), None, m.stride, m.padding, m.dilation, m.groups)
+    linear = bcos_conv_linear(x, m.linear.weight, m.stride, m.padding, m.dilation, m.groups)
     selection = None
     if m.max_out > 1:  # the selected unit of each MaxOut group is part of the dynamic map
         linear, selection = linear.unflatten(1, (m.out_channels, m.max_out)).max(dim=2)
@@ -176,13 +183,7 @@ def _conv_adj(m: BcosConv2d, g: Tensor, tape: Tape) -> Tensor:
     if scale is not None:
         g = scale * g
     g = _unselect(g, selection, m.max_out, 1)
-    return _conv_transpose(g, w_hat, in_size, m.stride, m.padding, m.dilation, m.groups)
-
-
-def _conv_transpose(g: Tensor, weight: Tensor, in_size, stride, padding, dilation, groups: int) -> Tensor:
-    """The adjoint of ``conv2d(·, weight, stride, padding, dilation, groups)`` for an input of ``in_size``."""
-    out_pad = transposed_output_padding(in_size, g.shape[-2:], weight.shape[-2:], stride, padding, dilation)
-    return F.conv_transpose2d(g, weight, None, stride, padding, out_pad, groups, dilation)
+    return conv_adjoint(g, w_hat, in_size, m.stride, m.padding, m.dilation, m.groups)
 
 
 register_sweep(BcosConv2d)((_conv_fwd, _conv_adj))
@@ -196,7 +197,7 @@ def _linear_fwd(m: BcosLinear, x: Tensor, tape: Tape) -> Tensor:
     if m.b == 1:
         tape.append((None, selection))
         return linear
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-12
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + LINEAR_NORM_EPS
     scale = dynamic_scale(linear, norm, m.b)
     tape.append((scale, selection))
     return scale * linear
@@ -294,7 +295,7 @@ def _avg_pool_adj(m: nn.AvgPool2d, g: Tensor, tape: Tape) -> Tensor:
     padding = nn.modules.utils._pair(m.padding)
     channels = g.shape[1]
     box = torch.full((channels, 1, *k), 1.0 / math.prod(k), dtype=g.dtype, device=g.device)
-    return _conv_transpose(g, box, in_shape[-2:], stride, padding, (1, 1), channels)
+    return conv_adjoint(g, box, in_shape[-2:], stride, padding, (1, 1), channels)
 
 
 register_sweep(nn.AvgPool2d)((_avg_pool_fwd, _avg_pool_adj))

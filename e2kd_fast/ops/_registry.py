@@ -1,9 +1,10 @@
-"""The list of registered ``e2kd::`` ops and their test inputs.
+"""The list of registered ``e2kd::`` ops, their test inputs and their references.
 
 Every op module registers its op here with a function returning sample inputs (float64, the
-differentiable inputs with ``requires_grad``). ``tests/test_opcheck.py`` walks this list and runs
-``torch.library.opcheck``, ``gradcheck`` and ``gradgradcheck`` on every op, so no op can be added
-without those checks.
+differentiable inputs with ``requires_grad``) and the functions of `e2kd_fast.reference` that state
+its maths. ``tests/test_opcheck.py`` walks this list: ``torch.library.opcheck``, ``gradcheck`` and
+``gradgradcheck`` on every op, and a check that the op's reference back end runs those reference
+functions, so no op can be added without those checks or with a private copy of its maths.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 class OpTest:
     op: Callable
     sample_inputs: Callable[[], list[tuple]]
+    references: tuple[Callable, ...]
 
     @property
     def name(self) -> str:
@@ -26,5 +28,6 @@ class OpTest:
 OPS: list[OpTest] = []
 
 
-def register_op_test(op: Callable, sample_inputs: Callable[[], list[tuple]]) -> None:
-    OPS.append(OpTest(op, sample_inputs))
+def register_op_test(op: Callable, sample_inputs: Callable[[], list[tuple]], *references: Callable) -> None:
+    """Lists ``op`` with its sample inputs and the `e2kd_fast.reference` functions its maths is."""
+    OPS.append(OpTest(op, sample_inputs, references))

@@ -9,14 +9,15 @@
     with  d(s ⊙ g) = conv2d(dy, ŵ),  dg = s · d(s ⊙ g),  ds = g · d(s ⊙ g),
           dŵ = conv2d weight-gradient with input dy and output-gradient s ⊙ g.
 
-The backwards are plain torch ops, so they are differentiable again (gradgradcheck); CPU
-implementations are the reference maths of `e2kd_fast.reference.bcos`.
+The maths of every op here is stated once, in `e2kd_fast.reference.bcos` (``bcos_conv2d_parts``,
+``bcos_linear_parts``, ``patch_norm``, ``scaled_conv_adjoint``, ``contribution_map``): each op's
+reference back end calls it and fixes the output layout. The backwards are plain torch ops, so
+they are differentiable again (gradgradcheck).
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,8 @@ from torch import Tensor
 
 from e2kd_fast.ops import backends
 from e2kd_fast.ops._registry import register_op_test
-from e2kd_fast.reference.bcos import dynamic_scale, transposed_output_padding, unit_norm_weight
-from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
+from e2kd_fast.reference import bcos as reference
+from e2kd_fast.reference.bcos import LINEAR_NORM_EPS, SCALE_EPS, transposed_output_padding
 
 
 @torch.compiler.assume_constant_result
@@ -80,7 +81,7 @@ def patch_norm_ref(
     x: Tensor, kernel: list[int], stride: list[int], padding: list[int], groups: int, out_channels: int
 ) -> Tensor:
     """The reference forward of `patch_norm` (output in x's memory format, as the fake says)."""
-    norm = patch_norm_reference(x, kernel, stride, padding, groups, out_channels if groups > 1 else None)
+    norm = reference.patch_norm(x, kernel, stride, padding, groups, out_channels)
     return norm.contiguous(memory_format=memory_format_of(x))
 
 
@@ -133,9 +134,8 @@ def scaled_conv_adjoint(
 
 
 def _conv_transpose(product: Tensor, weight: Tensor, in_size, stride, padding, dilation, groups: int) -> Tensor:
-    out_pad = transposed_output_padding(in_size, product.shape[-2:], weight.shape[-2:], stride, padding, dilation)
-    # Mixed precision: the sweep's g and the scale may be bf16/fp16 while the weight stays fp32.
-    out = F.conv_transpose2d(product, weight.to(product.dtype), None, stride, padding, out_pad, groups, dilation)
+    """`reference.bcos.conv_adjoint` of an already scaled product, in the product's memory format."""
+    out = reference.conv_adjoint(product, weight, in_size, stride, padding, dilation, groups)
     return out.contiguous(memory_format=memory_format_of(product))
 
 
@@ -150,9 +150,9 @@ def scaled_conv_adjoint_ref(
     dilation: list[int],
     groups: int,
 ) -> Tensor:
-    """The reference forward of `scaled_conv_adjoint`."""
-    product = (scale * g).contiguous(memory_format=memory_format_of(g))
-    return _conv_transpose(product, weight, in_size, stride, padding, dilation, groups)
+    """The reference forward of `scaled_conv_adjoint`, in g's memory format."""
+    out = reference.scaled_conv_adjoint(g, scale, weight, in_size, stride, padding, dilation, groups)
+    return out.contiguous(memory_format=memory_format_of(g))
 
 
 @scaled_conv_adjoint.register_fake
@@ -203,8 +203,8 @@ def _adjoint_inputs() -> list[tuple]:
     ]
 
 
-register_op_test(patch_norm, _patch_norm_inputs)
-register_op_test(scaled_conv_adjoint, _adjoint_inputs)
+register_op_test(patch_norm, _patch_norm_inputs, reference.patch_norm)
+register_op_test(scaled_conv_adjoint, _adjoint_inputs, reference.scaled_conv_adjoint)
 
 
 @torch.library.custom_op("e2kd::bcos_conv2d", mutates_args=())
@@ -228,19 +228,20 @@ def bcos_conv2d_ref(
     x: Tensor, weight: Tensor, b: float, stride: list[int], padding: list[int], groups: int
 ) -> tuple[Tensor, Tensor]:
     """The reference forward of `bcos_conv2d`: conv, patch norm and scale as separate torch ops."""
-    linear = _conv_linear(x, weight, stride, padding, groups)
-    return linear, _reference_scale(linear, x, weight, b, stride, padding, groups)
+    linear, scale = reference.bcos_conv2d_parts(x, weight, b, 1, stride, padding, 1, groups)
+    fmt = memory_format_of(x)
+    return linear.contiguous(memory_format=fmt), scale.contiguous(memory_format=fmt)
 
 
 def _reference_scale(linear: Tensor, x: Tensor, weight: Tensor, b: float, stride, padding, groups: int) -> Tensor:
-    """The dynamic scale of the conv output ``linear`` as torch ops (patch norm of x, then the scale)."""
-    norm = patch_norm_reference(x, weight.shape[-2:], stride, padding, groups, weight.shape[0] if groups > 1 else None)
-    return dynamic_scale(linear, norm, b).contiguous(memory_format=memory_format_of(x))
+    """The dynamic scale of the conv output ``linear``, in x's memory format."""
+    scale = reference.conv_dynamic_scale(linear, x, weight.shape[-2:], b, stride, padding, groups)
+    return scale.contiguous(memory_format=memory_format_of(x))
 
 
 def _conv_linear(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], groups: int) -> Tensor:
     """The linear part on cuDNN/oneDNN, in x's memory format (what the fused epilogues read)."""
-    linear = F.conv2d(x, unit_norm_weight(weight), None, stride, padding, 1, groups)
+    linear = reference.bcos_conv_linear(x, weight, stride, padding, 1, groups)
     return linear.contiguous(memory_format=memory_format_of(x))
 
 
@@ -253,10 +254,11 @@ def _(x, weight, b, stride, padding, groups):
 
 
 def _scale_slope(ratio: Tensor, b: float) -> Tensor:
-    """ds/dr of the dynamic scale s(r), r = l/n: sign(r) for B = 2 (s = |r|), else (B−1)(|r| + 1e-6)^(B−2) sign(r)."""
+    """ds/dr of the dynamic scale s(r), r = l/n (`reference.bcos.dynamic_scale`): sign(r) for B = 2
+    (s = |r|), else (B−1)(|r| + ε)^(B−2) sign(r)."""
     if b == 2:
         return torch.sign(ratio)
-    return (b - 1) * (ratio.abs() + 1e-6).pow(b - 2) * torch.sign(ratio)
+    return (b - 1) * (ratio.abs() + SCALE_EPS).pow(b - 2) * torch.sign(ratio)
 
 
 def _bcos_conv_setup(ctx, inputs, output) -> None:
@@ -273,7 +275,7 @@ def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
     out_channels, kernel = weight.shape[0], list(weight.shape[-2:])
     w_norm = torch.linalg.vector_norm(weight, dim=(1, 2, 3), keepdim=True)
     w_hat = weight / w_norm
-    norm = patch_norm_reference(x, kernel, stride, padding, groups, out_channels if groups > 1 else None)
+    norm = reference.patch_norm(x, kernel, stride, padding, groups, out_channels)
     ratio = linear / norm
     ds_dratio = _scale_slope(ratio, b)
     grad_linear = grad_linear + grad_scale * ds_dratio / norm
@@ -307,7 +309,7 @@ def _bcos_conv_inputs() -> list[tuple]:
     ]
 
 
-register_op_test(bcos_conv2d, _bcos_conv_inputs)
+register_op_test(bcos_conv2d, _bcos_conv_inputs, reference.bcos_conv2d_parts)
 
 
 @torch.library.custom_op("e2kd::bcos_linear", mutates_args=())
@@ -315,7 +317,8 @@ def bcos_linear(x: Tensor, weight: Tensor, b: float) -> tuple[Tensor, Tensor]:
     """The two factors of a B-cos linear layer (B > 1, no MaxOut): (linear, scale).
 
     x [*, C], weight [O, C] (raw; rows normalised inside) → linear = x ŵᵀ and
-    scale = |cos|^(B−1) with the input norm ‖x‖₂ + 1e-12, both [*, O] and contiguous.
+    scale = |cos|^(B−1) with the input norm ‖x‖₂ + 1e-12 (`reference.bcos.bcos_linear_parts`), both
+    [*, O] and contiguous.
     """
     impl = backends.implementation("e2kd::bcos_linear", x.device.type)
     return impl(x, weight, b)
@@ -324,9 +327,8 @@ def bcos_linear(x: Tensor, weight: Tensor, b: float) -> tuple[Tensor, Tensor]:
 @backends.register("e2kd::bcos_linear", "reference", ("cpu", "cuda"))
 def bcos_linear_ref(x: Tensor, weight: Tensor, b: float) -> tuple[Tensor, Tensor]:
     """The reference forward of `bcos_linear`."""
-    linear = F.linear(x, unit_norm_weight(weight)).contiguous()
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-12
-    return linear, dynamic_scale(linear, norm, b).contiguous()
+    linear, scale = reference.bcos_linear_parts(x, weight, b)
+    return linear.contiguous(), scale.contiguous()
 
 
 @bcos_linear.register_fake
@@ -342,14 +344,14 @@ def _bcos_linear_setup(ctx, inputs, output) -> None:
 
 
 def _bcos_linear_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
-    """s = f(l/n), l = x ŵᵀ, n = ‖x‖ + 1e-12: dl = g_l + g_s·∂s/∂l, dn = Σ_o g_s·∂s/∂n, then
+    """s = f(l/n), l = x ŵᵀ, n = ‖x‖ + ε: dl = g_l + g_s·∂s/∂l, dn = Σ_o g_s·∂s/∂n, then
     dx = dl ŵ + dn · x/‖x‖ and dw through ŵ = w/‖w‖ (plain torch ops: differentiable again)."""
     x, weight, linear = ctx.saved_tensors
     b = ctx.b
     w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
     w_hat = weight / w_norm
     x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    norm = x_norm + 1e-12
+    norm = x_norm + LINEAR_NORM_EPS
     ratio = linear / norm
     ds_dratio = _scale_slope(ratio, b)
     grad_linear = grad_linear + grad_scale * ds_dratio / norm
@@ -374,7 +376,7 @@ def _bcos_linear_inputs() -> list[tuple]:
     return [(rand(3, 5), rand(4, 5), 2.0), (rand(2, 3, 6), rand(5, 6), 1.5), (rand(1, 4), rand(2, 4), 2.5)]
 
 
-register_op_test(bcos_linear, _bcos_linear_inputs)
+register_op_test(bcos_linear, _bcos_linear_inputs, reference.bcos_linear_parts)
 
 
 @torch.library.custom_op("e2kd::contribution_map", mutates_args=())
@@ -387,7 +389,7 @@ def contribution_map(x: Tensor, weights: Tensor) -> Tensor:
 @backends.register("e2kd::contribution_map", "reference", ("cpu", "cuda"))
 def contribution_map_ref(x: Tensor, weights: Tensor) -> Tensor:
     """The reference forward of `contribution_map`."""
-    return (x * weights).sum(dim=1).contiguous()
+    return reference.contribution_map(x, weights).contiguous()
 
 
 @contribution_map.register_fake
@@ -419,7 +421,7 @@ def _contribution_inputs() -> list[tuple]:
     return [(rand(2, 6, 3, 4), rand(2, 6, 3, 4)), (rand(1, 1, 5, 7), rand(1, 1, 5, 7))]
 
 
-register_op_test(contribution_map, _contribution_inputs)
+register_op_test(contribution_map, _contribution_inputs, reference.contribution_map)
 
 
 # ---------------------------------------------------------------------------------------------- fast back ends
@@ -466,32 +468,21 @@ def contribution_map_triton(x, weights):
 # CUDA is listed only where setup.py recorded a CUDA build (`backends.cpp_device_types`).
 
 
-@functools.cache
-def _has_cpp_op(name: str) -> bool:
-    """Whether the loaded extension has ``e2kd_cpp::<name>`` (one warning when it predates it).
-
-    `backends` asks only once the extension is loaded; without the op, the layer ops run as if
-    ``cpp`` had no kernel for them (the reference, or ``auto``'s next choice).
-    """
-    if hasattr(torch.ops.e2kd_cpp, name):
-        return True
-    warnings.warn(
-        f"e2kd_cpp::{name} is not in the loaded extension (rebuild it: pip install -e .); "
-        "the B-cos layer ops use the reference instead",
-        stacklevel=2,
-    )
-    return False
-
-
 @backends.register(
-    "e2kd::patch_norm", "cpp", backends.cpp_device_types(), available=functools.partial(_has_cpp_op, "bcos_patch_norm")
+    "e2kd::patch_norm",
+    "cpp",
+    backends.cpp_device_types(),
+    available=functools.partial(backends.cpp_op_current, "bcos_patch_norm"),
 )
 def patch_norm_cpp(x, kernel, stride, padding, groups, out_channels):
     return torch.ops.e2kd_cpp.bcos_patch_norm(x, kernel, stride, padding, groups, out_channels)
 
 
 @backends.register(
-    "e2kd::bcos_conv2d", "cpp", backends.cpp_device_types(), available=functools.partial(_has_cpp_op, "bcos_epilogue")
+    "e2kd::bcos_conv2d",
+    "cpp",
+    backends.cpp_device_types(),
+    available=functools.partial(backends.cpp_op_current, "bcos_epilogue"),
 )
 def bcos_conv2d_cpp(x, weight, b, stride, padding, groups):
     """oneDNN/cuDNN conv, then the C++/CUDA epilogue (patch norm and scale in one pass over l)."""

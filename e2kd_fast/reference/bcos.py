@@ -12,7 +12,10 @@ Formulas (bcos_and_e2kd.md §1.1), for output unit j, input patch x_p and expone
     y_j = s_j · l_j                           (B = 1: y = l, no scale)
 
 The constants (1e-6, 1e-12) and the order of operations follow the official `bcos` package 0.1.3
-so that float64 results agree to rounding.
+so that float64 results agree to rounding. Each registered ``e2kd::`` layer op has its maths here:
+``bcos_conv2d`` ↔ `bcos_conv2d_parts`, ``bcos_linear`` ↔ `bcos_linear_parts`, ``patch_norm`` ↔
+`patch_norm`, ``scaled_conv_adjoint`` ↔ `scaled_conv_adjoint` (the sweep's step through a conv),
+``contribution_map`` ↔ `contribution_map`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IntPair = int | tuple[int, int]
+
+PATCH_NORM_EPS = 1e-6  # n = sqrt(Σ x² + ε) over a conv's receptive field
+LINEAR_NORM_EPS = 1e-12  # n = ‖x‖₂ + ε for a linear layer
+SCALE_EPS = 1e-6  # s = (|l/n| + ε)^(B−1) for B ≠ 2
 
 
 def pair(v: IntPair) -> tuple[int, int]:
@@ -69,7 +76,8 @@ def patch_norm(
         x: [N, C, H, W] input of the conv.
         kernel_size, stride, padding: the conv's geometry (no dilation; see `patch_norm_slow`).
         groups: the conv's groups; the norm is taken per group of input channels.
-        out_channels: required when groups > 1: each group's norm is repeated to its outputs.
+        out_channels: required when groups > 1: each group's norm is repeated to its outputs
+            (ignored when groups == 1).
 
     Returns:
         [N, 1, H_out, W_out] for groups == 1, else [N, out_channels, H_out, W_out].
@@ -81,7 +89,7 @@ def patch_norm(
     else:
         squares = squares.unflatten(1, (groups, x.shape[1] // groups)).sum(2)
     box_sum = F.avg_pool2d(squares, kernel, stride=pair(stride), padding=pair(padding)) * math.prod(kernel)
-    norms = (box_sum + 1e-6).sqrt()
+    norms = (box_sum + PATCH_NORM_EPS).sqrt()
     if groups > 1:
         if out_channels is None:
             raise ValueError("patch_norm: out_channels is required when groups > 1")
@@ -107,7 +115,7 @@ def patch_norm_slow(
         [N, O, H_out, W_out].
     """
     ones = torch.ones(weight_shape, dtype=x.dtype, device=x.device)
-    return (F.conv2d(x * x, ones, None, pair(stride), pair(padding), pair(dilation), groups) + 1e-6).sqrt()
+    return (F.conv2d(x * x, ones, None, pair(stride), pair(padding), pair(dilation), groups) + PATCH_NORM_EPS).sqrt()
 
 
 def dynamic_scale(linear_out: Tensor, norm: Tensor, b: float) -> Tensor:
@@ -123,7 +131,7 @@ def dynamic_scale(linear_out: Tensor, norm: Tensor, b: float) -> Tensor:
     """
     if b == 2:
         return linear_out.abs() / norm
-    return ((linear_out / norm).abs() + 1e-6).pow(b - 1)
+    return ((linear_out / norm).abs() + SCALE_EPS).pow(b - 1)
 
 
 def max_out(linear_out: Tensor, units: int, dim: int) -> Tensor:
@@ -154,17 +162,80 @@ def bcos_conv2d_parts(
     Returns:
         (linear, scale), both [N, O, H_out, W_out]; scale is None when b == 1.
     """
-    linear = F.conv2d(x, unit_norm_weight(weight), None, pair(stride), pair(padding), pair(dilation), groups)
-    linear = max_out(linear, max_out_units, dim=1)
+    linear = max_out(bcos_conv_linear(x, weight, stride, padding, dilation, groups), max_out_units, dim=1)
     if b == 1:
         return linear, None
-    out_channels = linear.shape[1]
     if pair(dilation) != (1, 1):
-        w_shape = (out_channels, *weight.shape[1:])
-        norm = patch_norm_slow(x, w_shape, stride, padding, dilation, groups)
-    else:
-        norm = patch_norm(x, weight.shape[-2:], stride, padding, groups, out_channels)
-    return linear, dynamic_scale(linear, norm, b)
+        norm = patch_norm_slow(x, (linear.shape[1], *weight.shape[1:]), stride, padding, dilation, groups)
+        return linear, dynamic_scale(linear, norm, b)
+    return linear, conv_dynamic_scale(linear, x, weight.shape[-2:], b, stride, padding, groups)
+
+
+def bcos_conv_linear(
+    x: Tensor, weight: Tensor, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1
+) -> Tensor:
+    """The linear part l = conv(x, ŵ): [N, C, H, W] → [N, O, H_out, W_out] (weight raw, [O, C/groups, kH, kW])."""
+    return F.conv2d(x, unit_norm_weight(weight), None, pair(stride), pair(padding), pair(dilation), groups)
+
+
+def conv_dynamic_scale(
+    linear: Tensor,
+    x: Tensor,
+    kernel_size: IntPair,
+    b: float,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    groups: int = 1,
+) -> Tensor:
+    """The scale of a (non-dilated) B-cos conv's linear part [N, O, H_out, W_out] from its input x [N, C, H, W]."""
+    norm = patch_norm(x, kernel_size, stride, padding, groups, linear.shape[1])
+    return dynamic_scale(linear, norm, b)
+
+
+def conv_adjoint(
+    g: Tensor,
+    weight: Tensor,
+    in_size,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """The adjoint of ``conv2d(·, weight, stride, padding, dilation, groups)`` for an input of ``in_size``.
+
+    Args:
+        g: [N, O, h, w]; weight: [O, C/groups, kH, kW] (cast to g's dtype: under mixed precision the
+            sweep's g is bf16/fp16 while the weight stays fp32).
+        in_size: (H, W) of the conv's input (strided convs drop remainders; the output padding restores them).
+
+    Returns:
+        [N, C, H, W].
+    """
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    out_pad = transposed_output_padding(in_size, g.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    return F.conv_transpose2d(g, weight.to(g.dtype), None, stride, padding, out_pad, groups, dilation)
+
+
+def scaled_conv_adjoint(
+    g: Tensor,
+    scale: Tensor,
+    weight: Tensor,
+    in_size,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """The explanation sweep's step back through a B-cos conv: conv_adjoint(scale ⊙ g, ŵ).
+
+    Args:
+        g: [N, O, h, w] the sweep's vector at the conv's output; scale: the layer's dynamic scale,
+            broadcastable to g; weight: the unit-norm ŵ [O, C/groups, kH, kW].
+
+    Returns:
+        [N, C, *in_size].
+    """
+    return conv_adjoint(scale * g, weight, in_size, stride, padding, dilation, groups)
 
 
 def bcos_conv2d(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1, **conv: IntPair) -> Tensor:
@@ -186,7 +257,7 @@ def bcos_linear_parts(x: Tensor, weight: Tensor, b: float = 2, max_out_units: in
     linear = max_out(F.linear(x, unit_norm_weight(weight)), max_out_units, dim=-1)
     if b == 1:
         return linear, None
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-12
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + LINEAR_NORM_EPS
     return linear, dynamic_scale(linear, norm, b)
 
 
@@ -194,3 +265,15 @@ def bcos_linear(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1)
     """A B-cos linear layer: [*, C] → [*, O]."""
     linear, scale = bcos_linear_parts(x, weight, b, max_out_units)
     return linear if scale is None else scale * linear
+
+
+def contribution_map(x: Tensor, weights: Tensor) -> Tensor:
+    """Σ_c x·W per pixel, the contributions W(x)ᵀx of a B-cos model spatially resolved.
+
+    Args:
+        x, weights: [N, C, H, W] the input and its dynamic weights W(x).
+
+    Returns:
+        [N, H, W].
+    """
+    return (x * weights).sum(dim=1)
