@@ -21,7 +21,6 @@ pops those records in reverse and returns ∂⟨g, m(x)⟩/∂x with the dynamic
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -44,6 +43,7 @@ from e2kd_fast.nn import (
 from e2kd_fast.nn.checkpointing import is_checkpointed, run_checkpointed
 from e2kd_fast.reference.bcos import (
     LINEAR_NORM_EPS,
+    avg_pool_adjoint,
     bcos_conv_linear,
     conv_adjoint,
     dynamic_scale,
@@ -289,13 +289,8 @@ def _avg_pool_fwd(m: nn.AvgPool2d, x: Tensor, tape: Tape) -> Tensor:
 
 
 def _avg_pool_adj(m: nn.AvgPool2d, g: Tensor, tape: Tape) -> Tensor:
-    in_shape = tape.pop()
-    k = nn.modules.utils._pair(m.kernel_size)
-    stride = nn.modules.utils._pair(m.stride if m.stride is not None else m.kernel_size)
-    padding = nn.modules.utils._pair(m.padding)
-    channels = g.shape[1]
-    box = torch.full((channels, 1, *k), 1.0 / math.prod(k), dtype=g.dtype, device=g.device)
-    return conv_adjoint(g, box, in_shape[-2:], stride, padding, (1, 1), channels)
+    stride = m.stride if m.stride is not None else m.kernel_size
+    return avg_pool_adjoint(g, tape.pop(), m.kernel_size, stride, m.padding)
 
 
 register_sweep(nn.AvgPool2d)((_avg_pool_fwd, _avg_pool_adj))

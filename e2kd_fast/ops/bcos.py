@@ -18,6 +18,7 @@ they are differentiable again (gradgradcheck).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +62,7 @@ def _empty(like: Tensor, shape) -> Tensor:
 
 def _box_sum_adjoint(g: Tensor, kernel: list[int], stride: list[int], padding: list[int], in_size) -> Tensor:
     """The transpose of ``avg_pool2d(·, kernel, stride, padding) · prod(kernel)`` for an input of ``in_size``."""
-    channels = g.shape[1]
-    ones = torch.ones(channels, 1, *kernel, dtype=g.dtype, device=g.device)
-    out_pad = transposed_output_padding(in_size, g.shape[-2:], kernel, stride, padding)
-    return F.conv_transpose2d(g, ones, None, stride, padding, out_pad, channels)
+    return reference.avg_pool_adjoint(g * math.prod(kernel), (*g.shape[:2], *in_size), kernel, stride, padding)
 
 
 @torch.library.custom_op("e2kd::patch_norm", mutates_args=())

@@ -216,6 +216,19 @@ def conv_adjoint(
     return F.conv_transpose2d(g, weight.to(g.dtype), None, stride, padding, out_pad, groups, dilation)
 
 
+def avg_pool_adjoint(g: Tensor, in_shape, kernel_size: IntPair, stride: IntPair, padding: IntPair = 0) -> Tensor:
+    """The adjoint of ``avg_pool2d(·, kernel_size, stride, padding)`` (zero padding counted, floor mode)
+    for an input of ``in_shape`` [N, C, H, W]: g [N, C, h, w] → [N, C, H, W].
+
+    Autograd's own adjoint: unlike a depthwise transposed conv, whose CPU kernel and meta function
+    disagree on the output strides of 1×1 inputs, it gives compiled graphs consistent layouts.
+    """
+    shape_only = g.new_empty(()).expand(in_shape)
+    return torch.ops.aten.avg_pool2d_backward(
+        g, shape_only, list(pair(kernel_size)), list(pair(stride)), list(pair(padding)), False, True, None
+    )
+
+
 def scaled_conv_adjoint(
     g: Tensor,
     scale: Tensor,
