@@ -251,6 +251,8 @@ class TeacherConfig(_Section):
         mode: ``"live"`` runs the teacher on every augmented batch; ``"frozen"`` reads its logits and
             explanations, computed once per training image, from ``store`` (spec section 3.6).
         store: folder of the precomputed frozen-explanation store; required when ``mode == "frozen"``.
+        kwargs: extra keyword arguments of `create_model`, as ``student.kwargs`` (e.g. ``{"norm": "pn"}``
+            for a teacher file saved from the official CIFAR entry points).
     """
 
     _section = "teacher"
@@ -260,6 +262,7 @@ class TeacherConfig(_Section):
     num_classes: int | None = None
     mode: TeacherMode = "live"
     store: str | None = None
+    kwargs: dict = field(default_factory=dict, hash=False)
 
     def _validate(self) -> None:
         _require(

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from bcos.models import pretrained as official_zoo
+from bcos.models.resnet import cifar10_resnet20
 
 from e2kd_fast import AddInverse, create_model, load_checkpoint, save_checkpoint
 from e2kd_fast.models import CheckpointError, read_checkpoint
+from tests.helpers import randomize_norms, rel_err
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -51,6 +54,93 @@ def test_official_teacher_files_load(tmp_path, ours, official, filename):
     load_checkpoint(model, tmp_path / filename)
     x6 = AddInverse()(torch.rand(1, 3, 32, 32))
     torch.testing.assert_close(model(x6), reference(x6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def official_cifar_state() -> dict[str, torch.Tensor]:
+    """A state dict of the official ``cifar10_resnet20()`` with its default (position) norms."""
+    torch.manual_seed(0)
+    return randomize_norms(cifar10_resnet20()).state_dict()
+
+
+def test_official_cifar_file_loads_with_position_norms(tmp_path, official_cifar_state):
+    """The official CIFAR entry points build position norms: their files load into norm="pn" exactly."""
+    reference = cifar10_resnet20()
+    reference.load_state_dict(official_cifar_state)
+    torch.save(official_cifar_state, tmp_path / "cifar10_resnet20.pth")
+    model = create_model("bcos_resnet20_cifar", norm="pn")
+    load_checkpoint(model, tmp_path / "cifar10_resnet20.pth")
+    model, reference = model.double().eval(), reference.double().eval()
+    x6 = AddInverse()(torch.rand(2, 3, 32, 32, dtype=torch.float64))
+    assert rel_err(model(x6), reference(x6)) < 1e-12
+
+
+def test_config_teacher_takes_the_official_cifar_file(tmp_path, official_cifar_state):
+    """``teacher.kwargs: {norm: pn}`` builds the teacher the official file was saved from."""
+    from e2kd_fast.config import load_config
+    from e2kd_fast.engine.trainer import build_teacher
+
+    torch.save(official_cifar_state, tmp_path / "cifar10_resnet20.pth")
+    config = Path(__file__).parents[1] / "configs" / "waterbirds_bcos_r18_from_r50_e2kd.yaml"
+    overrides = [
+        "teacher.name=bcos_resnet20_cifar",
+        "teacher.num_classes=10",
+        "student.num_classes=10",
+        f"teacher.checkpoint={tmp_path / 'cifar10_resnet20.pth'}",
+        "teacher.kwargs={norm: pn}",
+    ]
+    teacher = build_teacher(load_config(config, overrides))
+    assert not any("running_mean" in key for key in teacher.state_dict())
+
+
+def test_official_cifar_file_into_default_model_names_position_norms(tmp_path, official_cifar_state):
+    torch.save(official_cifar_state, tmp_path / "cifar10_resnet20.pth")
+    model = create_model("bcos_resnet20_cifar")  # uncentred batch norms: running statistics expected
+    before = _snapshot(model)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(model, tmp_path / "cifar10_resnet20.pth")
+    message = str(info.value)
+    assert "42 missing keys (bn1.running_mean" in message
+    assert "looks saved with position norms (no running statistics)" in message
+    assert 'norm="pn"' in message and 'create_model("bcos_resnet20_cifar", norm="pn")' in message
+    assert "student.kwargs / teacher.kwargs: {norm: pn}" in message
+    _assert_unchanged(model, before)
+
+
+def test_batch_norm_file_into_position_norm_model_names_batch_norms():
+    state = create_model("bcos_resnet20_cifar").state_dict()
+    model = create_model("bcos_resnet20_cifar", norm="pn")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(model, state)
+    message = str(info.value)
+    assert "63 unexpected keys (bn1.running_mean" in message
+    assert "looks saved with uncentred batch norms (with running statistics)" in message
+    assert "the model has position norms" in message
+    assert 'norm="bnu", the default' in message
+
+
+@pytest.mark.parametrize(
+    ("file_norm", "model_norm", "says"), [("none", "bnu", 'norm="none"'), ("bnu", "none", 'norm="bnu"')]
+)
+def test_norm_hint_covers_models_without_norms(file_norm, model_norm, says):
+    state = create_model("bcos_resnet20_cifar", norm=file_norm).state_dict()
+    with pytest.raises(CheckpointError, match="looks saved with") as info:
+        load_checkpoint(create_model("bcos_resnet20_cifar", norm=model_norm), state)
+    assert says in str(info.value)
+
+
+def test_no_norm_hint_for_other_mismatches():
+    """A single missing buffer or another architecture is not taken for another norm kind."""
+    state = create_model("bcos_resnet20_cifar").state_dict()
+    del state["bn1.running_var"]
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(create_model("bcos_resnet20_cifar"), state)
+    assert "looks saved" not in str(info.value)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(
+            create_model("bcos_resnet32_cifar", norm="pn"), create_model("bcos_resnet20_cifar").state_dict()
+        )
+    assert "looks saved" not in str(info.value)
 
 
 def test_torchvision_checkpoints_including_legacy_densenet_names(tmp_path):

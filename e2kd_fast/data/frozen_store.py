@@ -534,6 +534,8 @@ def store_identity(cfg, dataset) -> dict[str, Any]:
     """The meta values that tie a store to its dataset, teacher and map resolution."""
     return {
         "teacher": cfg.teacher.name,
+        # Only when set, so stores written before teachers took kwargs keep their identity.
+        **({"teacher_kwargs": dict(cfg.teacher.kwargs)} if cfg.teacher.kwargs else {}),
         "teacher_checkpoint_sha256": file_sha256(cfg.teacher.checkpoint),
         "explanation": cfg.distill.explanation,
         "num_images": len(dataset),

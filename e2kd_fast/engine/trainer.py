@@ -90,7 +90,7 @@ def build_teacher(cfg: Config) -> nn.Module | None:
     """The teacher in eval mode with frozen parameters, or None when the config has none."""
     if cfg.teacher.name is None:
         return None
-    teacher = create_model(cfg.teacher.name, num_classes=cfg.teacher.num_classes)
+    teacher = create_model(cfg.teacher.name, num_classes=cfg.teacher.num_classes, **dict(cfg.teacher.kwargs))
     if cfg.teacher.checkpoint:
         load_checkpoint(teacher, cfg.teacher.checkpoint)
     return teacher.eval().requires_grad_(False)

@@ -245,8 +245,10 @@ def _cifar(depth: int, num_classes: int, **kwargs) -> BcosResNet:
 
 
 # The official CIFAR-10 B-cos ResNets (bcos.models.resnet.cifar10_resnet<depth>): 3 stages of
-# 16/32/64 channels. Default here: uncentred batch norm, B = 2, no MaxOut (the official CIFAR-10
-# configs also train them without norms and with max_out=2: pass norm="none", max_out=2).
+# 16/32/64 channels. Default here: uncentred batch norm, B = 2, no MaxOut. The official entry points
+# build position norms instead, so a state dict of an official model built with its defaults loads
+# only into norm="pn" (create_model("bcos_resnet20_cifar", norm="pn")). The official CIFAR-10
+# configs train them without norms and with max_out=2: pass norm="none", max_out=2 for those files.
 @register_model("bcos", default_num_classes=10)
 def bcos_resnet20_cifar(num_classes: int = 10, **kwargs) -> BcosResNet:
     """B-cos ResNet-20 for 32–64 px images (3 × 3 basic blocks)."""

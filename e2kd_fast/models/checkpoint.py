@@ -11,11 +11,15 @@
 Models may define ``convert_state_dict(sd) -> sd`` to map foreign key names (the official ViT's
 ``0.`` prefix, torchvision's legacy DenseNet names). Files are read with ``weights_only=True``:
 nothing in them is executed. All mismatches are reported together and nothing is loaded unless
-everything matches.
+everything matches. When the mismatched keys are exactly those of the norms, and the file's norms
+store the keys of another `make_norm2d` kind than the model's (a file from a ``norm="pn"`` model
+into a ``norm="bnu"`` one, say), the error names that kind and the option that builds it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import pickle
 import tempfile
@@ -26,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from e2kd_fast.nn.norms import make_norm2d
 
 CHECKPOINT_FORMAT = "e2kd-fast/checkpoint"
 _STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -165,7 +171,10 @@ def load_checkpoint(
         if shapes:
             problems.append(f"{len(shapes)} shape mismatches ({_names(shapes)})")
         arch = getattr(model, "e2kd_name", type(model).__name__)
-        raise CheckpointError(f"{source} does not match {arch}: " + "; ".join(problems) + ". Nothing was loaded.")
+        hint = _norm_hint(model, expected, state, missing + unexpected)
+        raise CheckpointError(
+            f"{source} does not match {arch}: " + "; ".join(problems) + ". " + (hint or "") + "Nothing was loaded."
+        )
     model.load_state_dict(state, strict=True)
     return LoadReport(source, kind, len(state), stripped)
 
@@ -200,6 +209,126 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# Norm kinds told apart by their state-dict keys (`make_norm2d`): running statistics, a weight only,
+# or nothing. Of kinds with the same keys, the hint proposes the first and names the others.
+_NORM_KINDS = ("bnu", "pn", "ln", "gn1", "none")
+_NORM_NAMES = {
+    "bnu": "uncentred batch norms",
+    "pn": "position norms",
+    "ln": "layer norms",
+    "gn1": "group norms",
+    "none": "no norms",
+}
+_NORM_OPTIONS = {"gn1": "gn<G>"}  # any group count stores the same keys
+_OPTIONAL_BUFFERS = frozenset({"num_batches_tracked"})  # older files lack it (see load_checkpoint)
+
+
+@functools.cache
+def _norm_signatures() -> dict[frozenset[str], tuple[str, ...]]:
+    """The key names (after the module prefix) each norm kind stores → the kinds storing exactly them.
+
+    Read off the norm layers themselves, so a changed parameter or buffer needs no edit here.
+    """
+    signatures: dict[frozenset[str], tuple[str, ...]] = {}
+    for kind in _NORM_KINDS:
+        keys = frozenset(make_norm2d(kind)(4).state_dict()) - _OPTIONAL_BUFFERS
+        signatures[keys] = (*signatures.get(keys, ()), kind)
+    return signatures
+
+
+@functools.cache
+def _norm_kind_of_class() -> dict[type, str]:
+    """The class each norm kind builds → the kind, to name a model's own norm exactly."""
+    return {type(make_norm2d(kind)(4)): kind for kind in _NORM_KINDS}
+
+
+def _keys_text(kind: str) -> str:
+    """What a norm kind stores, in words: running statistics, a weight only, or nothing."""
+    keys = frozenset(make_norm2d(kind)(4).state_dict())
+    if not keys:
+        return "no norm keys at all"
+    return "with running statistics" if "running_var" in keys else "no running statistics"
+
+
+def _keys_by_prefix(state: Mapping[str, Tensor]) -> dict[str, set[str]]:
+    """``{"layer1.0.bn1": {"weight", "running_var", ...}, ...}``: the key names under each module."""
+    grouped: dict[str, set[str]] = {}
+    for key in state:
+        prefix, _, name = key.rpartition(".")
+        grouped.setdefault(prefix, set()).add(name)
+    return grouped
+
+
+def _norm_kind_at(state: Mapping[str, Tensor], grouped: dict[str, set[str]], prefix: str) -> str | None:
+    """The first norm kind storing exactly ``state``'s keys under module ``prefix`` (none: no keys), or None.
+
+    Norm tensors are [C]; a module with other shapes (a bias-free linear layer's [out, in]) is no norm.
+    """
+    names = frozenset(grouped.get(prefix, ())) - _OPTIONAL_BUFFERS
+    if any(state[f"{prefix}.{name}"].dim() != 1 for name in names):
+        return None
+    kinds = _norm_signatures().get(names)
+    return kinds[0] if kinds else None
+
+
+def _norm_hint(
+    model: nn.Module, expected: Mapping[str, Tensor], state: Mapping[str, Tensor], mismatched: list[str]
+) -> str | None:
+    """A sentence naming the norm kind the file was saved with and how to build a model that fits it.
+
+    Args:
+        model: the model being loaded.
+        expected, state: the model's and the file's state dicts.
+        mismatched: the missing and unexpected keys.
+
+    Returns:
+        None unless every mismatched key lies in a module of the model that stores the keys of one
+        norm kind in the model and of another in the file, the same two kinds everywhere, and no
+        norm of the model's kind matches the file (one deleted buffer is not another norm).
+    """
+    model_keys, file_keys = _keys_by_prefix(expected), _keys_by_prefix(state)
+    modules = dict(model.named_modules())
+    pairs: set[tuple[str | None, str | None]] = set()
+    for prefix in {key.rpartition(".")[0] for key in mismatched}:
+        if prefix not in modules:  # the file has a module the model lacks: another architecture
+            return None
+        pairs.add((_norm_kind_at(expected, model_keys, prefix), _norm_kind_at(state, file_keys, prefix)))
+    if len(pairs) != 1:
+        return None
+    model_kind, file_kind = pairs.pop()
+    if model_kind is None or file_kind is None or model_kind == file_kind:
+        return None
+    if model_kind != "none" and any(
+        _norm_kind_at(expected, model_keys, prefix) == model_kind == _norm_kind_at(state, file_keys, prefix)
+        for prefix in model_keys
+    ):
+        return None
+
+    # The keys say only which group of kinds the model's norms are in; their class says which kind.
+    model_norm = _norm_kind_of_class().get(type(modules[mismatched[0].rpartition(".")[0]]), model_kind)
+    text = (
+        f"The file looks saved with {_NORM_NAMES[file_kind]} ({_keys_text(file_kind)}), the model has "
+        f"{_NORM_NAMES[model_norm]} ({_keys_text(model_kind)}): "
+    )
+    parameter = inspect.signature(type(model).__init__).parameters.get("norm")
+    if parameter is None:
+        return text + f"{type(model).__name__} has no norm option, so the file belongs to another model. "
+    name = getattr(model, "e2kd_name", None)
+    build = (
+        f'create_model("{name}", norm="{file_kind}")' if name else f'{type(model).__name__}(..., norm="{file_kind}")'
+    )
+    text += (
+        f'build the model with norm="{file_kind}"{", the default" if parameter.default == file_kind else ""} '
+        f"({build}, or student.kwargs / teacher.kwargs: {{norm: {file_kind}}} in a config). "
+    )
+    same_keys = next(kinds for kinds in _norm_signatures().values() if kinds[0] == file_kind)[1:]
+    if same_keys:
+        names = " and ".join(_NORM_NAMES[kind] for kind in same_keys)
+        options = ", ".join(f'norm="{_NORM_OPTIONS.get(kind, kind)}"' for kind in same_keys)
+        text += f"{names.capitalize()} ({options}) store the same keys; use the norm the file was trained with. "
+    return text
 
 
 def _names(items: list[str]) -> str:
