@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from e2kd_fast.config import load_config
 
 
 def randomize_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -35,8 +39,6 @@ def official_input_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor)
 
 def write_image_folder(root, classes: int = 4, per_split: dict | None = None, size=(40, 48), seed: int = 0):
     """Writes small random JPEGs as ``root/<split>/class_<k>/<i>.jpg`` (an ImageNet-style folder)."""
-    from pathlib import Path
-
     import numpy as np
     from PIL import Image
 
@@ -49,3 +51,15 @@ def write_image_folder(root, classes: int = 4, per_split: dict | None = None, si
                 pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
     return Path(root)
+
+
+def config_pairs() -> list[tuple[str, str, str]]:
+    """(student, teacher, explanation) of every distillation config in configs/ (base files excluded)."""
+    pairs = set()
+    for path in sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")):
+        if "xdistill" in path.parts or "base" in path.parts:
+            continue
+        cfg = load_config(path)
+        if cfg.teacher.name is not None and cfg.distill.method in ("e2kd", "kd"):
+            pairs.add((cfg.student.name, cfg.teacher.name, cfg.distill.explanation))
+    return sorted(pairs)

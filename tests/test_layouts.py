@@ -10,8 +10,6 @@ significant strides (of dimensions longer than 1) of the real output with the fa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch._prims_common import check_significant_strides
@@ -20,9 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from e2kd_fast import create_model
-from e2kd_fast.config import load_config
 from e2kd_fast.engine.step import TrainStep
 from e2kd_fast.ops import OPS, backends
+from tests.helpers import config_pairs
 
 aten = torch.ops.aten
 # What Inductor runs as external kernels in our graphs (everything else it generates itself).
@@ -135,18 +133,7 @@ def test_every_op_fake_matches_its_kernels_in_every_layout(case):
 # --------------------------------------------------------------------------------------------------
 
 
-def _config_pairs() -> list[tuple[str, str, str]]:
-    pairs = set()
-    for path in sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")):
-        if "xdistill" in path.parts or "base" in path.parts:
-            continue
-        cfg = load_config(path)
-        if cfg.teacher.name is not None and cfg.distill.method in ("e2kd", "kd"):
-            pairs.add((cfg.student.name, cfg.teacher.name, cfg.distill.explanation))
-    return sorted(pairs)
-
-
-PAIRS = _config_pairs()
+PAIRS = config_pairs()
 
 
 # The default choice, and the C++ layer kernels where the extension is built (the layers then call

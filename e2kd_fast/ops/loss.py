@@ -118,8 +118,9 @@ def _formula_backward(ctx, grad_loss: Tensor, grad_kd: Tensor, grad_exp: Tensor)
     student_logits, teacher_logits, student_maps, teacher_maps = ctx.saved_tensors[:4]
     # The outputs are loss = kd + λ·exp, kd and exp: their gradients combine per term.
     g_kd, g_exp = grad_loss + grad_kd, ctx.lam * grad_loss + grad_exp
-    grads = reference.distill_loss_grads(student_logits, teacher_logits, student_maps, teacher_maps, ctx.tau)
-    grad_logits, grad_maps = grads
+    grad_logits, grad_maps = reference.distill_loss_grads(
+        student_logits, teacher_logits, student_maps, teacher_maps, ctx.tau
+    )
     return g_kd * grad_logits, None, g_exp * grad_maps, None, None, None
 
 
