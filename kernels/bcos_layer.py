@@ -7,8 +7,9 @@ The B-cos conv keeps its FLOPs on cuDNN (``F.conv2d``) and fuses the memory-boun
 
 1. ``_sumsq_kernel``: q[n, g, h, w] = Σ_{c ∈ group g} x[n, c, h, w]² (fp32; one read of x);
 2. ``_epilogue_kernel``: per output pixel, the box sum of q over the receptive field (zero padding),
-   n = sqrt(Σ + 1e-6), then for every output channel of the group s = |l|/n (B = 2) or
-   (|l/n| + 1e-6)^(B−1), and optionally y = s·l (one read of l, one or two writes).
+   n = sqrt(Σ + ε), then for every output channel of the group s = |l|/n (B = 2) or
+   (|l/n| + ε)^(B−1), and optionally y = s·l (one read of l, one or two writes); both ε = 1e-6 are
+   `e2kd_fast.reference.bcos`'s ``PATCH_NORM_EPS`` and ``SCALE_EPS``, passed as constexprs.
    Without l it stores n itself (the ``e2kd::patch_norm`` op).
 
 ``scale_product(s, g)``: the explanation sweep's s ⊙ g, the prologue of cuDNN's transposed conv.
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from e2kd_fast.ops.bcos import memory_format_of
+from e2kd_fast.reference.bcos import PATCH_NORM_EPS, SCALE_EPS
 
 try:
     import triton
@@ -114,6 +116,8 @@ if triton is not None:
         WRITE_Y: tl.constexpr,
         B_IS_2: tl.constexpr,
         PIX_FLAT: tl.constexpr,
+        NORM_EPS: tl.constexpr,
+        SCALE_EPS: tl.constexpr,
         ACC: tl.constexpr,
         BLOCK_O: tl.constexpr,
         BLOCK_P: tl.constexpr,
@@ -140,7 +144,7 @@ if triton is not None:
                 iw = wo * stride_w - pad_w + kw
                 m = hmask & (iw >= 0) & (iw < width)
                 box += tl.load(q_base + ih * width + iw, mask=m, other=0.0)
-        norm = tl.sqrt(box + 1e-6)
+        norm = tl.sqrt(box + NORM_EPS)
         if PIX_FLAT:
             l_pix = p * slw
             s_pix = p * ssw
@@ -157,8 +161,8 @@ if triton is not None:
                 if B_IS_2:
                     scale = tl.abs(lin) / norm[None, :]
                 else:
-                    # (|l/n| + 1e-6)^(B−1); the base is positive, so exp2/log2 is exact enough.
-                    scale = tl.exp2((b - 1.0) * tl.log2(tl.abs(lin / norm[None, :]) + 1e-6))
+                    # (|l/n| + ε)^(B−1); the base is positive, so exp2/log2 is exact enough.
+                    scale = tl.exp2((b - 1.0) * tl.log2(tl.abs(lin / norm[None, :]) + SCALE_EPS))
                 tl.store(s_ptr + s_off, scale.to(s_ptr.dtype.element_ty), mask=mask)
                 if WRITE_Y:
                     tl.store(y_ptr + s_off, (scale * lin).to(y_ptr.dtype.element_ty), mask=mask)
@@ -282,6 +286,8 @@ def _launch_epilogue(
         WRITE_Y=y is not None,
         B_IS_2=float(b) == 2.0,
         PIX_FLAT=flat,
+        NORM_EPS=PATCH_NORM_EPS,
+        SCALE_EPS=SCALE_EPS,
         ACC=_acc(x, src),
         BLOCK_O=block_o,
         BLOCK_P=block_p,
