@@ -112,12 +112,12 @@ def _ambiguous_inputs(args: tuple) -> list[tuple]:
     return cases
 
 
-@pytest.mark.parametrize("case", OPS, ids=[case.name for case in OPS])
-def test_every_op_fake_matches_its_kernels_in_every_layout(case):
-    for backend in backends.candidates(case.name, "cpu"):
+def _check_op_layouts(case, device: str) -> None:
+    for backend in backends.candidates(case.name, device):
         check = FakeStrideCheck()
         with backends.use_backend(backend), torch.no_grad():
             for args in case.sample_inputs():
+                args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
                 for variant in [args, *_ambiguous_inputs(args)]:
                     try:
                         case.op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in variant])
@@ -126,6 +126,17 @@ def test_every_op_fake_matches_its_kernels_in_every_layout(case):
                     for v_args, _ in _layout_variants(variant, {}):
                         check._compare(case.op._opoverload, v_args, {})
         assert check.checked and not check.mismatches, (backend, check.mismatches)
+
+
+@pytest.mark.parametrize("case", OPS, ids=[case.name for case in OPS])
+def test_every_op_fake_matches_its_kernels_in_every_layout(case):
+    _check_op_layouts(case, "cpu")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("case", OPS, ids=[case.name for case in OPS])
+def test_every_op_fake_matches_its_cuda_kernels_in_every_layout(case):
+    _check_op_layouts(case, "cuda")
 
 
 # --------------------------------------------------------------------------------------------------
