@@ -248,7 +248,8 @@ def scaled_conv_adjoint(
     Returns:
         [N, C, *in_size].
     """
-    return conv_adjoint(scale * g, weight, in_size, stride, padding, dilation, groups)
+    # g first: the product takes g's layout (channels_last or not), which the transposed conv keeps.
+    return conv_adjoint(g * scale, weight, in_size, stride, padding, dilation, groups)
 
 
 def bcos_conv2d(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1, **conv: IntPair) -> Tensor:
