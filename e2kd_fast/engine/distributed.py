@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from e2kd_fast.config import _deep_merge
+from e2kd_fast.config import deep_merge
 from e2kd_fast.engine.optim import _unitwise_norm, adaptive_clip_grad_
 from e2kd_fast.engine.sampling import EpochSampler
 
@@ -412,7 +412,7 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(config, extra or {})
+    return deep_merge(config, extra or {})
 
 
 class _ZeroPartitionLayout:

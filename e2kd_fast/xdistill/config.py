@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from e2kd_fast.config import _read_yaml_file, _require, _Section, _sections_from_dict
+from e2kd_fast.config.files import read_yaml_file
+from e2kd_fast.config.sections import Section, require, sections_from_dict
 
 __all__ = [
     "CaeSection",
@@ -43,7 +44,7 @@ Explainer = Literal["kernel_shap", "lime", "gradcam"]
 
 
 @dataclass(frozen=True)
-class DataSection(_Section):
+class DataSection(Section):
     """Images, labels and their size.
 
     Attributes:
@@ -86,7 +87,7 @@ class DataSection(_Section):
 
 
 @dataclass(frozen=True)
-class TeacherSection(_Section):
+class TeacherSection(Section):
     """The teacher.
 
     Attributes:
@@ -106,15 +107,15 @@ class TeacherSection(_Section):
     batch_size: int = 64
 
     def _validate(self) -> None:
-        _require(bool(self.name.strip()), self._key("name"), "must be a model name", self.name)
-        _require(self.checkpoint != "", self._key("checkpoint"), "must be a path or None", self.checkpoint)
-        _require(all(w > 0 for w in self.widths) and bool(self.widths), self._key("widths"), "must be > 0", self.widths)
+        require(bool(self.name.strip()), self._key("name"), "must be a model name", self.name)
+        require(self.checkpoint != "", self._key("checkpoint"), "must be a path or None", self.checkpoint)
+        require(all(w > 0 for w in self.widths) and bool(self.widths), self._key("widths"), "must be > 0", self.widths)
         self._positive("lr", "batch_size")
         self._positive("epochs", allow_zero=True)
 
 
 @dataclass(frozen=True)
-class ExplainSection(_Section):
+class ExplainSection(Section):
     """Teacher explanations that train the CAE.
 
     Attributes:
@@ -159,7 +160,7 @@ class ExplainSection(_Section):
 
 
 @dataclass(frozen=True)
-class CaeSection(_Section):
+class CaeSection(Section):
     """The CAE (paper Table I) and its training (L1 loss, Adam 1e-3).
 
     Attributes:
@@ -179,11 +180,11 @@ class CaeSection(_Section):
     def _validate(self) -> None:
         self._positive("lr", "batch_size")
         self._positive("epochs", allow_zero=True)
-        _require(self.in_channels in (None, 1, 3), self._key("in_channels"), "must be 1, 3 or null", self.in_channels)
+        require(self.in_channels in (None, 1, 3), self._key("in_channels"), "must be 1, 3 or null", self.in_channels)
 
 
 @dataclass(frozen=True)
-class StudentSection(_Section):
+class StudentSection(Section):
     """The student and its loss ``w_cls·CE + (1 − α)·τ²·KD + λ‖c‖²``.
 
     Attributes:
@@ -215,16 +216,16 @@ class StudentSection(_Section):
     optimizer: Literal["adam", "sgd"] = "adam"
 
     def _validate(self) -> None:
-        _require(bool(self.name.strip()), self._key("name"), "must be a model name", self.name)
-        _require(all(w > 0 for w in self.widths) and bool(self.widths), self._key("widths"), "must be > 0", self.widths)
-        _require(0 <= self.alpha <= 1, self._key("alpha"), "must be in [0, 1]", self.alpha)
+        require(bool(self.name.strip()), self._key("name"), "must be a model name", self.name)
+        require(all(w > 0 for w in self.widths) and bool(self.widths), self._key("widths"), "must be > 0", self.widths)
+        require(0 <= self.alpha <= 1, self._key("alpha"), "must be in [0, 1]", self.alpha)
         self._positive("tau", "lr", "batch_size")
         self._positive("lam", "epochs", allow_zero=True)
         self._positive("fusion_size", optional=True)
 
 
 @dataclass(frozen=True)
-class EvalSection(_Section):
+class EvalSection(Section):
     """Evaluation.
 
     Attributes:
@@ -246,11 +247,11 @@ class EvalSection(_Section):
     def _validate(self) -> None:
         self._positive("num_images")
         self._positive("num_samples", optional=True)
-        _require(all(k > 0 for k in self.topk), self._key("topk"), "must be positive integers", self.topk)
+        require(all(k > 0 for k in self.topk), self._key("topk"), "must be positive integers", self.topk)
 
 
 @dataclass(frozen=True)
-class RunSection(_Section):
+class RunSection(Section):
     """Device and global seed (model initialisation, batch order)."""
 
     _section = "run"
@@ -285,7 +286,7 @@ class XDistillConfig:
 
 def xdistill_config_from_dict(d: Mapping[str, Any] | None) -> XDistillConfig:
     """Builds and validates an `XDistillConfig` from a nested mapping; unknown keys are errors."""
-    return XDistillConfig(**_sections_from_dict({} if d is None else d, _SECTIONS, "the xdistill config"))
+    return XDistillConfig(**sections_from_dict({} if d is None else d, _SECTIONS, "the xdistill config"))
 
 
 def xdistill_config_to_dict(cfg: XDistillConfig) -> dict[str, Any]:
@@ -296,7 +297,7 @@ def xdistill_config_to_dict(cfg: XDistillConfig) -> dict[str, Any]:
 def load_xdistill_config(path: str | os.PathLike) -> XDistillConfig:
     """Reads and validates a YAML file; errors name the file and the dotted key."""
     path = Path(path)
-    data = _read_yaml_file(path)
+    data = read_yaml_file(path)
     try:
         return xdistill_config_from_dict(data)
     except ValueError as e:

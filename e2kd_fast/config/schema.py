@@ -1,6 +1,10 @@
-"""Training configuration: frozen dataclasses, validated on construction; YAML only serialises them.
+"""The training-configuration schema: the `Config` sections, their checks, and loading and saving them.
 
-A run is described by one `Config` with six sections::
+Frozen dataclasses, validated on construction; YAML only serialises them. The checking machinery is the
+library in `e2kd_fast.config.sections` (checked sections) and `e2kd_fast.config.files` (YAML files,
+``base:`` inheritance, dotted overrides); this module holds what is particular to training runs.
+
+A run is described by one `Config` with seven sections::
 
     student  ModelConfig     the model being trained
     teacher  TeacherConfig   the teacher (live, or frozen: explanations read from a precomputed store)
@@ -24,23 +28,20 @@ the file's own content is deep-merged over them. Overrides (``optim.lr=3e-4``) c
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
-import functools
-import math
 import os
-import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from e2kd_fast.config.files import apply_section_overrides, read_yaml_with_bases
+from e2kd_fast.config.sections import Section, require, sections_from_dict, unknown_key_error
+
 __all__ = [
+    "BASELINE_DEFAULTS",
     "Config",
     "DataConfig",
     "DistillConfig",
@@ -88,135 +89,12 @@ _BCOS_PREFIX = "bcos_"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Field checking shared by every section
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    """How an annotation reads in an error message: ``float``, ``int or None``, ``one of 'a', 'b'``."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if tp is dict:
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_plain_data(key: str, value: Any) -> None:
-    """Raises unless ``value`` is YAML-serialisable plain data (so that save → load gives it back)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{key}: must be a finite number, got {value!r}")
-        return
-    if isinstance(value, list):  # not tuples: YAML has no tuple, so one would come back as a list
-        for i, item in enumerate(value):
-            _check_plain_data(f"{key}[{i}]", item)
-        return
-    if isinstance(value, Mapping):
-        for k, item in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{key}: keys must be strings, got {k!r}")
-            _check_plain_data(f"{key}.{k}", item)
-        return
-    raise ValueError(f"{key}: expected plain data (str, int, float, bool, None, list, mapping), got {value!r}")
-
-
-def _check_type(key: str, value: Any, tp: Any, expected: str | None = None) -> Any:
-    """Returns ``value`` converted to the annotation ``tp`` (int → float, mapping copied), or raises ValueError.
-
-    ``expected`` is how the type reads in a mismatch message (for the arm of ``X | None``: ``float or None``).
-    """
-    expected = expected or _type_name(tp)
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (arm,) = (a for a in args if a is not type(None))  # the schema only uses ``X | None``
-        if value is None:
-            raise ValueError(f"{key}: expected {expected}, got None")
-        return _check_type(key, value, arm, expected)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if not isinstance(value, str) or value not in allowed:
-            raise ValueError(f"{key}: must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-        return value
-    # bool is an int subclass: `true` is not an epoch count, and `1` is not a switch.
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        dict: isinstance(value, Mapping),
-    }[tp]
-    if not ok:
-        raise ValueError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
-    if tp is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"{key}: must be a finite number, got {value!r}")
-    if tp is dict:
-        _check_plain_data(key, value)
-        value = copy.deepcopy(dict(value))  # the config owns its copy; the caller's dict can change freely
-    return value
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    """The resolved annotations of a section (the module uses postponed, string annotations)."""
-    return typing.get_type_hints(cls)
-
-
-def _require(ok: bool, key: str, message: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{key}: {message}; got {value!r}")
-
-
-class _Section:
-    """Mixin of the section dataclasses: type checks every field, then runs the section's `_validate`."""
-
-    _section = ""  # the key of the section in `Config` and in YAML, used in error messages
-
-    def __post_init__(self) -> None:
-        hints = _field_types(type(self))
-        for f in dataclasses.fields(self):
-            key, value, tp = f"{self._section}.{f.name}", getattr(self, f.name), hints[f.name]
-            if typing.get_origin(tp) is list:  # ``list[X]``: checked element by element
-                if not isinstance(value, list | tuple):
-                    raise ValueError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-                (arm,) = typing.get_args(tp)
-                value = [_check_type(f"{key}[{i}]", v, arm) for i, v in enumerate(value)]
-            else:
-                value = _check_type(key, value, tp)
-            object.__setattr__(self, f.name, value)  # frozen: normalise (int → float) in place once
-        self._validate()
-
-    def _key(self, name: str) -> str:
-        return f"{self._section}.{name}"
-
-    def _positive(self, *names: str, allow_zero: bool = False, optional: bool = False) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if optional and value is None:
-                continue
-            ok = value >= 0 if allow_zero else value > 0
-            _require(ok, self._key(name), "must be >= 0" if allow_zero else "must be > 0", value)
-
-    def _validate(self) -> None:  # pragma: no cover - every section overrides it
-        pass
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The student model.
 
     Attributes:
@@ -235,13 +113,13 @@ class ModelConfig(_Section):
     kwargs: dict = field(default_factory=dict, hash=False)
 
     def _validate(self) -> None:
-        _require(bool(self.name.strip()), self._key("name"), "must be a model name", self.name)
+        require(bool(self.name.strip()), self._key("name"), "must be a model name", self.name)
         self._positive("num_classes", optional=True)
-        _require(self.checkpoint != "", self._key("checkpoint"), "must be a path or None", self.checkpoint)
+        require(self.checkpoint != "", self._key("checkpoint"), "must be a path or None", self.checkpoint)
 
 
 @dataclass(frozen=True)
-class TeacherConfig(_Section):
+class TeacherConfig(Section):
     """The teacher.
 
     Attributes:
@@ -265,11 +143,11 @@ class TeacherConfig(_Section):
     kwargs: dict = field(default_factory=dict, hash=False)
 
     def _validate(self) -> None:
-        _require(
+        require(
             self.name is None or bool(self.name.strip()), self._key("name"), "must be a model name or None", self.name
         )
         self._positive("num_classes", optional=True)
-        _require(self.checkpoint != "", self._key("checkpoint"), "must be a path or None", self.checkpoint)
+        require(self.checkpoint != "", self._key("checkpoint"), "must be a path or None", self.checkpoint)
         if self.checkpoint is not None and self.name is None:
             raise ValueError(f"teacher.checkpoint is set ({self.checkpoint!r}) but teacher.name is None")
         if self.mode == "frozen" and not self.store:
@@ -280,7 +158,7 @@ class TeacherConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DistillConfig(_Section):
+class DistillConfig(Section):
     """The objective ``L = gt_coef·L_gt + τ²·KL(p_T ‖ p_S) + lam·(1 − cos(E_S, E_T))`` (spec section 3.1).
 
     Attributes:
@@ -340,7 +218,9 @@ class DistillConfig(_Section):
         allowed = [k for k in defaults if k != "weight"]
         for key, value in self.feature_options.items():
             if key not in allowed:
-                raise _unknown_key(f"distill.feature_options.{key}", allowed or ["(none)"], f"method {self.method!r}")
+                raise unknown_key_error(
+                    f"distill.feature_options.{key}", allowed or ["(none)"], f"method {self.method!r}"
+                )
             default = defaults[key]
             kind = type(default)
             ok = isinstance(value, bool) if kind is bool else isinstance(value, kind | (int if kind is float else kind))
@@ -355,7 +235,7 @@ class DistillConfig(_Section):
 
 
 @dataclass(frozen=True)
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """Optimiser, learning-rate schedule and gradient clipping.
 
     Attributes:
@@ -395,8 +275,8 @@ class OptimConfig(_Section):
         self._positive("lr", "agc_clip", "agc_eps")
         self._positive("weight_decay", "warmup_epochs", "warmup_steps", allow_zero=True)
         self._positive("grad_clip_norm", optional=True)
-        _require(0 <= self.momentum < 1, self._key("momentum"), "must be in [0, 1)", self.momentum)
-        _require(
+        require(0 <= self.momentum < 1, self._key("momentum"), "must be in [0, 1)", self.momentum)
+        require(
             0 < self.warmup_start_factor <= 1,
             self._key("warmup_start_factor"),
             "must be in (0, 1]",
@@ -411,7 +291,7 @@ class OptimConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """Dataset, splits and augmentation.
 
     Attributes:
@@ -463,8 +343,8 @@ class DataConfig(_Section):
         self._positive("image_size", "eval_resize", "batch_size")
         self._positive("eval_batch_size", "shots", "val_per_class", optional=True)
         self._positive("num_workers", "shot_seed", "val_seed", "mixup_alpha", "cutmix_alpha", allow_zero=True)
-        _require(0 < self.crop_scale_min <= 1, self._key("crop_scale_min"), "must be in (0, 1]", self.crop_scale_min)
-        _require(
+        require(0 < self.crop_scale_min <= 1, self._key("crop_scale_min"), "must be in (0, 1]", self.crop_scale_min)
+        require(
             self.eval_resize >= self.image_size,
             self._key("eval_resize"),
             f"must be >= data.image_size ({self.image_size}) so that the centre crop fits",
@@ -473,7 +353,7 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The training loop.
 
     Attributes:
@@ -514,11 +394,11 @@ class TrainConfig(_Section):
         self._positive("epochs", "grad_accum", "eval_every_epochs", "log_every_steps")
         self._positive("checkpoint_every_steps", optional=True)
         self._positive("seed", "keep_best", allow_zero=True)
-        _require(bool(self.out_dir.strip()), self._key("out_dir"), "must be a folder path", self.out_dir)
+        require(bool(self.out_dir.strip()), self._key("out_dir"), "must be a folder path", self.out_dir)
 
 
 @dataclass(frozen=True)
-class EngineConfig(_Section):
+class EngineConfig(Section):
     """How the step is distributed (see `e2kd_fast.engine.distributed` and docs/scaling.md).
 
     Attributes:
@@ -559,7 +439,7 @@ class EngineConfig(_Section):
                 "zero_stage 1 or 2 (parameters stay replicated; for CNNs of <= 25M parameters ZeRO-3 would save "
                 "little memory anyway); got 3"
             )
-        _require(
+        require(
             self.zero_stage in (1, 2),
             self._key("zero_stage"),
             "must be 1 or 2 (stage 0, no partitioning, is what engine.backend 'ddp' does)",
@@ -585,7 +465,7 @@ class EngineConfig(_Section):
             )
 
 
-_SECTIONS: dict[str, type[_Section]] = {
+_SECTIONS: dict[str, type[Section]] = {
     "student": ModelConfig,
     "teacher": TeacherConfig,
     "distill": DistillConfig,
@@ -708,15 +588,8 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Mappings
+# Mappings and files
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _unknown_key(key: str, allowed: Sequence[str], where: str) -> ValueError:
-    name = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(name, allowed, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown key {key!r}; allowed keys of {where}: {', '.join(allowed)}{hint}")
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:
@@ -733,152 +606,12 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
     Returns:
         The frozen `Config`.
     """
-    return Config(**_sections_from_dict(d, _SECTIONS, "the config"))
-
-
-def _sections_from_dict(d: Any, sections: Mapping[str, type[_Section]], where: str) -> dict[str, _Section]:
-    """Each section of ``sections`` built from its mapping in ``d`` (absent or None: its defaults).
-
-    Shared by `config_from_dict` and the XDistillation config; ``where`` names the config in errors.
-    """
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{where} must be a mapping of sections ({', '.join(sections)}), got {type(d).__name__}")
-    for key in d:
-        if key not in sections:
-            raise _unknown_key(str(key), list(sections), where)
-    built: dict[str, _Section] = {}
-    for name, cls in sections.items():
-        values = d.get(name)
-        if values is None:
-            values = {}
-        if not isinstance(values, Mapping):
-            raise ValueError(f"{name}: expected a mapping of its keys, got {type(values).__name__} {values!r}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in allowed:
-                raise _unknown_key(f"{name}.{key}", allowed, repr(name))
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _is_required(f)]
-        if missing:
-            raise ValueError(f"missing required key '{name}.{missing[0]}'")
-        built[name] = cls(**values)
-    return built
-
-
-def _is_required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    return Config(**sections_from_dict(d, _SECTIONS, "the config"))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """The nested mapping of ``cfg`` (a deep copy), as `config_from_dict` takes it and YAML stores it."""
     return dataclasses.asdict(cfg)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# YAML
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats: PyYAML (YAML 1.1) reads ``3e-4`` as a string, which no one means."""
-
-
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    _FLOAT_TAG,
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ValueError(f"{source}: invalid YAML{where}: {problem}") from None
-
-
-def _read_yaml_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
-    if data is None:
-        return {}  # an empty file is an empty mapping
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``: mappings merge key by key, anything else (lists included) replaces."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _load_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The mapping of ``path`` with its ``base`` files resolved (recursively; cycles are errors)."""
-    resolved = path.resolve()
-    if resolved in chain:
-        cycle = " -> ".join(str(p) for p in (*chain[chain.index(resolved) :], resolved))
-        raise ValueError(f"config files name each other as base in a cycle: {cycle}")
-    data = _read_yaml_file(path)
-    bases = data.pop("base", None)
-    if bases is None:
-        return data
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
-        raise ValueError(f"{path}: 'base' must be a file name or a list of file names, got {bases!r}")
-    merged: dict[str, Any] = {}
-    for base in bases:  # later bases override earlier ones, and the file overrides them all
-        base_path = path.parent / base
-        if not base_path.is_file():
-            raise FileNotFoundError(f"base file {base!r} of {path} not found: {base_path}")
-        merged = _deep_merge(merged, _load_tree(base_path, (*chain, resolved)))
-    return _deep_merge(merged, data)
-
-
-def _accepts(tp: Any, kind: type) -> bool:
-    """Whether the annotation ``tp`` is ``kind`` or ``kind | None`` (a Literal counts as str)."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return any(_accepts(a, kind) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is Literal:
-        return kind is str
-    return tp is kind
-
-
-def _parse_override_value(raw: str, tp: Any, override: str) -> Any:
-    """Parses ``raw`` as a YAML scalar (or flow collection), then fits it to the field type ``tp``."""
-    value = _parse_yaml(raw, f"override {override!r}")
-    if tp is None:  # a free key inside a dict field (student.kwargs.norm): plain YAML
-        return value
-    if isinstance(value, str) and _accepts(tp, float) and not _accepts(tp, str):
-        try:
-            return float(value)  # belt and braces for number spellings the float resolver misses
-        except ValueError:
-            return value  # left for config_from_dict to reject with the dotted key
-    if isinstance(value, (bool, int, float)) and _accepts(tp, str) and not _accepts(tp, float):
-        return raw.strip()  # a string field given `2012` or `yes` means the text, not a number or bool
-    return value
 
 
 def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -897,36 +630,7 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str,
     Returns:
         A deep copy of ``d`` with the overrides applied.
     """
-    if isinstance(overrides, str):
-        raise TypeError("overrides must be a sequence of 'dotted.key=value' strings, not one string")
-    out = copy.deepcopy(dict(d))
-    for override in overrides:
-        key, sep, raw = str(override).partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"malformed override {override!r}: expected 'dotted.key=value', e.g. 'optim.lr=3e-4'")
-        section, *rest = key.split(".")
-        if section not in _SECTIONS:
-            raise _unknown_key(key if not rest else section, list(_SECTIONS), "the config")
-        allowed = [f.name for f in dataclasses.fields(_SECTIONS[section])]
-        if not rest:
-            raise ValueError(f"override {override!r} names a section; name one of its keys: {', '.join(allowed)}")
-        if rest[0] not in allowed:
-            raise _unknown_key(f"{section}.{rest[0]}", allowed, repr(section))
-        tp = _field_types(_SECTIONS[section])[rest[0]]
-        if len(rest) > 1 and not _accepts(tp, dict):
-            raise ValueError(f"override {override!r}: {section}.{rest[0]} is a {_type_name(tp)}, not a mapping")
-        value = _parse_override_value(raw, tp if len(rest) == 1 else None, override)
-        node = out
-        for i, part in enumerate([section, *rest[:-1]]):
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                where = ".".join([section, *rest][: i + 1])
-                raise ValueError(f"override {override!r}: {where} holds {node[part]!r}, not a mapping")
-            node = node[part]
-        node[rest[-1]] = value
-    return out
+    return apply_section_overrides(d, overrides, _SECTIONS, "the config")
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
@@ -945,7 +649,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
             invalid combination (with the dotted key).
     """
     path = Path(path)
-    d = apply_overrides(_load_tree(path), overrides)
+    d = apply_overrides(read_yaml_with_bases(path), overrides)
     try:
         return config_from_dict(d)
     except ValueError as e:
