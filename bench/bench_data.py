@@ -169,7 +169,7 @@ def _engine_epochs(root: Path, args: argparse.Namespace, workers: int, provider:
     from e2kd_fast.data import ImageFolderDataset, paired_train_transform, train_transform
     from e2kd_fast.data.dali import DaliLoader, Geometry
     from e2kd_fast.data.frozen_store import FrozenTeacherDataset
-    from e2kd_fast.engine.trainer import make_loader
+    from e2kd_fast.data.loaders import make_loader
 
     store = None
     if args.store:

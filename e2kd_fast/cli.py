@@ -120,7 +120,7 @@ def _train(args: argparse.Namespace) -> int:
         from e2kd_fast.engine.distributed import shutdown_distributed
 
         shutdown_distributed()  # torchrun / deepspeed launches: leave the process group cleanly
-    if trainer.backend.is_main:
+    if trainer.strategy.is_main:
         print(json.dumps(summary, indent=2))
     return 0
 
@@ -130,8 +130,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     from e2kd_fast.config import load_config
     from e2kd_fast.data.build import build_datasets
+    from e2kd_fast.data.loaders import make_loader
     from e2kd_fast.engine import evaluate
-    from e2kd_fast.engine.trainer import build_student, build_teacher, make_loader, resolve_device
+    from e2kd_fast.engine.builders import build_student, build_teacher, resolve_device
     from e2kd_fast.models import load_checkpoint
 
     cfg = load_config(args.config, args.overrides)
@@ -200,7 +201,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _precompute(args: argparse.Namespace) -> int:
     from e2kd_fast.config import load_config
-    from e2kd_fast.data.frozen_store import precompute
+    from e2kd_fast.engine.precompute import precompute
 
     cfg = load_config(args.config, args.overrides)
     # Rank and world size from torchrun (RANK / WORLD_SIZE): each rank writes its own shards.

@@ -36,10 +36,11 @@ from e2kd_fast.data import ImageFolderDataset, collate_skipping, generate_waterb
 from e2kd_fast.data.build import build_datasets
 from e2kd_fast.data.transforms import PairedResizeCenterCrop, PairedTransform
 from e2kd_fast.engine import Trainer
+from e2kd_fast.engine.builders import resolve_device
 from e2kd_fast.engine.evaluate import evaluate
-from e2kd_fast.engine.trainer import resolve_device
 from e2kd_fast.explain import dynamic_weights, explanation_to_rgba
 from e2kd_fast.models import create_model, load_checkpoint
+from e2kd_fast.report import make_report
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,6 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), show_progress: 
         model = create_model(arch, num_classes=settings.num_classes)
         load_checkpoint(model, ckpt)
         models[name] = model.eval()
-
-    from e2kd_fast.report import make_report  # report.html: the three runs through `e2kd-fast report`
 
     report = make_report(
         [out / name for name in ("teacher", "kd", "e2kd")],

@@ -78,7 +78,7 @@ def test_official_cifar_file_loads_with_position_norms(tmp_path, official_cifar_
 def test_config_teacher_takes_the_official_cifar_file(tmp_path, official_cifar_state):
     """``teacher.kwargs: {norm: pn}`` builds the teacher the official file was saved from."""
     from e2kd_fast.config import load_config
-    from e2kd_fast.engine.trainer import build_teacher
+    from e2kd_fast.engine.builders import build_teacher
 
     torch.save(official_cifar_state, tmp_path / "cifar10_resnet20.pth")
     config = Path(__file__).parents[1] / "configs" / "waterbirds_bcos_r18_from_r50_e2kd.yaml"

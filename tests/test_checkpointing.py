@@ -29,7 +29,7 @@ def _step(student, teacher, x, lam: float):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = e2kd_objective(student, teacher, x, lam=lam, backend="sweep")["loss"]
+        loss = e2kd_objective(student, teacher, x, lam=lam, algorithm="sweep")["loss"]
     loss.backward()
     grads = [p.grad for p in student.parameters()]
     return loss.detach(), grads, [b.clone() for b in student.buffers()], saved_bytes
@@ -63,5 +63,7 @@ def test_checkpointed_step_is_exact_and_saves_less(lam):
 def test_checkpointed_step_compiles_to_one_graph():
     _, checkpointed, teacher = _pair()
     x = torch.rand(2, 6, 16, 16)
-    explanation = torch._dynamo.explain(lambda x: e2kd_objective(checkpointed, teacher, x, backend="sweep")["loss"])(x)
+    explanation = torch._dynamo.explain(lambda x: e2kd_objective(checkpointed, teacher, x, algorithm="sweep")["loss"])(
+        x
+    )
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0

@@ -13,9 +13,10 @@ from PIL import Image
 from e2kd_fast.cli import main
 from e2kd_fast.config import config_from_dict
 from e2kd_fast.data import paired_train_transform
-from e2kd_fast.data.build import build_datasets, full_image_dataset
-from e2kd_fast.data.frozen_store import FrozenStore, FrozenTeacherDataset, StoreMismatchError, precompute
+from e2kd_fast.data.build import build_datasets
+from e2kd_fast.data.frozen_store import FrozenStore, FrozenTeacherDataset, StoreMismatchError, full_image_dataset
 from e2kd_fast.engine import read_metrics
+from e2kd_fast.engine.precompute import precompute
 from e2kd_fast.explain import dynamic_weights
 from e2kd_fast.models import create_model, save_checkpoint
 from tests.helpers import write_image_folder

@@ -508,3 +508,14 @@ def test_file_errors_name_the_file(tmp_path):
     _write(tmp_path / "typo.yaml", "student: {name: resnet18}\ndistill: {method: none}\ntrain: {epoch: 3}\n")
     with pytest.raises(ValueError, match=r"typo\.yaml: unknown key 'train\.epoch'.*did you mean 'epochs'"):
         load_config(tmp_path / "typo.yaml")
+
+
+def test_renamed_keys_are_read_with_a_warning_and_never_both():
+    with pytest.warns(FutureWarning, match="engine.backend is now engine.strategy"):
+        cfg = config_from_dict(_dict(engine={"backend": "ddp", "dist_backend": "gloo"}))
+    assert (cfg.engine.strategy, cfg.engine.process_group) == ("ddp", "gloo")
+    with pytest.warns(FutureWarning, match="engine.backend is now engine.strategy"):
+        overridden = apply_overrides(_dict(), ["engine.backend=deepspeed"])
+    assert config_from_dict(overridden).engine.strategy == "deepspeed"
+    with pytest.raises(ValueError, match="engine.backend is the old name of engine.strategy; set only"):
+        config_from_dict(_dict(engine={"backend": "ddp", "strategy": "single"}))

@@ -8,8 +8,8 @@ import pytest
 
 from e2kd_fast.config import load_config
 from e2kd_fast.data.build import build_datasets
-from e2kd_fast.data.frozen_store import precompute
 from e2kd_fast.engine import Trainer
+from e2kd_fast.engine.precompute import precompute
 from tests.helpers import write_image_folder
 
 CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))

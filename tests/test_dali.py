@@ -9,7 +9,7 @@ from PIL import Image
 
 from e2kd_fast.data import ImageFolderDataset, eval_transform, resized_crop_relative
 from e2kd_fast.data.frozen_store import FrozenStore
-from e2kd_fast.engine.sampling import EpochSampler
+from e2kd_fast.data.sampling import EpochSampler
 from tests.helpers import write_image_folder
 
 pytest.importorskip("nvidia.dali")

@@ -16,17 +16,11 @@ import torch
 import torch.multiprocessing as mp
 
 from e2kd_fast.config import config_from_dict
+from e2kd_fast.data.sampling import EpochSampler, ShardedEpochSampler
 from e2kd_fast.engine import Trainer
-from e2kd_fast.engine.distributed import (
-    DistEnv,
-    ShardedEpochSampler,
-    deepspeed_config,
-    dist_env,
-    find_free_port,
-    make_backend,
-    setup_distributed,
-)
-from e2kd_fast.engine.sampling import EpochSampler
+from e2kd_fast.engine.distributed import make_strategy
+from e2kd_fast.engine.process_group import DistEnv, dist_env, find_free_port, setup_distributed
+from e2kd_fast.engine.zero import deepspeed_config
 from e2kd_fast.models import read_checkpoint
 from e2kd_fast.nn import BcosConv2d
 from tests.test_trainer import ShapesSet
@@ -56,9 +50,9 @@ def _tiny_bcos(seed: int) -> torch.nn.Module:
 
 # Each run: (name, engine section, train overrides, optim overrides). 2 epochs of 2 optimiser steps.
 RUNS = [
-    ("ddp", {"backend": "ddp"}, {}, {}),
-    ("zero1", {"backend": "deepspeed", "zero_stage": 1}, {}, {}),
-    ("zero2_accum", {"backend": "deepspeed", "zero_stage": 2}, {"grad_accum": 2}, {"grad_clip_norm": 0.05}),
+    ("ddp", {"strategy": "ddp"}, {}, {}),
+    ("zero1", {"strategy": "deepspeed", "zero_stage": 1}, {}, {}),
+    ("zero2_accum", {"strategy": "deepspeed", "zero_stage": 2}, {"grad_accum": 2}, {"grad_clip_norm": 0.05}),
 ]
 
 
@@ -130,7 +124,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     with pytest.MonkeyPatch.context() as mpatch:
         mpatch.setenv("E2KD_BACKEND", KERNELS)
-        single = _fit(root / "single", {"backend": "single"}, {}, {})  # the resume source of zero2_from_single
+        single = _fit(root / "single", {"strategy": "single"}, {}, {})  # the resume source of zero2_from_single
         mp.spawn(_worker, args=(find_free_port(), str(root), str(root / "single")), nprocs=WORLD, join=True)
     return root, single
 
@@ -149,7 +143,7 @@ def _assert_close(a: dict, b: dict, atol: float = 2e-6) -> None:
 def test_two_processes_match_one_process_on_the_same_global_batch(runs, name, tmp_path):
     root, _ = runs
     _, engine, train, optim = next(r for r in RUNS if r[0] == name)
-    reference = _fit(tmp_path / "single", {"backend": "single"}, train, optim)
+    reference = _fit(tmp_path / "single", {"strategy": "single"}, train, optim)
     expected = {k: v.detach() for k, v in reference.student.state_dict().items()}
     # The checkpoint rank 0 wrote (gathered from ZeRO's partitions) and both ranks' live weights.
     _assert_close(_weights(root / name / "checkpoints" / "last.pt"), expected)
@@ -183,7 +177,7 @@ def test_single_process_resumes_from_a_deepspeed_checkpoint(runs, tmp_path):
     source = tmp_path / "from_zero1" / "checkpoints"
     source.mkdir(parents=True)
     shutil.copy(root / "zero1" / "checkpoints" / "epoch_0001.pt", source / "last.pt")
-    resumed = _fit(tmp_path / "from_zero1", {"backend": "single"}, {}, {}, resume="auto")
+    resumed = _fit(tmp_path / "from_zero1", {"strategy": "single"}, {}, {}, resume="auto")
     # Weights and Adam moments came over: the last 2 steps land where the ZeRO-1 run landed.
     _assert_close(resumed.student.state_dict(), _weights(root / "zero1" / "checkpoints" / "last.pt"))
 
@@ -223,9 +217,9 @@ def test_sharding_rejects_a_start_between_ranks():
 
 def test_zero_stage_3_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"zero_stage 3 is not supported: ZeRO-3 partitions the parameters.*"):
-        _config(Path("x"), {"backend": "deepspeed", "zero_stage": 3})
+        _config(Path("x"), {"strategy": "deepspeed", "zero_stage": 3})
     with pytest.raises(ValueError, match=r"engine.deepspeed_config.gradient_accumulation_steps is set by"):
-        _config(Path("x"), {"backend": "deepspeed", "deepspeed_config": {"gradient_accumulation_steps": 4}})
+        _config(Path("x"), {"strategy": "deepspeed", "deepspeed_config": {"gradient_accumulation_steps": 4}})
 
 
 def test_launch_variables_and_batch_split_are_checked(monkeypatch):
@@ -235,16 +229,16 @@ def test_launch_variables_and_batch_split_are_checked(monkeypatch):
         dist_env({"RANK": "2", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
         dist_env({"WORLD_SIZE": "two"})
-    cfg = _config(Path("x"), {"backend": "single"})
+    cfg = _config(Path("x"), {"strategy": "single"})
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="engine.backend is 'single' but the launcher started 2 processes"):
+    with pytest.raises(ValueError, match="engine.strategy is 'single' but the launcher started 2 processes"):
         setup_distributed(cfg.engine, torch.device("cpu"))
     student = _tiny_bcos(0)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     cfg6 = config_from_dict({**_config_dict(cfg), "data": {"batch_size": 6}})
     with pytest.raises(ValueError, match=r"data.batch_size \(6\) is the global batch .* 4 processes"):
-        make_backend(cfg6, DistEnv(0, 4, 0), student, optimizer, lambda *a: {}, torch.device("cpu"), agc=False)
+        make_strategy(cfg6, DistEnv(0, 4, 0), student, optimizer, lambda *a: {}, torch.device("cpu"), agc=False)
 
 
 def _config_dict(cfg) -> dict:

@@ -16,8 +16,8 @@ from e2kd_fast.data.frozen_store import (
     decode_maps,
     encode_maps,
     fidelity_report,
-    precompute,
 )
+from e2kd_fast.engine.precompute import precompute
 from e2kd_fast.models import create_model, save_checkpoint
 from tests.helpers import write_image_folder
 

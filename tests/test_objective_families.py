@@ -73,7 +73,7 @@ def _inputs() -> Tensor:
 def _explanation_norms(model: nn.Module, x6: Tensor, target: Tensor | None = None) -> Tensor:
     """Per-sample ‖W‖ [N] of the explanation the objective compares."""
     with torch.no_grad():
-        weights = dynamic_weights(model, x6, target, backend="sweep", create_graph=False)
+        weights = dynamic_weights(model, x6, target, algorithm="sweep", create_graph=False)
     return torch.linalg.vector_norm(weights.flatten(1), dim=1)
 
 
@@ -114,7 +114,7 @@ def _teacher_outputs() -> TeacherOutputs:
     teacher.eval().requires_grad_(False)
     x6 = _inputs()
     _scale_explanations(teacher, x6, TEACHER_NORM)
-    weights, logits = dynamic_weights(teacher, x6, None, backend="sweep", return_logits=True)
+    weights, logits = dynamic_weights(teacher, x6, None, algorithm="sweep", return_logits=True)
     return TeacherOutputs(logits, weights)
 
 
@@ -124,7 +124,7 @@ def _stem_and_classifier(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{name}.linear.weight": m.linear.weight for name, m in (layers[0], layers[-1])}
 
 
-def _gradient_mismatches(student: nn.Module, backend: str) -> list[str]:
+def _gradient_mismatches(student: nn.Module, algorithm: str) -> list[str]:
     """Compares param.grad with central differences at 2 entries each of the stem's and the
     classifier's weight; returns the mismatches as lines (none when every entry agrees)."""
     batch = 4 if student.training else 2
@@ -149,7 +149,7 @@ def _gradient_mismatches(student: nn.Module, backend: str) -> list[str]:
     student.requires_grad_(False)
     for param in params.values():
         param.requires_grad_(True)
-    kw = {"tau": TAU, "lam": LAM, "backend": backend}
+    kw = {"tau": TAU, "lam": LAM, "algorithm": algorithm}
     e2kd_objective(student, None, x6, frozen=frozen, **kw)["loss"].backward()
     student.requires_grad_(False)  # the differences need the loss only: no graph
 

@@ -20,7 +20,7 @@ def _compare(model: nn.Module, side: int, training: bool, seed: int = 0) -> None
     torch.manual_seed(seed)  # identical randomness (drop-path) in both forwards
     reference, ref_logits = dynamic_weights(model, x6, target, return_logits=True)
     torch.manual_seed(seed)
-    swept, logits = dynamic_weights(model, x6, target, backend="sweep", return_logits=True)
+    swept, logits = dynamic_weights(model, x6, target, algorithm="sweep", return_logits=True)
     assert rel_err(logits, ref_logits) < 1e-12
     assert rel_err(swept, reference) < 1e-10
 
@@ -65,11 +65,11 @@ def test_sweep_with_stochastic_depth():
 def test_teacher_sweep_builds_no_graph():
     torch.set_default_dtype(torch.float64)
     teacher = create_model("bcos_resnet20_cifar").eval().requires_grad_(False)
-    weights, logits = dynamic_weights(teacher, torch.rand(2, 6, 16, 16), None, backend="sweep", return_logits=True)
+    weights, logits = dynamic_weights(teacher, torch.rand(2, 6, 16, 16), None, algorithm="sweep", return_logits=True)
     assert weights.grad_fn is None and logits.grad_fn is None
     student = create_model("bcos_resnet20_cifar")
-    assert dynamic_weights(student, torch.rand(2, 6, 16, 16), backend="sweep", create_graph=False).grad_fn is None
-    assert dynamic_weights(student, torch.rand(2, 6, 16, 16), backend="sweep").grad_fn is not None
+    assert dynamic_weights(student, torch.rand(2, 6, 16, 16), algorithm="sweep", create_graph=False).grad_fn is None
+    assert dynamic_weights(student, torch.rand(2, 6, 16, 16), algorithm="sweep").grad_fn is not None
 
 
 def test_objective_gradient_through_the_sweep():
@@ -79,7 +79,7 @@ def test_objective_gradient_through_the_sweep():
     reference["loss"].backward()
     expected = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
-    swept = e2kd_objective(student, teacher, x6, lam=2.0, backend="sweep")
+    swept = e2kd_objective(student, teacher, x6, lam=2.0, algorithm="sweep")
     swept["loss"].backward()
     torch.testing.assert_close(swept["loss"], reference["loss"], rtol=1e-12, atol=0)
     for a, e in zip([p.grad for p in student.parameters()], expected, strict=True):
@@ -90,7 +90,7 @@ def test_objective_gradient_through_the_sweep():
     for sign in (1, -1):
         with torch.no_grad():
             param[index] += sign * h
-        values.append(e2kd_objective(student, teacher, x6, lam=2.0, backend="sweep")["loss"].item())
+        values.append(e2kd_objective(student, teacher, x6, lam=2.0, algorithm="sweep")["loss"].item())
         with torch.no_grad():
             param[index] -= sign * h
     assert param.grad[index].item() == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-6, abs=1e-9)

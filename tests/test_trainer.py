@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 from e2kd_fast import AddInverse
 from e2kd_fast.config import config_from_dict
 from e2kd_fast.data import shapes_dataset
-from e2kd_fast.engine import EpochSampler, Trainer, TrainingError, read_metrics
+from e2kd_fast.data.sampling import EpochSampler
+from e2kd_fast.engine import Trainer, TrainingError, read_metrics
 from e2kd_fast.models import read_checkpoint
 from e2kd_fast.nn import BatchNormUncentered2d, BcosConv2d
 

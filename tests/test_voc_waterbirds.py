@@ -18,8 +18,8 @@ from e2kd_fast.data.waterbirds import WaterbirdsDataset, read_waterbirds_metadat
 from e2kd_fast.distill import e2kd_objective
 from e2kd_fast.distill.multilabel import multilabel_bce, multilabel_kd
 from e2kd_fast.engine import Trainer, evaluate
+from e2kd_fast.metrics.scores import EvalExtras, average_precision, group_accuracy, mean_average_precision
 from e2kd_fast.reference.losses import uniform_off_label_bce
-from e2kd_fast.report.scores import EvalExtras, average_precision, group_accuracy, mean_average_precision
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

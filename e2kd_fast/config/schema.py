@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +78,8 @@ DatasetKind = Literal["folder", "synthetic", "voc", "waterbirds"]
 LoaderName = Literal["torchvision", "dali", "auto"]
 Precision = Literal["fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-BackendName = Literal["single", "ddp", "deepspeed"]
-DistBackendName = Literal["auto", "nccl", "gloo"]
+StrategyName = Literal["single", "ddp", "deepspeed"]
+ProcessGroupName = Literal["auto", "nccl", "gloo"]
 
 # Architectures whose stages e2kd_fast.distill.features knows, by name prefix.
 _FEATURE_ARCHS = ("bcos_resnet", "bcos_resnext", "bcos_densenet", "bcos_vit", "resnet", "densenet")
@@ -402,12 +403,12 @@ class EngineConfig(Section):
     """How the step is distributed (see `e2kd_fast.engine.distributed` and docs/scaling.md).
 
     Attributes:
-        backend: ``"single"`` (one process), ``"ddp"`` (torch DistributedDataParallel) or
+        strategy: ``"single"`` (one process), ``"ddp"`` (torch DistributedDataParallel) or
             ``"deepspeed"`` (DeepSpeed ZeRO stage ``zero_stage``). ``data.batch_size`` stays the global
             batch and is split evenly across the processes of the launch (torchrun / deepspeed).
         zero_stage: DeepSpeed ZeRO stage, 1 or 2 (3 is refused: see `_validate`; without partitioning
-            use ``backend: ddp``).
-        dist_backend: process-group back end; ``"auto"`` = nccl on CUDA, gloo on CPU.
+            use ``strategy: ddp``).
+        process_group: the process group's communication library; ``"auto"`` = nccl on CUDA, gloo on CPU.
         timeout_minutes: collective-operation timeout of the process group.
         find_unused_parameters: DDP's option of that name (only for students with unused parameters).
         deepspeed_config: extra DeepSpeed config entries merged over the generated ones (e.g.
@@ -417,9 +418,9 @@ class EngineConfig(Section):
 
     _section = "engine"
 
-    backend: BackendName = "single"
+    strategy: StrategyName = "single"
     zero_stage: int = 1
-    dist_backend: DistBackendName = "auto"
+    process_group: ProcessGroupName = "auto"
     timeout_minutes: int = 30
     find_unused_parameters: bool = False
     deepspeed_config: dict = field(default_factory=dict, hash=False)
@@ -442,7 +443,7 @@ class EngineConfig(Section):
         require(
             self.zero_stage in (1, 2),
             self._key("zero_stage"),
-            "must be 1 or 2 (stage 0, no partitioning, is what engine.backend 'ddp' does)",
+            "must be 1 or 2 (stage 0, no partitioning, is what engine.strategy 'ddp' does)",
             self.zero_stage,
         )
         owned = {
@@ -606,7 +607,28 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
     Returns:
         The frozen `Config`.
     """
-    return Config(**sections_from_dict(d, _SECTIONS, "the config"))
+    return Config(**sections_from_dict(_renamed(d), _SECTIONS, "the config"))
+
+
+# Keys that an earlier version wrote (run folders keep their config.yaml): old dotted key → new one.
+RENAMED_KEYS = {"engine.backend": "engine.strategy", "engine.dist_backend": "engine.process_group"}
+
+
+def _renamed(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``d`` with the old keys of `RENAMED_KEYS` moved to their new names (with a warning); both set: an error."""
+    moved = None
+    for old, new in RENAMED_KEYS.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        values = (d if moved is None else moved).get(section)
+        if not isinstance(values, Mapping) or old_key not in values:
+            continue
+        if new_key in values:
+            raise ValueError(f"{old} is the old name of {new}; set only {new}")
+        warnings.warn(f"config key {old} is now {new}; please rename it", FutureWarning, stacklevel=3)
+        moved = dict(d) if moved is None else moved
+        moved[section] = {(new_key if k == old_key else k): v for k, v in values.items()}
+    return d if moved is None else moved
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -630,7 +652,18 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str,
     Returns:
         A deep copy of ``d`` with the overrides applied.
     """
-    return apply_section_overrides(d, overrides, _SECTIONS, "the config")
+    if not isinstance(overrides, str):  # a string is refused by name below
+        overrides = [_renamed_override(item) for item in overrides]
+    return apply_section_overrides(_renamed(d), overrides, _SECTIONS, "the config")
+
+
+def _renamed_override(item: str) -> str:
+    key, sep, value = str(item).partition("=")
+    new = RENAMED_KEYS.get(key.strip())
+    if new is None:
+        return item
+    warnings.warn(f"config key {key.strip()} is now {new}; please rename it", FutureWarning, stacklevel=3)
+    return f"{new}{sep}{value}"
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:

@@ -14,7 +14,7 @@ PyTorch iterator trims that filling only with ``reader_name`` + ``LastBatchPolic
 the ranks see different numbers of batches (measured with DALI 2.4.0: 10 files, 3 shards → 3, 3 and
 4 samples; 1, 1 and 2 batches of 3 incl. one empty batch on two ranks). We therefore do not use the
 reader: a Python ``external_source`` feeds the pipeline from our own epoch plan (`epoch_plan`), the
-same permutation and per-sample seeds as the torchvision path (`e2kd_fast.engine.sampling`):
+same permutation and per-sample seeds as the torchvision path (`e2kd_fast.data.sampling`):
 
 - the epoch order is a permutation of all images drawn from (seed, epoch); rank r of W takes the
   positions p ≡ r (mod W), so the ranks' samples are disjoint and their union is the epoch;
@@ -50,6 +50,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from e2kd_fast.data.bundle import input_encoding
+from e2kd_fast.data.folders import ImageFolderDataset
+from e2kd_fast.data.frozen_store import FrozenTeacherDataset
+from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairedRandomResizedCropFlip, center_crop_box
 
 LOADERS = ("dali", "torchvision", "auto")
@@ -124,8 +128,6 @@ def epoch_plan(
     Returns:
         Batches (lists of pairs) of this rank, the last one possibly shorter (never without drop_last).
     """
-    from e2kd_fast.engine.sampling import mix_seed
-
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
     indices = torch.as_tensor(indices, dtype=torch.long)
@@ -470,9 +472,6 @@ def maybe_dali_loader(
     what the torchvision loader of the same dataset yields. ``batch_size`` is this rank's batch and
     ``start`` the global position in the epoch (as `make_loader`).
     """
-    from e2kd_fast.data.folders import ImageFolderDataset
-    from e2kd_fast.data.frozen_store import FrozenTeacherDataset
-
     kind = getattr(cfg.data, "loader", "torchvision")
     if kind == "torchvision":
         return None
@@ -482,8 +481,6 @@ def maybe_dali_loader(
     folder = isinstance(base, ImageFolderDataset) and base.masks_root is None
     if resolve_loader(kind, folder=folder) != "dali":
         return None
-    from e2kd_fast.data.build import input_encoding
-
     data = cfg.data
     device_id = None
     if device.type == "cuda":

@@ -12,7 +12,7 @@ from torch import Tensor
 SHAPE_CLASSES = ("square", "disk", "triangle", "cross")
 
 
-def _shape_mask(kind: int, size: int, cy: Tensor, cx: Tensor, r: Tensor) -> Tensor:
+def shape_mask(kind: int, size: int, cy: Tensor, cx: Tensor, r: Tensor) -> Tensor:
     """[N, size, size] boolean masks of shape ``kind`` centred at (cy, cx) with half-size r."""
     ys = torch.arange(size, dtype=torch.float32)[None, :, None] - cy[:, None, None]
     xs = torch.arange(size, dtype=torch.float32)[None, None, :] - cx[:, None, None]
@@ -53,6 +53,6 @@ def shapes_dataset(num_images: int, size: int = 32, seed: int = 0) -> tuple[Tens
     for kind in range(len(SHAPE_CLASSES)):
         idx = (labels == kind).nonzero().flatten()
         if len(idx):
-            masks[idx] = _shape_mask(kind, size, cy[idx], cx[idx], r[idx])
+            masks[idx] = shape_mask(kind, size, cy[idx], cx[idx], r[idx])
     images = torch.where(masks[:, None], colours[:, :, None, None].expand_as(images), images)
     return images, labels, masks

@@ -9,7 +9,7 @@ Layout (``root`` is the year folder, e.g. ``VOCdevkit/VOC2007``)::
 Targets are multi-hot over the 20 classes (`VOC_CLASSES`, the devkit's order): a class is present if
 the image has at least one object of it, difficult or not. ``ignore`` marks the classes present
 *only* through difficult objects; the devkit leaves those out of the classification AP, and so does
-`e2kd_fast.report.scores.mean_average_precision`.
+`e2kd_fast.metrics.scores.mean_average_precision`.
 
 Box coordinates are the devkit's 1-based inclusive pixel indices. A box ``(xmin, ymin, xmax, ymax)``
 covers the 0-based pixel columns ``xmin − 1 … xmax − 1``; `box_masks` rasterises them at any output
@@ -33,7 +33,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from e2kd_fast.data.transforms import encoding_transform
+from e2kd_fast.data.bundle import DataBundle, check_dataset_config, input_encoding
+from e2kd_fast.data.transforms import encoding_transform, eval_transform, train_transform
 
 VOC_CLASSES = (
     "aeroplane",
@@ -298,9 +299,6 @@ def build_bundle(cfg, train: bool = True):
     file does not exist). Box masks are for the report's localisation metrics (`VOCDataset` with
     ``box_size``), not for training.
     """
-    from e2kd_fast.data.build import DataBundle, check_dataset_config, input_encoding
-    from e2kd_fast.data.transforms import eval_transform, train_transform
-
     data = cfg.data
     check_dataset_config(cfg, "voc", len(VOC_CLASSES))
     encoding = input_encoding(cfg.student.name)

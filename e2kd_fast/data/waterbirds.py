@@ -30,6 +30,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from e2kd_fast.data.bundle import DataBundle, check_dataset_config, input_encoding, split_indices
+from e2kd_fast.data.transforms import eval_transform, train_transform
+
 WATERBIRDS_LABELS = ("landbird", "waterbird")
 WATERBIRDS_BACKGROUNDS = ("land", "water")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -189,9 +192,6 @@ def build_bundle(cfg, train: bool = True):
     folders, ``val_per_class`` holds images per class out of the training split (then ``val_split``
     is not used), and ``shots`` draws that many training images per class.
     """
-    from e2kd_fast.data.build import DataBundle, check_dataset_config, input_encoding, split_indices
-    from e2kd_fast.data.transforms import eval_transform, train_transform
-
     data = cfg.data
     check_dataset_config(cfg, "waterbirds", len(WATERBIRDS_LABELS))
     encoding = input_encoding(cfg.student.name)

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from e2kd_fast.data.synthetic import _shape_mask
+from e2kd_fast.data.synthetic import shape_mask
 
 WATERBIRDS_CLASSES = ("landbird", "waterbird", "desertbird", "nightbird")
 WATERBIRDS_PLACES = ("forest", "water", "desert", "night")
@@ -40,7 +40,7 @@ DEFAULT_PER_SPLIT = {"train_biased": 800, "train_unbiased": 800, "val": 200, "te
 
 # Bright, saturated birds; darker, duller places: the two colour families never overlap.
 _BIRD_COLOURS = ((0.95, 0.15, 0.10), (0.98, 0.88, 0.12), (0.90, 0.15, 0.85), (0.96, 0.96, 0.96))
-_BIRD_SHAPES = (1, 2, 0, 3)  # `_shape_mask` kinds: disk, triangle, square, cross
+_BIRD_SHAPES = (1, 2, 0, 3)  # `shape_mask` kinds: disk, triangle, square, cross
 _SHAPE_NAMES = ("square", "disk", "triangle", "cross")
 _SHAPE_AREA = (4.0, math.pi, 2.0, 20 / 9)  # area / r² of each shape kind, to hit a target area fraction
 _PLACE_COLOURS = ((0.16, 0.45, 0.18), (0.14, 0.32, 0.70), (0.62, 0.48, 0.30), (0.22, 0.22, 0.30))
@@ -108,7 +108,7 @@ def _render(
     for kind in range(len(_SHAPE_AREA)):
         idx = (kinds == kind).nonzero().flatten()
         if len(idx):
-            masks[idx] = _shape_mask(kind, size, cy[idx], cx[idx], r[idx])
+            masks[idx] = shape_mask(kind, size, cy[idx], cx[idx], r[idx])
     images = torch.where(masks[:, None], foreground, background).clamp_(0, 1)
     return images, masks
 

@@ -56,7 +56,7 @@ def e2kd_objective(
     step: int = 0,
     guided_step_interval: int = 1,
     frozen: TeacherOutputs | None = None,
-    backend: str = "autograd",
+    algorithm: str = "autograd",
     multilabel: bool = False,
 ) -> dict[str, Tensor]:
     """One batch of the e²KD objective (λ = 0 gives the KD baseline).
@@ -76,7 +76,7 @@ def e2kd_objective(
         guided_step_interval: compute the explanation term only on steps divisible by this (K = 16
             for ResNets, 4 for ViTs in the official "efficient" configs); other steps are KD only.
         frozen: precomputed teacher outputs instead of running ``teacher``.
-        backend: how B-cos explanations are computed: ``"autograd"`` (the reference) or ``"sweep"``
+        algorithm: how B-cos explanations are computed: ``"autograd"`` (the reference) or ``"sweep"``
             (explicit reverse sweep, first-order autograd only); both give the same loss and gradient.
         multilabel: multi-hot ``labels`` [N, C] (VOC): the KD term is `multilabel_kd` (per-class sigmoid
             KL), the ground-truth term multi-hot BCE; the explained class is still the teacher's top-1.
@@ -98,7 +98,7 @@ def e2kd_objective(
     if gt_coef > 0 and labels is None:
         raise ValueError("gt_coef > 0 needs the ground-truth labels")
     explain_now = lam > 0 and step % guided_step_interval == 0
-    explain = partial(dynamic_weights, backend=backend) if explanation == "bcos" else gradcam
+    explain = partial(dynamic_weights, algorithm=algorithm) if explanation == "bcos" else gradcam
 
     teacher_logits, teacher_map = _teacher_outputs(teacher, x, frozen, explain if explain_now else None)
     target = teacher_logits.argmax(1)

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from e2kd_fast.explain import dynamic_weights, gradcam
+from e2kd_fast.metrics.scores import EvalExtras
 from e2kd_fast.reference.losses import explanation_cosine
-from e2kd_fast.report.scores import EvalExtras
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
@@ -57,9 +57,9 @@ def evaluate(
     counts = {"images": 0, "top1": 0, "top5": 0, "agree": 0, "skipped": 0}
     cosine_sum = 0.0
     # The same explanation path as training (the sweep), not the double-backward reference.
-    explainers = {"bcos": partial(dynamic_weights, backend="sweep"), "gradcam": gradcam}
+    explainers = {"bcos": partial(dynamic_weights, algorithm="sweep"), "gradcam": gradcam}
     explain = explainers.get(explanation) if explanation else None
-    extras = EvalExtras()  # VOC mAP, Waterbirds group accuracies (e2kd_fast.report.scores)
+    extras = EvalExtras()  # VOC mAP, Waterbirds group accuracies (e2kd_fast.metrics.scores)
     try:
         for batch in batches:
             counts["skipped"] += int(batch.get("skipped", 0))

@@ -64,3 +64,13 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
             value = str(value)  # JSON has no NaN/inf
         out[key] = value
     return out
+
+
+class NullMetricsLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl and TensorBoard)."""
+
+    def log(self, kind: str, step: int, **values: Any) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass

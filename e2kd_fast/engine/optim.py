@@ -46,7 +46,7 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float, factor: 
     return lr
 
 
-def _unitwise_norm(x: Tensor) -> Tensor:
+def unitwise_norm(x: Tensor) -> Tensor:
     # Per output unit for weights, whole-tensor for vectors (as the official B-cos trainer / timm).
     if x.squeeze().ndim <= 1:
         return x.norm(2)
@@ -66,7 +66,7 @@ def adaptive_clip_grad_(parameters: Iterable[nn.Parameter], clip_factor: float =
     for p in parameters:
         if p.grad is None:
             continue
-        max_norm = _unitwise_norm(p).clamp(min=eps) * clip_factor
-        grad_norm = _unitwise_norm(p.grad)
+        max_norm = unitwise_norm(p).clamp(min=eps) * clip_factor
+        grad_norm = unitwise_norm(p.grad)
         clipped = p.grad * (max_norm / grad_norm.clamp(min=1e-6))
         p.grad.copy_(torch.where(grad_norm < max_norm, p.grad, clipped))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from e2kd_fast.config import BASELINE_DEFAULTS
-from e2kd_fast.distill import TeacherOutputs, e2kd_objective
+from e2kd_fast.distill import TeacherOutputs, build_baseline, e2kd_objective
 
 
 class TrainStep:
@@ -57,7 +57,7 @@ class TrainStep:
             "tau": tau,
             "explanation": explanation,
             "gt_coef": gt_coef,
-            "backend": "sweep",
+            "algorithm": "sweep",
             "multilabel": multilabel,
         }
         self.compile, self.log = compile, log
@@ -134,8 +134,6 @@ def make_train_step(
     d = cfg.distill
     objective = None
     if d.method in BASELINE_DEFAULTS:
-        from e2kd_fast.distill.baselines import build_baseline
-
         objective = build_baseline(
             d.method, student, teacher, weight=d.feature_weight, kd_coef=d.kd_coef, tau=d.tau, options=d.feature_options
         )

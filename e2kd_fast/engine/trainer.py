@@ -10,7 +10,7 @@ What a run writes into ``train.out_dir``:
     summary.json         final metrics, counts of skipped images, wall time
 
 Exact resume: data order, augmentation and all other randomness are functions of (seed, epoch,
-step) (`e2kd_fast.engine.sampling`), and the learning rate is a function of the step; resuming from
+step) (`e2kd_fast.data.sampling`), and the learning rate is a function of the step; resuming from
 ``last.pt`` reproduces the losses of an uninterrupted run.
 """
 
@@ -30,22 +30,20 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from e2kd_fast.config import Config, config_to_dict, save_config
+from e2kd_fast.data.dali import maybe_dali_loader
+from e2kd_fast.data.loaders import make_loader
+from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.distill import TeacherOutputs
 from e2kd_fast.distill.multilabel import multilabel_bce
-from e2kd_fast.engine.distributed import (
-    NullMetricsLogger,
-    ShardedEpochSampler,
-    StateDictView,
-    make_backend,
-    setup_distributed,
-)
+from e2kd_fast.engine.builders import build_student, build_teacher, resolve_device
+from e2kd_fast.engine.distributed import make_strategy
 from e2kd_fast.engine.evaluate import evaluate
-from e2kd_fast.engine.logging import MetricsLogger
+from e2kd_fast.engine.logging import MetricsLogger, NullMetricsLogger
 from e2kd_fast.engine.optim import build_optimizer, set_learning_rate, warmup_cosine_factor
-from e2kd_fast.engine.sampling import EpochSampler, SeededDataset, mix_seed
+from e2kd_fast.engine.process_group import setup_distributed
 from e2kd_fast.engine.step import make_train_step
-from e2kd_fast.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
-from e2kd_fast.nn.checkpointing import enable_activation_checkpointing
+from e2kd_fast.engine.strategy import StateDictView
+from e2kd_fast.models import load_checkpoint, read_checkpoint, save_checkpoint
 from e2kd_fast.reference.losses import uniform_off_label_bce
 
 # The loss terms logged per step (means over micro-batches and ranks), when the objective returns them.
@@ -65,35 +63,6 @@ class TrainState:
     step_in_epoch: int = 0  # optimiser steps done in the current epoch
     skipped_images: int = 0
     best: list[tuple[float, str]] = field(default_factory=list)  # (val top-1, checkpoint path), best first
-
-
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
-    """``auto`` → CUDA when available, else CPU (queried here, never at import); ``key`` names the setting."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"{key} is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
-def build_student(cfg: Config) -> nn.Module:
-    kwargs = dict(cfg.student.kwargs)
-    model = create_model(cfg.student.name, num_classes=cfg.student.num_classes, **kwargs)
-    if cfg.student.checkpoint:
-        load_checkpoint(model, cfg.student.checkpoint)
-    if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    return model
-
-
-def build_teacher(cfg: Config) -> nn.Module | None:
-    """The teacher in eval mode with frozen parameters, or None when the config has none."""
-    if cfg.teacher.name is None:
-        return None
-    teacher = create_model(cfg.teacher.name, num_classes=cfg.teacher.num_classes, **dict(cfg.teacher.kwargs))
-    if cfg.teacher.checkpoint:
-        load_checkpoint(teacher, cfg.teacher.checkpoint)
-    return teacher.eval().requires_grad_(False)
 
 
 class Trainer:
@@ -163,8 +132,8 @@ class Trainer:
         )
         if self.step_fn.extra_parameters():  # feature baselines: connectors train with the student
             self.optimizer.add_param_group({"params": self.step_fn.extra_parameters()})
-        # single / DDP / DeepSpeed (engine.backend); the objective runs inside the wrapped module's forward.
-        self.backend = make_backend(
+        # single / DDP / DeepSpeed (engine.strategy); the objective runs inside the wrapped module's forward.
+        self.strategy = make_strategy(
             cfg,
             self.dist_env,
             self.student,
@@ -185,13 +154,13 @@ class Trainer:
         """Trains to ``train.epochs``; ``resume`` = a checkpoint path or ``"auto"`` (``last.pt`` if present)."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.backend.is_main:
+        if self.strategy.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         if resume == "auto":
             resume = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").is_file() else None
         if resume is not None:
             self._load_state(Path(resume))
-        logger = MetricsLogger(self.run_dir) if self.backend.is_main else NullMetricsLogger()
+        logger = MetricsLogger(self.run_dir) if self.strategy.is_main else NullMetricsLogger()
         started = time.perf_counter()
         steps_at_start = self.state.step
         eval_metrics: dict = {}
@@ -201,7 +170,7 @@ class Trainer:
                 epoch_done = self.state.epoch + 1
                 if self.val_set is not None and epoch_done % cfg.train.eval_every_epochs == 0:
                     # Rank 0 evaluates the whole validation set; the others wait and receive its metrics.
-                    eval_metrics = self.backend.broadcast(self.evaluate() if self.backend.is_main else None)
+                    eval_metrics = self.strategy.broadcast(self.evaluate() if self.strategy.is_main else None)
                     logger.log("eval", self.state.step, epoch=epoch_done, **eval_metrics)
                 self.state.epoch, self.state.step_in_epoch = epoch_done, 0
                 self._save_epoch(eval_metrics)
@@ -215,7 +184,7 @@ class Trainer:
             "final_eval": eval_metrics,
             "best": [{"top1": m, "checkpoint": p} for m, p in self.state.best],
         }
-        if self.backend.is_main:
+        if self.strategy.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -271,11 +240,11 @@ class Trainer:
                         f"checkpoint ({self.ckpt_dir / 'last.pt'}) is intact. Lower optim.lr or check the data, "
                         "then resume from it."
                     )
-                self.backend.backward(out["loss"], self.micro_batches)  # one device: (loss / micro_batches).backward()
+                self.strategy.backward(out["loss"], self.micro_batches)  # one device: (loss / micro_batches).backward()
                 for key, value in zip(keys, values, strict=True):
                     totals[key] = totals.get(key, 0.0) + value / self.micro_batches
             self._optimizer_step()
-            totals = self.backend.reduce_mean(totals)  # the logged values are means over all ranks
+            totals = self.strategy.reduce_mean(totals)  # the logged values are means over all ranks
             state.step += 1
             state.step_in_epoch += 1
             bar.update(1)
@@ -305,13 +274,13 @@ class Trainer:
             )
         if self.mixing is not None:
             images, labels = self.mixing(images, labels)
-        # Through the back end's wrapped module, whose forward is `_forward_to_loss` (DDP / DeepSpeed hooks).
-        return self.backend.forward(images, labels, self.state.step, frozen, last_micro=self._last_micro)
+        # Through the strategy's wrapped module, whose forward is `_forward_to_loss` (DDP / DeepSpeed hooks).
+        return self.strategy.forward(images, labels, self.state.step, frozen, last_micro=self._last_micro)
 
     def _forward_to_loss(
         self, images: Tensor, labels: Tensor, step: int, frozen: TeacherOutputs | None
     ) -> dict[str, Tensor]:
-        """Batch → loss dict: the forward of the module the back end wraps (explanations included)."""
+        """Batch → loss dict: the forward of the module the strategy wraps (explanations included)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if self.cfg.distill.method == "none":
                 logits = self.student(images)
@@ -325,8 +294,8 @@ class Trainer:
             return self.step_fn(images, labels, step, frozen)
 
     def _optimizer_step(self) -> None:
-        """Clipping (AGC, global norm), the optimiser, cleared gradients: the back end's step."""
-        self.backend.step()
+        """Clipping (AGC, global norm), the optimiser, cleared gradients: the strategy's step."""
+        self.strategy.step()
 
     def _set_lr(self) -> float:
         optim, state = self.cfg.optim, self.state
@@ -359,8 +328,6 @@ class Trainer:
             world_size=world,
         )
         if data.loader != "torchvision":  # DALI (data.loader dali|auto); None: falls back to torchvision
-            from e2kd_fast.data.dali import maybe_dali_loader
-
             dali = maybe_dali_loader(self.cfg, dataset, indices, train=train, device=self.device, **common)
             if dali is not None:
                 return dali
@@ -376,9 +343,9 @@ class Trainer:
     def _save(self, *paths: Path) -> None:
         """Writes the same checkpoint to each of ``paths`` (the state is gathered once)."""
         s = self.state
-        # Whole weights and optimiser state on every back end (DeepSpeed gathers its partitions: collective).
-        model_state, optimizer_state = self.backend.model_state(), self.backend.optimizer_state()
-        if self.backend.is_main:
+        # Whole weights and optimiser state on every strategy (DeepSpeed gathers its partitions: collective).
+        model_state, optimizer_state = self.strategy.model_state(), self.strategy.optimizer_state()
+        if self.strategy.is_main:
             extra = {} if self.step_fn.objective is None else {"distill_objective": self.step_fn.objective.state_dict()}
             for path in paths:
                 save_checkpoint(
@@ -393,7 +360,7 @@ class Trainer:
                     config=config_to_dict(self.cfg),
                     **extra,
                 )
-        self.backend.barrier()  # no rank goes on (or reads the files) before they are complete
+        self.strategy.barrier()  # no rank goes on (or reads the files) before they are complete
 
     def _save_epoch(self, eval_metrics: dict) -> None:
         """Writes last.pt and epoch_XXXX.pt, keeping the best ``keep_best`` epoch files by val top-1."""
@@ -405,7 +372,7 @@ class Trainer:
         keep_epoch = any(p == str(epoch_path) for _, p in keep)
         self._save(*([epoch_path] if keep_epoch else []), self.ckpt_dir / "last.pt")
         for _, path in drop:
-            if self.backend.is_main:
+            if self.strategy.is_main:
                 Path(path).unlink(missing_ok=True)
 
     def _load_state(self, path: Path) -> None:
@@ -422,7 +389,7 @@ class Trainer:
                     f"{path} holds no distill_objective state for the {self.cfg.distill.method!r} baseline"
                 )
             self.step_fn.objective.load_state_dict(payload["distill_objective"])
-        self.backend.load_optimizer_state(payload["optimizer"], payload.get("model"))
+        self.strategy.load_optimizer_state(payload["optimizer"], payload.get("model"))
         self.state = TrainState(
             step=int(payload["step"]),
             epoch=int(payload["epoch"]),
@@ -430,45 +397,6 @@ class Trainer:
             skipped_images=int(payload.get("skipped_images", 0)),
             best=[(float(m), str(p)) for m, p in payload.get("best", [])],
         )
-
-
-def make_loader(
-    dataset: Dataset,
-    indices: Tensor,
-    *,
-    batch_size: int,
-    num_workers: int = 0,
-    seed: int = 0,
-    shuffle: bool = False,
-    epoch: int = 0,
-    start: int = 0,
-    drop_last: bool = False,
-    pin_memory: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataLoader:
-    """A loader over ``dataset[indices]`` with deterministic order and per-sample augmentation seeds.
-
-    Items that are None (unreadable images) are dropped and counted in each batch's ``skipped``.
-    With ``world_size > 1`` it loads this rank's shard (`ShardedEpochSampler`): ``batch_size`` is then
-    the per-rank batch and ``start`` the global position in the epoch.
-    """
-    from e2kd_fast.data import collate_skipping
-
-    if world_size > 1:
-        sampler = ShardedEpochSampler(indices, seed, shuffle=shuffle, rank=rank, world_size=world_size)
-    else:
-        sampler = EpochSampler(indices, seed, shuffle=shuffle)
-    sampler.set_epoch(epoch, start)
-    return DataLoader(
-        SeededDataset(dataset),
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_skipping,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-    )
 
 
 def _batch_mixing(cfg: Config, num_classes: int) -> Callable | None:

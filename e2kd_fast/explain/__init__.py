@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from e2kd_fast.explain.gradcam import gradcam
+from e2kd_fast.explain.sweep import dynamic_weights_sweep
 from e2kd_fast.explain.visualize import contribution_map, explanation_to_rgba
 from e2kd_fast.reference.explain import dynamic_weights_autograd
 
-BACKENDS = ("autograd", "sweep")
+ALGORITHMS = ("autograd", "sweep")
 
 
 def dynamic_weights(
@@ -16,7 +17,7 @@ def dynamic_weights(
     x6: Tensor,
     target: Tensor | None = None,
     *,
-    backend: str = "autograd",
+    algorithm: str = "autograd",
     create_graph: bool | None = None,
     return_logits: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -26,7 +27,7 @@ def dynamic_weights(
         model: a B-cos model.
         x6: [N, 6, H, W] input in the [x, 1 − x] encoding.
         target: [N] LongTensor, the class explained for each sample; None explains the model's top-1.
-        backend: ``"autograd"`` (the reference: one backward through the model in explanation mode,
+        algorithm: ``"autograd"`` (the reference: one backward through the model in explanation mode,
             official semantics) or ``"sweep"`` (an explicit reverse sweep of the saved dynamic
             factors: no double backward, first-order autograd only; `e2kd_fast.explain.sweep`).
         create_graph: keep W differentiable (default: when the model has trainable parameters and
@@ -37,13 +38,11 @@ def dynamic_weights(
     Returns:
         W [N, 6, H, W] (and logits [N, num_classes] if asked).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown dynamic_weights backend {backend!r}; available: {', '.join(BACKENDS)}")
-    if backend == "sweep":
-        from e2kd_fast.explain.sweep import dynamic_weights_sweep
-
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown dynamic_weights algorithm {algorithm!r}; available: {', '.join(ALGORITHMS)}")
+    if algorithm == "sweep":
         return dynamic_weights_sweep(model, x6, target, create_graph=create_graph, return_logits=return_logits)
     return dynamic_weights_autograd(model, x6, target, create_graph=create_graph, return_logits=return_logits)
 
 
-__all__ = ["BACKENDS", "contribution_map", "dynamic_weights", "explanation_to_rgba", "gradcam"]
+__all__ = ["ALGORITHMS", "contribution_map", "dynamic_weights", "explanation_to_rgba", "gradcam"]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from e2kd_fast import ops
-from e2kd_fast.models.bcos_densenet import BcosDenseNet, _DenseBlock, _DenseLayer
+from e2kd_fast.models.bcos_densenet import BcosDenseNet, DenseBlock, DenseLayer
 from e2kd_fast.models.bcos_resnet import BasicBlock, BcosResNet, Bottleneck
 from e2kd_fast.models.bcos_vit import Attention, BcosViT, Encoder, PatchEmbedding, sincos_position_embedding
 from e2kd_fast.nn import (
@@ -75,7 +75,7 @@ def _lookup(module: nn.Module) -> tuple[TapedForward, Adjoint]:
             return _SWEEP[cls]
     raise NotImplementedError(
         f"the explanation sweep has no adjoint for {type(module).__name__}; "
-        "use dynamic_weights(..., backend='autograd') for this model"
+        "use dynamic_weights(..., algorithm='autograd') for this model"
     )
 
 
@@ -411,7 +411,7 @@ def _resnet_adj(m: BcosResNet, g: Tensor, tape: Tape) -> Tensor:
 register_sweep(BcosResNet)((_resnet_fwd, _resnet_adj))
 
 
-def _dense_layer_fwd(m: _DenseLayer, features: list[Tensor], tape: Tape) -> Tensor:
+def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape) -> Tensor:
     if m.drop_rate > 0 and m.training:
         raise NotImplementedError("the sweep does not support dropout in dense layers during training")
     tape.append([f.shape[1] for f in features])
@@ -421,13 +421,13 @@ def _dense_layer_fwd(m: _DenseLayer, features: list[Tensor], tape: Tape) -> Tens
     return out
 
 
-def _dense_layer_adj(m: _DenseLayer, g: Tensor, tape: Tape) -> list[Tensor]:
+def _dense_layer_adj(m: DenseLayer, g: Tensor, tape: Tape) -> list[Tensor]:
     for child in (m.conv2, m.norm2, m.conv1, m.norm1):
         g = adjoint(child, g, tape)
     return list(g.split(tape.pop(), dim=1))
 
 
-def _dense_block_fwd(m: _DenseBlock, x: Tensor, tape: Tape) -> Tensor:
+def _dense_block_fwd(m: DenseBlock, x: Tensor, tape: Tape) -> Tensor:
     features = [x]
     for layer in m.values():
         features.append(_dense_layer_fwd(layer, features, tape))
@@ -435,7 +435,7 @@ def _dense_block_fwd(m: _DenseBlock, x: Tensor, tape: Tape) -> Tensor:
     return torch.cat(features, 1)
 
 
-def _dense_block_adj(m: _DenseBlock, g: Tensor, tape: Tape) -> Tensor:
+def _dense_block_adj(m: DenseBlock, g: Tensor, tape: Tape) -> Tensor:
     grads = list(g.split(tape.pop(), dim=1))  # one per feature map: the block input and each layer's output
     for j, layer in reversed(list(enumerate(m.values()))):
         for i, part in enumerate(_dense_layer_adj(layer, grads[j + 1], tape)):
@@ -443,7 +443,7 @@ def _dense_block_adj(m: _DenseBlock, g: Tensor, tape: Tape) -> Tensor:
     return grads[0]
 
 
-register_sweep(_DenseBlock)((_dense_block_fwd, _dense_block_adj))
+register_sweep(DenseBlock)((_dense_block_fwd, _dense_block_adj))
 
 
 def _densenet_fwd(m: BcosDenseNet, x: Tensor, tape: Tape) -> Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from e2kd_fast.distill.features import forward_stages
 from e2kd_fast.metrics import dcor
 
 StageFn = Callable[[nn.Module, Tensor], object]  # returns an object with .feats (list) and .pooled
@@ -40,8 +41,6 @@ ESTIMATORS = ("u", "v", "v_rownorm")
 
 
 def _default_stage_fn(model: nn.Module, x: Tensor):
-    from e2kd_fast.distill.features import forward_stages  # imported lazily: pulls in the model zoo
-
     return forward_stages(model, x)
 
 

@@ -18,7 +18,7 @@ from e2kd_fast.models._registry import register_model
 from e2kd_fast.nn import BcosConv2d, LogitLayer, make_norm2d
 
 
-class _DenseLayer(nn.Module):
+class DenseLayer(nn.Module):
     """norm → 1×1 conv → norm → 3×3 conv on the concatenation of all previous features."""
 
     def __init__(self, in_features: int, growth_rate: int, bn_size: int, drop_rate: float, conv, norm) -> None:
@@ -37,13 +37,13 @@ class _DenseLayer(nn.Module):
         return out
 
 
-class _DenseBlock(nn.ModuleDict):
+class DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers; returns the concatenation [N, C_in + L·growth, H, W]."""
 
     def __init__(self, num_layers: int, in_features: int, bn_size: int, growth_rate: int, drop_rate: float, conv, norm):
         super().__init__()
         for i in range(num_layers):
-            layer = _DenseLayer(in_features + i * growth_rate, growth_rate, bn_size, drop_rate, conv, norm)
+            layer = DenseLayer(in_features + i * growth_rate, growth_rate, bn_size, drop_rate, conv, norm)
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -108,7 +108,7 @@ class BcosDenseNet(nn.Module):
         self.features = nn.Sequential(OrderedDict(stem))
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
-            block = _DenseBlock(num_layers, channels, bn_size, growth_rate, drop_rate, conv, norm_layer)
+            block = DenseBlock(num_layers, channels, bn_size, growth_rate, drop_rate, conv, norm_layer)
             self.features.add_module(f"denseblock{i + 1}", block)
             channels += num_layers * growth_rate
             if i != len(block_config) - 1:

@@ -14,14 +14,17 @@ explanation backward keeps the weight attached, which gives the exact second-ord
 
 These products are the autograd *reference*; they are used only inside explanation mode and never
 inside a compiled region (the compiled engine uses an explicit reverse sweep instead).
+`explanation_mode` switches a model's modules into and out of that mode.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class ExplanationFlag(Protocol):
@@ -93,3 +96,39 @@ def dynamic_matmul(weight: Tensor, x: Tensor, owner: ExplanationFlag) -> Tensor:
     if not owner.explaining:
         return weight @ x
     return _DynamicMatmul.apply(weight, x, owner)
+
+
+@contextlib.contextmanager
+def explanation_mode(model: nn.Module, active: bool = True) -> Iterator[nn.Module]:
+    """Puts every module of ``model`` that supports it into explanation mode for the block.
+
+    Works on any model: modules with a ``set_explanation_mode`` method (these and the official
+    `bcos` modules) are switched; others are left alone. Nesting is safe: each module's previous
+    state is restored on exit, also when the block raises.
+
+    Note that with the official semantics the flag is read when a backward runs: compute the
+    explanation inside the block, and call the final ``loss.backward()`` after it.
+
+    Example:
+        >>> with explanation_mode(model):
+        ...     logits = model(x6)
+        ...     (W,) = torch.autograd.grad(logits[:, c].sum(), x6, create_graph=True)
+    """
+    switched = [m for m in model.modules() if callable(getattr(m, "set_explanation_mode", None))]
+    previous = [_current_state(m) for m in switched]
+    try:
+        for m in switched:
+            m.set_explanation_mode(active)
+        yield model
+    finally:
+        for m, state in zip(switched, previous, strict=True):
+            m.set_explanation_mode(state)
+
+
+def _current_state(module: nn.Module) -> bool:
+    # Our modules expose `explaining`; the official `bcos` modules expose `detach`.
+    for attr in ("explaining", "detach"):
+        value = getattr(module, attr, None)
+        if isinstance(value, bool):
+            return value
+    return False

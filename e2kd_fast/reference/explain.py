@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from e2kd_fast.nn.explanation import explanation_mode
+from e2kd_fast.reference.dynamic import explanation_mode
 
 
 def dynamic_weights_autograd(

@@ -24,7 +24,6 @@ A teacher that is not itself one of the runs gets its own row. Rows and pictures
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -37,6 +36,19 @@ import torch
 from torch import Tensor, nn
 
 from e2kd_fast.config import Config, load_config
+from e2kd_fast.data import ImageFolderDataset, collate_skipping
+from e2kd_fast.data.build import build_datasets
+from e2kd_fast.data.transforms import PairedResizeCenterCrop, PairedTransform
+from e2kd_fast.data.voc import VOCDataset
+from e2kd_fast.engine.builders import resolve_device
+from e2kd_fast.engine.evaluate import evaluate
+from e2kd_fast.engine.logging import read_metrics
+from e2kd_fast.explain import contribution_map, dynamic_weights, gradcam
+from e2kd_fast.metrics import localisation
+from e2kd_fast.metrics.unicam import feature_similarity_score, relevance_score
+from e2kd_fast.models import create_model, load_checkpoint
+from e2kd_fast.report import render
+from e2kd_fast.report.plots import explanation_picture, input_picture
 
 
 class ReportError(ValueError):
@@ -73,8 +85,6 @@ def load_run(path: str | os.PathLike, checkpoint: str = "last", name: str | None
     Raises:
         ReportError / FileNotFoundError: no ``config.yaml``, no such checkpoint, unreadable summary.
     """
-    from e2kd_fast.engine.logging import read_metrics
-
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"not a run folder (no config.yaml): {path}")
@@ -113,8 +123,6 @@ def _family(model: nn.Module) -> str:
 
 
 def _load(name: str, num_classes: int | None, checkpoint: Path | str | None, kwargs: dict | None = None) -> nn.Module:
-    from e2kd_fast.models import create_model, load_checkpoint
-
     model = create_model(name, num_classes=num_classes, **(kwargs or {}))
     if checkpoint:
         load_checkpoint(model, checkpoint)
@@ -130,8 +138,6 @@ def _eval_config(cfg: Config, split: str | None) -> Config:
 
 
 def _val_data(cfg: Config, split: str | None, limit: int | None) -> tuple[Any, Tensor]:
-    from e2kd_fast.data.build import build_datasets
-
     bundle = build_datasets(_eval_config(cfg, split), train=False)
     if bundle.val is None:
         raise ReportError(f"{cfg.train.out_dir}: the config has no validation data (data.val_split)")
@@ -141,16 +147,11 @@ def _val_data(cfg: Config, split: str | None, limit: int | None) -> tuple[Any, T
 
 def _localisation_data(cfg: Config, split: str | None, encoding: str, limit: int | None):
     """(dataset, indices, kind) with per-image masks, or None when the data has neither masks nor boxes."""
-    from e2kd_fast.data import ImageFolderDataset
-    from e2kd_fast.data.transforms import PairedResizeCenterCrop, PairedTransform
-
     cfg = _eval_config(cfg, split)
     data = cfg.data
     if data.root is None:
         return None
     if data.dataset == "voc":
-        from e2kd_fast.data.voc import VOCDataset
-
         dataset = VOCDataset(data.root, data.val_split, box_size=data.image_size, encoding=encoding)
         return dataset, torch.arange(len(dataset))[:limit] if limit else torch.arange(len(dataset)), "boxes"
     masks = Path(data.root) / "masks"
@@ -165,28 +166,22 @@ def _localisation_data(cfg: Config, split: str | None, encoding: str, limit: int
 
 
 def _batches(dataset, indices: Tensor, batch_size: int):
-    from e2kd_fast.data import collate_skipping
-
     for start in range(0, len(indices), batch_size):
         yield collate_skipping([dataset[int(i)] for i in indices[start : start + batch_size]])
 
 
 def attribution(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """The map localisation is measured on: Σ_c x·W (B-cos contribution map) or GradCAM; [N, H, W]."""
-    from e2kd_fast.explain import contribution_map, dynamic_weights, gradcam
-
     if _family(model) == "bcos":
-        weights = dynamic_weights(model, x, target, backend="sweep", create_graph=False)
+        weights = dynamic_weights(model, x, target, algorithm="sweep", create_graph=False)
         return contribution_map(x, weights).detach()
     return gradcam(model, x, target, create_graph=False)[:, 0].detach()
 
 
 def explanation(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """What e²KD compares: the dynamic weights [N, 6, H, W] (B-cos) or GradCAM [N, 1, H, W]."""
-    from e2kd_fast.explain import dynamic_weights, gradcam
-
     if _family(model) == "bcos":
-        return dynamic_weights(model, x, target, backend="sweep", create_graph=False).detach()
+        return dynamic_weights(model, x, target, algorithm="sweep", create_graph=False).detach()
     return gradcam(model, x, target, create_graph=False).detach()
 
 
@@ -195,13 +190,8 @@ def localisation_scores(
 ) -> dict[str, float]:
     """Mean EPG and IoU of ``model``'s attributions against masks (true class) or VOC boxes (each present class).
 
-    Uses `e2kd_fast.metrics.localisation` (``energy_pointing_game``, ``iou``); returns {} while that
-    module is not installed, so the columns fill in as soon as it is.
+    Uses `e2kd_fast.metrics.localisation` (``energy_pointing_game``, ``iou``).
     """
-    try:
-        localisation = importlib.import_module("e2kd_fast.metrics.localisation")
-    except ImportError:
-        return {}
     sums: dict[str, float] = {}
     count = 0
     model = model.to(device)
@@ -217,9 +207,7 @@ def localisation_scores(
         else:
             target, masks = batch["target"].to(device), batch["mask"].to(device)
         maps = attribution(model, x, target)
-        scores = {"epg": localisation.energy_pointing_game(maps, masks)}
-        if hasattr(localisation, "iou"):
-            scores["iou"] = localisation.iou(maps, masks)
+        scores = {"epg": localisation.energy_pointing_game(maps, masks), "iou": localisation.iou(maps, masks)}
         for key, value in scores.items():
             sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value, dtype=torch.float64).sum())
         count += x.shape[0]
@@ -231,20 +219,16 @@ def computed_unicam_scores(
 ) -> dict[str, float]:
     """FSS (student vs teacher) and RS (student given teacher, one-hot labels), averaged over stages.
 
-    Uses `e2kd_fast.metrics.unicam` on the evaluated images (single-label data only); {} when that
-    module is missing, the labels are multi-hot, or the models' stages do not pair up.
+    Uses `e2kd_fast.metrics.unicam` on the evaluated images (single-label data only); {} when the
+    labels are multi-hot or the models' stages do not pair up.
     """
-    try:  # by module path: the package re-exports a function of the same name
-        unicam = importlib.import_module("e2kd_fast.metrics.unicam")
-    except ImportError:
-        return {}
     batch = next(_batches(dataset, indices, len(indices)), None)
     if batch is None or batch["image"].shape[0] < 4 or batch["target"].dim() != 1:
         return {}
     x, labels = batch["image"].to(device), batch["target"]
     try:
-        fss = unicam.feature_similarity_score(student.to(device), teacher.to(device), x)
-        rs = unicam.relevance_score(student, x, labels, given=teacher)
+        fss = feature_similarity_score(student.to(device), teacher.to(device), x)
+        rs = relevance_score(student, x, labels, given=teacher)
     except ValueError:  # unpaired stages, or too few images per class for the U-statistic
         return {}
     return {"fss": sum(fss.values()) / len(fss), "rs": sum(rs.values()) / len(rs)}
@@ -327,10 +311,6 @@ def make_report(
     Returns:
         ``{"rows": [{"model": ..., metric: value, ...}], "html": path, "markdown": path or None}``.
     """
-    from e2kd_fast.engine.evaluate import evaluate
-    from e2kd_fast.engine.trainer import resolve_device
-    from e2kd_fast.report import render
-
     if not runs:
         raise ReportError("no run folders given")
     if images < 0:
@@ -407,12 +387,7 @@ def _notes(rows: list[dict], split: str | None, checkpoint: str, max_eval: int |
         f"{f' (first {max_eval} images)' if max_eval else ''}, checkpoint `{checkpoint}`.",
     ]
     if not any("epg" in r for r in rows):
-        try:
-            import e2kd_fast.metrics.localisation  # noqa: F401
-
-            notes.append("EPG / IoU: the validation data has no masks or boxes.")
-        except ImportError:
-            notes.append("EPG / IoU: not computed (e2kd_fast.metrics.localisation is not installed).")
+        notes.append("EPG / IoU: the validation data has no masks or boxes.")
     if not any("fss" in r or "rs" in r for r in rows):
         notes.append("FSS / RS: not computed (pass unicam=True / --unicam) and no run folder holds a unicam.json.")
     return notes
@@ -427,8 +402,6 @@ def _json_safe(rows: list[dict]) -> list[dict]:
 
 def _explanation_grid(entries, teachers, reference, split, images, device):
     """Rows of pictures: one validation image, then each model's explanation of the same class."""
-    from e2kd_fast.report.plots import explanation_picture, input_picture
-
     first = entries[0]
     dataset, indices = _val_data(first.cfg, split, None)
     if len(indices) == 0:

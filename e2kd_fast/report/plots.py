@@ -10,6 +10,7 @@ from PIL import Image
 from torch import Tensor
 
 from e2kd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from e2kd_fast.explain import explanation_to_rgba
 
 _MIN_SIDE = 96  # small inputs (32 px) are enlarged with nearest-neighbour so that pixels stay visible
 
@@ -28,8 +29,6 @@ def input_picture(x: Tensor) -> np.ndarray:
 
 def explanation_picture(x: Tensor, explanation: Tensor) -> np.ndarray:
     """[H, W, 3] in [0, 1]: the B-cos colour picture on black (6-channel W) or a GradCAM heat overlay ([1, H, W])."""
-    from e2kd_fast.explain import explanation_to_rgba
-
     if explanation.shape[0] == 6:
         rgba = explanation_to_rgba(x.detach().cpu(), explanation.detach().cpu())
         return rgba[..., :3] * rgba[..., 3:]

@@ -30,6 +30,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from e2kd_fast.explain.gradcam import gradcam
 from e2kd_fast.xdistill.superpixels import num_segments, segment_masks_to_pixels, superpixel_sums
 
 EXPLAINERS = ("kernel_shap", "lime", "gradcam")
@@ -264,8 +265,6 @@ def gradcam_pixels(model: nn.Module, images: Tensor, target: Tensor) -> Tensor:
     """
     if hasattr(model, "gradcam"):
         return model.gradcam(images, target).detach()
-    from e2kd_fast.explain.gradcam import gradcam
-
     return gradcam(model, images, target, create_graph=False).detach()
 
 

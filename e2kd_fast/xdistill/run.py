@@ -29,7 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from e2kd_fast.engine.trainer import resolve_device
+from e2kd_fast.data.folders import ImageFolderDataset
+from e2kd_fast.data.synthetic import SHAPE_CLASSES, shapes_dataset
+from e2kd_fast.data.transforms import eval_transform
+from e2kd_fast.engine.builders import resolve_device
+from e2kd_fast.engine.logging import MetricsLogger
+from e2kd_fast.models import create_model, load_checkpoint, model_entry, save_checkpoint
 from e2kd_fast.xdistill.cae import build_cae, count_parameters
 from e2kd_fast.xdistill.config import (
     XDistillConfig,
@@ -58,8 +63,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _load_folder(cfg: XDistillConfig, split: str, limit: int | None) -> tuple[Tensor, Tensor, int]:
-    from e2kd_fast.data.folders import ImageFolderDataset
-    from e2kd_fast.data.transforms import eval_transform
 
     data = cfg.data
     tf = eval_transform(data.image_size, data.resize or data.image_size, encoding="none")
@@ -83,8 +86,6 @@ def load_data(cfg: XDistillConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, int]
     """(train images [N, C, S, S] in [0, 1], train labels, val images, val labels, num_classes)."""
     data = cfg.data
     if data.dataset == "synthetic":
-        from e2kd_fast.data.synthetic import SHAPE_CLASSES, shapes_dataset
-
         xt, yt, _ = shapes_dataset(data.num_train, data.image_size, seed=data.seed)
         xv, yv, _ = shapes_dataset(data.num_val, data.image_size, seed=data.seed + 1)
         return xt, yt, xv, yv, len(SHAPE_CLASSES)
@@ -103,8 +104,6 @@ def _norm_stats(cfg: XDistillConfig) -> tuple[tuple[float, ...] | None, tuple[fl
 
 
 def _standard_model(name: str, num_classes: int) -> nn.Module:
-    from e2kd_fast.models import create_model, model_entry
-
     if model_entry(name).family != "standard":
         raise ValueError(f"XDistillation uses standard (non-B-cos) CNNs or 'small_cnn'; got {name!r}")
     return create_model(name, num_classes=num_classes)
@@ -112,8 +111,6 @@ def _standard_model(name: str, num_classes: int) -> nn.Module:
 
 def build_teacher(cfg: XDistillConfig, in_channels: int, num_classes: int) -> nn.Module:
     """The teacher, taking images in [0, 1] (weights loaded if a checkpoint is configured)."""
-    from e2kd_fast.models import load_checkpoint
-
     mean, std = _norm_stats(cfg)
     t = cfg.teacher
     if t.name == "small_cnn":
@@ -320,9 +317,6 @@ def run(config: str | os.PathLike | Mapping[str, Any] | XDistillConfig, out_dir:
             ``teacher_explanations.pt``, ``cae.pt``, ``student.pt``, ``metrics.jsonl``, ``metrics.json``.
     """
     import yaml
-
-    from e2kd_fast.engine.logging import MetricsLogger
-    from e2kd_fast.models import save_checkpoint
 
     if isinstance(config, XDistillConfig):
         cfg = config

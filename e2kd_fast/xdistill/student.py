@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from e2kd_fast.explain.gradcam import linear_head_cam, split_forward
 from e2kd_fast.xdistill.cae import ConvAutoencoder
+from e2kd_fast.xdistill.explainers import gradcam_pixels
 
 PENALTIES = ("classifier", "all", "features")
 CLS_WEIGHTS = ("one", "alpha")
@@ -128,8 +129,6 @@ class Normalised(nn.Module):
         return self.model(self.normalise(x))
 
     def gradcam(self, x: Tensor, target: Tensor) -> Tensor:
-        from e2kd_fast.xdistill.explainers import gradcam_pixels
-
         return gradcam_pixels(self.model, self.normalise(x), target)
 
 

@@ -3,12 +3,14 @@
 Every epoch's order and every sample's augmentation seed are pure functions of (seed, epoch), and
 each sample is transformed under its own seed. A run resumed mid-epoch therefore skips the batches
 already seen without loading them, and sees exactly the images, crops and flips an uninterrupted run
-would have seen, however many workers load them.
+would have seen, however many workers load them. `ShardedEpochSampler` gives each rank of a
+multi-process run its share of the same epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 
 import torch
 from torch import Tensor
@@ -69,3 +71,37 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.base[index]
+
+
+class ShardedEpochSampler(EpochSampler):
+    """This rank's share of `EpochSampler`'s epoch: positions ``start + rank``, ``+ world_size``, ...
+
+    The epoch's order and seeds are those of the unsharded sampler. With per-rank batches of
+    ``B / world_size`` (drop_last), local batch ``j`` of all ranks together covers global positions
+    ``[start + j·B, start + (j+1)·B)``: the same images as the single-process batch ``j``. The tail
+    of an epoch that does not fill an optimiser step is left out, as a single process leaves it out
+    (``drop_last``); nothing is padded or doubled.
+
+    Args:
+        indices, seed, shuffle: as `EpochSampler`.
+        rank, world_size: this process's place.
+    """
+
+    def __init__(self, indices: Tensor, seed: int, shuffle: bool = True, *, rank: int = 0, world_size: int = 1):
+        super().__init__(indices, seed, shuffle=shuffle)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """``start``: global positions already consumed, a multiple of ``world_size``."""
+        if start % self.world_size:
+            raise ValueError(f"start={start} is not a multiple of world_size={self.world_size}")
+        super().set_epoch(epoch, start)
+
+    def __len__(self) -> int:
+        remaining = max(len(self.indices) - self.start - self.rank, 0)
+        return (remaining + self.world_size - 1) // self.world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return islice(super().__iter__(), self.rank, None, self.world_size)

@@ -1,0 +1,164 @@
+"""The distribution strategy's contract, and the single-process strategy that is also its base.
+
+The trainer talks to every strategy (one process, DDP, DeepSpeed ZeRO-1/2) through the same `Strategy`
+methods: forward, backward, optimiser step, reductions of logged values, and checkpoint state in the
+trainer's own format. What a strategy wraps is an `ObjectiveModule`: the student as its only child,
+and a ``forward`` that runs the whole forward-to-loss function (teacher, explanations, KD and cosine
+terms), so that DDP and DeepSpeed see the loss computed inside the wrapped forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from e2kd_fast.engine.optim import adaptive_clip_grad_
+from e2kd_fast.engine.process_group import DistEnv
+
+
+class ObjectiveModule(nn.Module):
+    """Student plus objective: ``forward(images, labels, step, frozen)`` returns the loss dict.
+
+    The student is the registered child (with ``extra``, an objective's own trainable modules such as a
+    feature baseline's connectors, so that DDP / DeepSpeed reduce their gradients too); the teacher
+    and the objective's code live in ``forward_to_loss`` (a plain callable).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        forward_to_loss: Callable[..., dict[str, Tensor]],
+        extra: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.extra = extra
+        self._forward_to_loss = forward_to_loss
+
+    def forward(self, images: Tensor, labels: Tensor | None, step: int, frozen: Any = None) -> dict[str, Tensor]:
+        """images [N, C, H, W] (this rank's micro-batch) → {"loss": scalar, ...}."""
+        return self._forward_to_loss(images, labels, step, frozen)
+
+
+@dataclass(frozen=True)
+class GradClipping:
+    """Clipping applied to the averaged, accumulated gradient before the optimiser (AGC first)."""
+
+    agc: bool = False
+    agc_clip: float = 0.01
+    agc_eps: float = 1e-3
+    max_norm: float | None = None
+
+
+class Strategy:
+    """One process: the base of every strategy (and the ``single`` strategy itself).
+
+    Args:
+        env: this process's place in the launch.
+        module: the `ObjectiveModule` to train.
+        optimizer: the optimiser over the student's trainable parameters.
+        clipping: gradient clipping applied before each optimiser step.
+    """
+
+    name = "single"
+
+    def __init__(
+        self, env: DistEnv, module: ObjectiveModule, optimizer: torch.optim.Optimizer, clipping: GradClipping
+    ) -> None:
+        self.env, self.module, self.optimizer, self.clipping = env, module, optimizer, clipping
+        self.wrapped: nn.Module = module
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def forward(self, images: Tensor, labels: Tensor | None, step: int, frozen: Any, *, last_micro: bool):
+        """The loss dict of this rank's micro-batch; ``last_micro``: the last micro-batch of the step."""
+        return self.wrapped(images, labels, step, frozen)
+
+    def backward(self, loss: Tensor, micro_batches: int) -> None:
+        """Accumulates the gradient of ``loss / micro_batches`` (the step's mean over micro-batches)."""
+        (loss / micro_batches).backward()
+
+    def step(self) -> None:
+        """Clips the accumulated gradient, applies the optimiser, clears the gradient.
+
+        AGC applies to the student's parameters; the global-norm clip also covers the objective's own
+        (``module.extra``: a feature baseline's connectors).
+        """
+        params = [p for p in self.module.student.parameters() if p.grad is not None]
+        if self.clipping.agc:
+            adaptive_clip_grad_(params, self.clipping.agc_clip, self.clipping.agc_eps)
+        if self.clipping.max_norm is not None:
+            extra = [] if self.module.extra is None else list(self.module.extra.parameters())
+            torch.nn.utils.clip_grad_norm_(params + [p for p in extra if p.grad is not None], self.clipping.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean of logged scalars over ranks (identity for one process)."""
+        if self.world_size == 1 or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (e.g. evaluation metrics computed on rank 0 only)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def model_state(self) -> dict[str, Tensor]:
+        """The student's full state dict (fp32 where training keeps fp32 masters). Collective."""
+        return self.module.student.state_dict()
+
+    def optimizer_state(self) -> dict:
+        """The optimiser state in `torch.optim.Optimizer.state_dict` format over the student's
+        trainable parameters, whole (not partitioned). Collective: every rank must call it."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict, model_state: dict[str, Tensor] | None = None) -> None:
+        """Loads `optimizer_state`'s format; call after the weights were loaded into the student.
+
+        ``model_state``: the weights just loaded (fp32), for strategies that keep separate master copies.
+        """
+        self.optimizer.load_state_dict(state)
+
+    def _comm_device(self) -> torch.device:
+        return (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
+
+
+SingleProcessStrategy = Strategy
+
+
+class StateDictView:
+    """Stands in for a model in `save_checkpoint`: its name, and a state dict given from outside."""
+
+    def __init__(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        self.e2kd_name = getattr(model, "e2kd_name", None)
+        self._state = state
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self._state
+
+
+__all__ = ["GradClipping", "ObjectiveModule", "SingleProcessStrategy", "StateDictView", "Strategy"]
