@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from e2kd_fast.ops import backends
-from e2kd_fast.ops.loss import FUSED_OP, distill_loss, distill_loss_fused
+from e2kd_fast.ops.distill_loss import FUSED_OP, distill_loss, distill_loss_fused
 from e2kd_fast.reference import losses as reference
 
 BACKENDS = backends.candidates(FUSED_OP, "cpu")  # reference, cpp (when built), triton (interpreter)

@@ -14,7 +14,7 @@
 // same partition of work, so a thread writes the chunks it has just read. Logits: one row per task,
 // the exponentials kept in a row buffer so each is computed once.
 //
-// Schema (the Python wrappers in e2kd_fast/ops/loss.py are the only callers):
+// Schema (the Python wrappers in e2kd_fast/ops/distill_loss.py are the only callers):
 //   distill_loss(Tensor zs, Tensor zt, Tensor es, Tensor et, float tau, float lam, float eps, bool with_grad)
 //     -> (loss, kd, exp, grad_logits, grad_maps)
 // loss/kd/exp are 0-dim tensors of the logits' dtype; grad_logits [N, C] (logits' dtype) and

@@ -13,7 +13,7 @@ from e2kd_fast.ops.bcos import (
     scaled_conv_adjoint,
     use_fused,
 )
-from e2kd_fast.ops.loss import distill_loss
+from e2kd_fast.ops.distill_loss import distill_loss
 
 __all__ = [
     "OPS",

@@ -1,4 +1,5 @@
-"""The fused e²KD loss kernels (C++/CUDA and Triton) against the reference, and the build that carries them.
+"""``e2kd::distill_loss``: its kernels (``kernels/distill_loss.py``, ``csrc/{cpu,cuda}/distill_loss.*``)
+against the reference, and the build that carries them.
 
 On the CPU the C++ kernel runs directly and the Triton kernels in the interpreter (TRITON_INTERPRET=1,
 set by `make test`); the CUDA kernels run in the `requires_cuda` tests only.
@@ -15,8 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from e2kd_fast import _ext
 from e2kd_fast.ops import backends
-from e2kd_fast.ops import loss as loss_mod
-from e2kd_fast.ops.loss import FUSED_OP, OP, distill_loss, distill_loss_fused, distill_loss_op
+from e2kd_fast.ops.distill_loss import (
+    FUSED_OP,
+    OP,
+    distill_loss,
+    distill_loss_fused,
+    distill_loss_fused_reference,
+    distill_loss_op,
+)
 from e2kd_fast.reference import losses as reference_losses
 
 KERNELS = [b for b in backends.candidates(FUSED_OP, "cpu") if b != "reference"]
@@ -58,7 +65,7 @@ def _run(backend: str, args: tuple, fused: bool = True) -> tuple[torch.Tensor, .
 def _expected(args: tuple) -> tuple[torch.Tensor, ...]:
     """The reference in float64, on the CPU."""
     wide = [a.detach().cpu().double() if isinstance(a, torch.Tensor) else a for a in args]
-    return loss_mod.distill_loss_fused_reference(*wide)
+    return distill_loss_fused_reference(*wide)
 
 
 CASES = {
