@@ -1,7 +1,9 @@
 """The `ops` suite: every B-cos layer and loss term over real layer shapes, per provider and mode.
 
 Ops: ``bcos_conv2d`` (`e2kd_fast.nn.BcosConv2d`), ``bcos_linear`` (`BcosLinear`), ``kd_kl`` and
-``explanation_cosine_loss`` (`e2kd_fast.reference.losses`). Modes:
+``explanation_cosine_loss`` (`e2kd_fast.reference.losses`), ``distill_loss`` (the whole e²KD loss,
+`e2kd_fast.ops.distill_loss`) and ``contribution_map`` (`e2kd_fast.explain.contribution_map`). The
+rows of the ``e2kd::`` ops are named by their stems (``e2kd_fast/ops/<stem>.py``). Modes:
 
 - ``fwd``: the training forward (autograd recording);
 - ``bwd``: the backward of that forward, to the input and the weight;
@@ -15,8 +17,8 @@ which plug in through `FAST_PATHS`). Where a provider has no implementation of a
 record has status ``unsupported`` and the table shows "–".
 
 Shapes: ``real`` traces B-cos R18/R50/D169 at 224² (every distinct `BcosConv2d`) and ViT-Ti (every
-distinct `BcosLinear`) with forward hooks; losses at batch 256 and 1000 classes. ``small`` is a
-handful of tiny shapes for CPUs and the smoke test.
+distinct `BcosLinear`) with forward hooks; losses at batch 256 and 1000 classes; contribution maps
+of 6×224² inputs at the loss batch. ``small`` is a handful of tiny shapes for CPUs and the smoke test.
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ LAYER_MODES = ("fwd", "bwd", "exp", "exp_bwd")
 LOSS_MODES = ("fwd", "bwd")
 # distill_loss adds train: forward and backward in one timed call (the fused loss moves work between them)
 FUSED_LOSS_MODES = ("fwd", "bwd", "train")
-OPS = ("bcos_conv2d", "bcos_linear", "kd_kl", "explanation_cosine_loss", "distill_loss")
+OPS = ("bcos_conv2d", "bcos_linear", "kd_kl", "explanation_cosine_loss", "distill_loss", "contribution_map")
 LOSS_TAU, LOSS_LAM = 4.0, 1.0  # distill_loss: τ and λ (speed does not depend on them)
 
-# Fast paths: op name → factory(reference callable) → fast callable with the same signature.
-# The compiled-step issue registers the e2kd:: ops here; until then the table shows "–".
+# Fast paths: op name → factory(reference callable) → fast callable with the same signature. An op
+# without an entry has no fast provider: its records are "unsupported" and the table shows "–".
 FAST_PATHS: dict[str, Callable[[Callable[..., Tensor]], Callable[..., Tensor]]] = {}
 
 
@@ -58,8 +60,8 @@ def _with_fast_backend(op_name: str) -> Callable[[Callable[..., Tensor]], Callab
             fast = [b for b in backends.candidates(op_name, device) if b != "reference"]
             if device == "cpu":  # the Triton interpreter is a test tool, not a fast path
                 fast = [b for b in fast if b != "triton"]
-            if not fast:
-                raise RuntimeError(f"no fast back end of {op_name} on {device}")
+            if not fast:  # recorded as "unsupported", like a provider without the op
+                raise NotImplementedError(f"no fast back end of {op_name} on {device}")
             with backends.use_backend(fast[0]):
                 return fn(*inputs)
 
@@ -69,6 +71,7 @@ def _with_fast_backend(op_name: str) -> Callable[[Callable[..., Tensor]], Callab
 
 
 FAST_PATHS["bcos_conv2d"] = _with_fast_backend("e2kd::bcos_conv2d")
+FAST_PATHS["contribution_map"] = _with_fast_backend("e2kd::contribution_map")
 
 
 def _loss_backend(backend: str) -> Callable[[str, Callable[..., Tensor]], Callable[..., Tensor] | None]:
@@ -265,6 +268,7 @@ def real_shapes(models: list[str], batch: int, loss_batch: int) -> list[OpShape]
     out = [OpShape(**{**asdict(s), "source": "+".join(sorted(set(m)))}) for s, m in shapes.items()]
     out.append(OpShape("kd_kl", loss_batch, 1000, source="loss"))
     out.append(OpShape("explanation_cosine_loss", loss_batch, 6, height=224, width=224, source="loss"))
+    out.append(OpShape("contribution_map", loss_batch, 6, height=224, width=224, source="explanation"))
     for n in sorted({128, loss_batch}):
         out.append(OpShape("distill_loss", n, 1000, 6, 224, 224, source="loss"))
     return out
@@ -279,6 +283,7 @@ def small_shapes() -> list[OpShape]:
         OpShape("bcos_linear", 2, 64, 192, 16, 1, source="small"),
         OpShape("kd_kl", 16, 100, source="small"),
         OpShape("explanation_cosine_loss", 16, 6, height=32, width=32, source="small"),
+        OpShape("contribution_map", 16, 6, height=32, width=32, source="small"),
         OpShape("distill_loss", 8, 1000, 6, 128, 128, source="step, CPU"),
     ]
 
@@ -302,6 +307,7 @@ def build_reference(
     shape: OpShape, device: torch.device, dtype: torch.dtype
 ) -> tuple[nn.Module | None, Callable[..., Tensor], tuple[Tensor, ...], tuple[Tensor, ...]]:
     """(layer or None, reference forward, inputs requiring grad where differentiated, parameters)."""
+    from e2kd_fast.explain import contribution_map
     from e2kd_fast.nn import BcosConv2d, BcosLinear
     from e2kd_fast.reference.losses import explanation_cosine_loss, kd_kl
 
@@ -343,6 +349,10 @@ def build_reference(
             return kd_kl(zs, zt, LOSS_TAU) + LOSS_LAM * explanation_cosine_loss(es, et)
 
         return None, distill, inputs, ()
+    if shape.op == "contribution_map":
+        # Routes to e2kd::contribution_map when a fast back end is chosen (the fast provider), else inline.
+        size = (shape.batch, shape.in_channels, shape.height, shape.width)
+        return None, contribution_map, (rand(*size), rand(*size)), ()
     raise ValueError(f"unknown op {shape.op!r}")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one command: build the extension for sm_90, run the CUDA tests and the
+# A GPU machine's whole run in one command: build the extension for sm_90, run the CUDA tests and the
 # benchmarks, and leave logs and JSON lines under $OUT (copy them to bench/results/ afterwards).
 #
 #   bash bench/gpu_session.sh build-test   # build + GPU tests + op/layer benchmarks
@@ -32,8 +32,8 @@ case "${1:-build-test}" in
     tail -5 "$OUT/gpu_tests.log"
     $PY -m bench ops --device cuda --ops distill_loss --out "$OUT/ops.jsonl" >"$OUT/ops.log" 2>&1
     tail -25 "$OUT/ops.log"
-    $PY -m bench.bench_bcos_layer --device cuda --channels-last >"$OUT/layer.log" 2>&1
-    tail -25 "$OUT/layer.log"
+    $PY -m bench.bench_bcos_conv2d --device cuda --channels-last >"$OUT/bcos_conv2d.log" 2>&1
+    tail -25 "$OUT/bcos_conv2d.log"
     ;;
   step)
     build

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from e2kd_fast import ops
 from e2kd_fast.nn.explanation import DynamicLinearModule
-from e2kd_fast.ops.bcos import use_fused
+from e2kd_fast.ops.backends import use_fused
 from e2kd_fast.reference.bcos import IntPair, bcos_conv2d_parts, bcos_linear_parts, pair, unit_norm_weight
 
 

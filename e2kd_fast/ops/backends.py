@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from e2kd_fast._ext import build_config, load_extension
+
 BACKENDS = ("auto", "reference", "triton", "cpp")
 FAST_BACKENDS = ("cpp", "triton")  # the order "auto" tries when nothing is recorded
 
@@ -106,7 +108,6 @@ def register(
 def cpp_device_types() -> tuple[str, ...]:
     """Where the C++ back end has kernels: CUDA only when setup.py recorded a CUDA build (a file read, no
     device query), so a CPU-only build never claims CUDA tensors."""
-    from e2kd_fast._ext import build_config
 
     return ("cpu", "cuda") if build_config()["cuda"] else ("cpu",)
 
@@ -130,8 +131,6 @@ def cpp_op_current(name: str, argument: str | None = None) -> bool:
 def unavailable_reason(backend: str) -> str:
     """Why ``backend`` cannot run at all here (empty when it can)."""
     if backend == "cpp":
-        from e2kd_fast._ext import build_config, load_extension
-
         if load_extension() is None:
             return f"the compiled extension e2kd_fast._C is not loaded ({build_config()['reason']})"
         return ""
@@ -191,6 +190,19 @@ def choose(op_name: str, device_type: str) -> str:
     if reason:
         raise RuntimeError(f"E2KD_BACKEND={requested!r} was requested for {op_name}, but it is not available: {reason}")
     return requested if requested in available else "reference"
+
+
+@torch.compiler.assume_constant_result
+def use_fused(op_name: str, device_type: str) -> bool:
+    """Whether a layer should call the registered op ``op_name`` instead of its inline reference maths.
+
+    True when the back end chosen for ``device_type`` is not the reference: the plain torch ops stay
+    visible to Inductor on the reference path (an opaque reference op was slower). (`choose` never
+    picks the Triton interpreter on CPU under ``auto``, nor a C++ kernel missing from the loaded
+    extension.) Under ``torch.compile`` the answer is a trace-time constant (no guard, no graph
+    break): choose the back end before compiling.
+    """
+    return choose(op_name, device_type) != "reference"
 
 
 def implementation(op_name: str, device_type: str) -> Callable:

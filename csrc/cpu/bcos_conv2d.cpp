@@ -8,11 +8,12 @@
 // The norm of one output row is computed once and applied to every output channel of its group, so
 // l is read once. Arithmetic is in at::opmath_type (float for float, double for double).
 //
-// Private ops (the public contract is the Python op e2kd::bcos_conv2d / e2kd::patch_norm):
-//   e2kd_cpp::bcos_epilogue(linear, x, kernel, stride, padding, groups, b, write_out) -> (scale, out)
-//   e2kd_cpp::bcos_patch_norm(x, kernel, stride, padding, groups, out_channels) -> norm
+// Library ops, called by the cpp back ends of e2kd::bcos_conv2d and e2kd::patch_norm
+// (e2kd_fast/ops/bcos_conv2d.py):
+//   e2kd_cpp::bcos_conv2d_epilogue(linear, x, kernel, stride, padding, groups, b, write_out) -> (scale, out)
+//   e2kd_cpp::bcos_conv2d_patch_norm(x, kernel, stride, padding, groups, out_channels) -> norm
 // `out` is an empty tensor when write_out is false. Outputs take x's memory format (the Python fakes
-// say the same). The CUDA implementation is csrc/cuda/bcos_epilogue.cu.
+// say the same). The CUDA implementation is csrc/cuda/bcos_conv2d.cu.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -137,23 +138,23 @@ void for_each_row(const std::vector<acc_t>& q, int64_t N, int64_t H, int64_t W, 
   });
 }
 
-std::tuple<Tensor, Tensor> bcos_epilogue_cpu(const Tensor& linear, const Tensor& x, at::IntArrayRef kernel,
+std::tuple<Tensor, Tensor> bcos_conv2d_epilogue_cpu(const Tensor& linear, const Tensor& x, at::IntArrayRef kernel,
                                              at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups,
                                              double b, bool write_out) {
-  const Geometry geo = check_geometry("e2kd_cpp::bcos_epilogue", x, kernel, stride, padding, groups);
+  const Geometry geo = check_geometry("e2kd_cpp::bcos_conv2d_epilogue", x, kernel, stride, padding, groups);
   TORCH_CHECK(linear.dim() == 4 && linear.size(0) == x.size(0) && linear.size(1) % groups == 0,
-              "e2kd_cpp::bcos_epilogue: linear must be [N, O, Ho, Wo] with O divisible by groups, got ",
+              "e2kd_cpp::bcos_conv2d_epilogue: linear must be [N, O, Ho, Wo] with O divisible by groups, got ",
               linear.sizes());
-  TORCH_CHECK(linear.scalar_type() == x.scalar_type(), "e2kd_cpp::bcos_epilogue: linear and x dtypes differ");
-  TORCH_CHECK(b > 1, "e2kd_cpp::bcos_epilogue: b must be > 1, got ", b);
+  TORCH_CHECK(linear.scalar_type() == x.scalar_type(), "e2kd_cpp::bcos_conv2d_epilogue: linear and x dtypes differ");
+  TORCH_CHECK(b > 1, "e2kd_cpp::bcos_conv2d_epilogue: b must be > 1, got ", b);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   const int64_t O = linear.size(1), Ho = linear.size(2), Wo = linear.size(3);
   TORCH_CHECK(Ho == (H + 2 * geo.ph - geo.kh) / geo.sh + 1 && Wo == (W + 2 * geo.pw - geo.kw) / geo.sw + 1,
-              "e2kd_cpp::bcos_epilogue: linear's spatial size ", linear.sizes(), " does not match the geometry");
+              "e2kd_cpp::bcos_conv2d_epilogue: linear's spatial size ", linear.sizes(), " does not match the geometry");
   const auto options = linear.options().memory_format(format_of(x));
   Tensor scale = at::empty(linear.sizes(), options);
   Tensor out = write_out ? at::empty(linear.sizes(), options) : at::empty({0}, linear.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "e2kd_cpp::bcos_epilogue", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "e2kd_cpp::bcos_conv2d_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto q = channel_sum_of_squares<scalar_t, acc_t>(x, groups);
     const scalar_t* lp = linear.const_data_ptr<scalar_t>();
@@ -202,16 +203,16 @@ std::tuple<Tensor, Tensor> bcos_epilogue_cpu(const Tensor& linear, const Tensor&
   return {scale, out};
 }
 
-Tensor bcos_patch_norm_cpu(const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+Tensor bcos_conv2d_patch_norm_cpu(const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                            int64_t groups, int64_t out_channels) {
-  const Geometry geo = check_geometry("e2kd_cpp::bcos_patch_norm", x, kernel, stride, padding, groups);
-  TORCH_CHECK(groups == 1 || out_channels % groups == 0, "e2kd_cpp::bcos_patch_norm: out_channels=", out_channels,
+  const Geometry geo = check_geometry("e2kd_cpp::bcos_conv2d_patch_norm", x, kernel, stride, padding, groups);
+  TORCH_CHECK(groups == 1 || out_channels % groups == 0, "e2kd_cpp::bcos_conv2d_patch_norm: out_channels=", out_channels,
               " is not divisible by groups=", groups);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   const int64_t Ho = (H + 2 * geo.ph - geo.kh) / geo.sh + 1, Wo = (W + 2 * geo.pw - geo.kw) / geo.sw + 1;
   const int64_t channels = groups > 1 ? out_channels : 1;
   Tensor norm = at::empty({N, channels, Ho, Wo}, x.options().memory_format(format_of(x)));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "e2kd_cpp::bcos_patch_norm", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "e2kd_cpp::bcos_conv2d_patch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto q = channel_sum_of_squares<scalar_t, acc_t>(x, groups);
     scalar_t* np = norm.mutable_data_ptr<scalar_t>();
@@ -228,14 +229,14 @@ Tensor bcos_patch_norm_cpu(const Tensor& x, at::IntArrayRef kernel, at::IntArray
 
 TORCH_LIBRARY_FRAGMENT(e2kd_cpp, m) {
   m.def(
-      "bcos_epilogue(Tensor linear, Tensor x, int[] kernel, int[] stride, int[] padding, int groups, float b, "
+      "bcos_conv2d_epilogue(Tensor linear, Tensor x, int[] kernel, int[] stride, int[] padding, int groups, float b, "
       "bool write_out) -> (Tensor, Tensor)");
-  m.def("bcos_patch_norm(Tensor x, int[] kernel, int[] stride, int[] padding, int groups, int out_channels) -> Tensor");
+  m.def("bcos_conv2d_patch_norm(Tensor x, int[] kernel, int[] stride, int[] padding, int groups, int out_channels) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(e2kd_cpp, CPU, m) {
-  m.impl("bcos_epilogue", &bcos_epilogue_cpu);
-  m.impl("bcos_patch_norm", &bcos_patch_norm_cpu);
+  m.impl("bcos_conv2d_epilogue", &bcos_conv2d_epilogue_cpu);
+  m.impl("bcos_conv2d_patch_norm", &bcos_conv2d_patch_norm_cpu);
 }
 
 }  // namespace e2kd_cpp

@@ -1,24 +1,25 @@
-"""Triton kernels of the B-cos layer: the conv epilogue, the adjoint's prologue, contribution maps.
+"""Triton kernels of ``e2kd::bcos_conv2d``, ``e2kd::patch_norm`` and ``e2kd::scaled_conv_adjoint``.
 
 The B-cos conv keeps its FLOPs on cuDNN (``F.conv2d``) and fuses the memory-bound rest
 (platform_notes.md §11.6–11.7):
 
-``bcos_epilogue(l, x, ...)``, given the conv output l [N, O, Ho, Wo] and its input x [N, C, H, W]:
+``bcos_conv2d_epilogue(l, x, ...)``, given the conv output l [N, O, Ho, Wo] and its input x [N, C, H, W]:
 
 1. ``_sumsq_kernel``: q[n, g, h, w] = Σ_{c ∈ group g} x[n, c, h, w]² (fp32; one read of x);
 2. ``_epilogue_kernel``: per output pixel, the box sum of q over the receptive field (zero padding),
    n = sqrt(Σ + ε), then for every output channel of the group s = |l|/n (B = 2) or
    (|l/n| + ε)^(B−1), and optionally y = s·l (one read of l, one or two writes); both ε = 1e-6 are
    `e2kd_fast.reference.bcos`'s ``PATCH_NORM_EPS`` and ``SCALE_EPS``, passed as constexprs.
-   Without l it stores n itself (the ``e2kd::patch_norm`` op).
+   Without l it stores n itself (``patch_norm``, the ``e2kd::patch_norm`` op).
 
-``scale_product(s, g)``: the explanation sweep's s ⊙ g, the prologue of cuDNN's transposed conv.
-``contribution_map(x, w)``: Σ_c x·W per pixel.
+``scale_product(s, g)``: the explanation sweep's s ⊙ g, the prologue of cuDNN's transposed conv
+(``e2kd::scaled_conv_adjoint``).
 
 Every kernel takes explicit strides (NCHW and channels_last both work), upcasts to fp32 right after
 each load (the interpreter has no bf16 arithmetic) and accumulates in fp32. On CPU tensors the
 kernels run only under ``TRITON_INTERPRET=1``, whose cost scales with the number of programs, so the
-launchers pick large blocks there. This module imports without Triton; the launchers need it.
+launchers pick large blocks there. This module imports without Triton; the launchers need it. It
+imports nothing of the package but `e2kd_fast.ops._common` and `e2kd_fast.reference`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from e2kd_fast.ops.bcos import memory_format_of
+from e2kd_fast.ops._common import conv_output_size, memory_format_of
 from e2kd_fast.reference.bcos import PATCH_NORM_EPS, SCALE_EPS
 
 try:
@@ -39,7 +40,7 @@ except ImportError:  # the package must import without Triton; the launchers the
 
 def _require_triton() -> None:
     if triton is None:
-        raise RuntimeError("e2kd_fast.kernels.bcos_layer needs triton, which is not importable")
+        raise RuntimeError("e2kd_fast.kernels.bcos_conv2d needs triton, which is not importable")
 
 
 def _acc(*tensors: Tensor):
@@ -179,47 +180,6 @@ if triton is not None:
         v = tl.load(b_ptr + i, mask=mask, other=0.0).to(ACC)
         tl.store(out_ptr + i, (a * v).to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _contribution_kernel(
-        x_ptr,
-        w_ptr,
-        out_ptr,
-        channels,
-        width,
-        num_pix,
-        sxn,
-        sxc,
-        sxh,
-        sxw,
-        swn,
-        swc,
-        swh,
-        sww,
-        ACC: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_P: tl.constexpr,
-    ):
-        """out[n, p] = Σ_c x[n, c, p]·w[n, c, p] for one sample and a block of pixels (out contiguous)."""
-        n = tl.program_id(0).to(tl.int64)
-        p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = p < num_pix
-        h = p // width
-        w = p % width
-        x_pix = h * sxh + w * sxw
-        w_pix = h * swh + w * sww
-        acc = tl.zeros((BLOCK_P,), dtype=ACC)
-        for c0 in range(0, channels, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            mask = (c[:, None] < channels) & pmask[None, :]
-            xv = tl.load(x_ptr + n * sxn + c[:, None] * sxc + x_pix[None, :], mask=mask, other=0.0)
-            wv = tl.load(w_ptr + n * swn + c[:, None] * swc + w_pix[None, :], mask=mask, other=0.0)
-            acc += tl.sum(xv.to(ACC) * wv.to(ACC), axis=0)
-        tl.store(out_ptr + n * num_pix + p, acc.to(out_ptr.dtype.element_ty), mask=pmask)
-
-
-def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
 
 def _pixel_flat(*tensors: Tensor) -> bool:
     """True when every tensor's pixel (h, w) offset is p·stride_w (NCHW and channels_last)."""
@@ -303,7 +263,7 @@ def _check_geometry(where: str, x: Tensor, kernel, stride, padding, groups: int)
         raise ValueError(f"{where}: kernel, stride and padding must be pairs, got {kernel}, {stride}, {padding}")
 
 
-def bcos_epilogue(
+def bcos_conv2d_epilogue(
     lin: Tensor,
     x: Tensor,
     kernel: list[int],
@@ -326,9 +286,9 @@ def bcos_epilogue(
         (y, s), each [N, O, Ho, Wo] in l's dtype and memory format (NCHW or channels_last).
     """
     _require_triton()
-    _check_geometry("bcos_epilogue", x, kernel, stride, padding, groups)
+    _check_geometry("bcos_conv2d_epilogue", x, kernel, stride, padding, groups)
     if lin.shape[1] % groups:
-        raise ValueError(f"bcos_epilogue: groups={groups} must divide the {lin.shape[1]} output channels")
+        raise ValueError(f"bcos_conv2d_epilogue: groups={groups} must divide the {lin.shape[1]} output channels")
     fmt = memory_format_of(lin)
     s = torch.empty(lin.shape, dtype=lin.dtype, device=lin.device, memory_format=fmt)
     y = torch.empty_like(s) if write_out else None
@@ -342,8 +302,8 @@ def patch_norm(
     """The patch norm sqrt(boxsum(Σ_c x²) + 1e-6): [N, 1 or out_channels, Ho, Wo] in x's dtype and format."""
     _require_triton()
     _check_geometry("patch_norm", x, kernel, stride, padding, groups)
-    out_h = _out_size(x.shape[2], kernel[0], stride[0], padding[0])
-    out_w = _out_size(x.shape[3], kernel[1], stride[1], padding[1])
+    out_h = conv_output_size(x.shape[2], kernel[0], stride[0], padding[0])
+    out_w = conv_output_size(x.shape[3], kernel[1], stride[1], padding[1])
     channels = out_channels if groups > 1 else 1
     shape = (x.shape[0], channels, out_h, out_w)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
@@ -363,21 +323,4 @@ def scale_product(scale: Tensor, g: Tensor) -> Tensor:
     numel = g.numel()
     block = _pow2(numel, 16, 65536 if g.device.type == "cpu" else 1024)
     _product_kernel[(triton.cdiv(numel, block),)](scale, g, out, numel, ACC=_acc(scale, g), BLOCK=block)
-    return out
-
-
-def contribution_map(x: Tensor, w: Tensor) -> Tensor:
-    """Σ_c x·W per pixel: [N, C, H, W] × [N, C, H, W] → [N, H, W] (fp32 accumulation, x's dtype)."""
-    _require_triton()
-    if x.shape != w.shape or x.dim() != 4:
-        raise ValueError(f"contribution_map: expected two equal [N, C, H, W] shapes, got {x.shape} and {w.shape}")
-    n, c, h, wd = x.shape
-    out = torch.empty(n, h, wd, dtype=torch.result_type(x, w), device=x.device)
-    cpu = x.device.type == "cpu"
-    block_p = _pow2(h * wd, 16, 8192 if cpu else 256)
-    block_c = _pow2(c, 1, 8)
-    grid = (n, triton.cdiv(h * wd, block_p))
-    _contribution_kernel[grid](
-        x, w, out, c, wd, h * wd, *x.stride(), *w.stride(), ACC=_acc(x, w), BLOCK_C=block_c, BLOCK_P=block_p
-    )
     return out

@@ -1,4 +1,7 @@
-"""B-cos layer ops: the patch norm and the sweep's scaled adjoint, as registered ``e2kd::`` ops.
+"""The B-cos conv layer as registered ops: ``e2kd::bcos_conv2d``, its patch norm and its adjoint.
+
+``e2kd::bcos_conv2d``: the two factors (linear, scale) of a B-cos conv (B > 1, no MaxOut, no
+dilation); the layer's output is scale · linear, and the scale is what the explanation sweep needs.
 
 ``e2kd::patch_norm``: n = sqrt(boxsum_k(Σ_c x²) + 1e-6), the L2 norm of every receptive field
 (per group of input channels, repeated to that group's outputs).
@@ -10,9 +13,12 @@
           dŵ = conv2d weight-gradient with input dy and output-gradient s ⊙ g.
 
 The maths of every op here is stated once, in `e2kd_fast.reference.bcos` (``bcos_conv2d_parts``,
-``bcos_linear_parts``, ``patch_norm``, ``scaled_conv_adjoint``, ``contribution_map``): each op's
-reference back end calls it and fixes the output layout. The backwards are plain torch ops, so
-they are differentiable again (gradgradcheck).
+``patch_norm``, ``scaled_conv_adjoint``): each op's reference back end calls it and fixes the output
+layout. The backwards are plain torch ops, so they are differentiable again (gradgradcheck).
+
+Back ends: ``triton`` (``kernels/bcos_conv2d.py``: the epilogue, the patch norm and the scale
+product after or before cuDNN's conv) and ``cpp`` (``csrc/{cpu,cuda}/bcos_conv2d.*``, library ops
+``e2kd_cpp::bcos_conv2d_epilogue`` and ``e2kd_cpp::bcos_conv2d_patch_norm``).
 """
 
 from __future__ import annotations
@@ -25,39 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from e2kd_fast.ops import backends
+from e2kd_fast.ops._common import conv_output_size, empty_like_format, memory_format_of, scale_slope
 from e2kd_fast.ops._registry import register_op_test
 from e2kd_fast.reference import bcos as reference
-from e2kd_fast.reference.bcos import LINEAR_NORM_EPS, SCALE_EPS, transposed_output_padding
-
-
-@torch.compiler.assume_constant_result
-def use_fused(op_name: str, device_type: str) -> bool:
-    """Whether a layer should call the registered op ``op_name`` instead of its inline reference maths.
-
-    True when the back end chosen for ``device_type`` is not the reference: the plain torch ops stay
-    visible to Inductor on the reference path (an opaque reference op was slower). (`backends.choose`
-    never picks the Triton interpreter on CPU under ``auto``, nor a C++ kernel missing from the
-    loaded extension.) Under ``torch.compile`` the answer is a trace-time constant (no guard, no
-    graph break): choose the back end before compiling.
-    """
-    return backends.choose(op_name, device_type) != "reference"
-
-
-def memory_format_of(t: Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor dense in that order (and not plain contiguous), else contiguous.
-
-    Every op here returns its outputs in the memory format of its main input, and its fake says so,
-    so compiled graphs see the strides the kernels write.
-    """
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _empty(like: Tensor, shape) -> Tensor:
-    """An output of ``shape`` in ``like``'s dtype, device and memory format (fakes use this)."""
-    fmt = memory_format_of(like) if len(shape) == 4 else torch.contiguous_format
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+from e2kd_fast.reference.bcos import transposed_output_padding
 
 
 def _box_sum_adjoint(g: Tensor, kernel: list[int], stride: list[int], padding: list[int], in_size) -> Tensor:
@@ -85,9 +62,9 @@ def patch_norm_ref(
 
 @patch_norm.register_fake
 def _(x, kernel, stride, padding, groups, out_channels):
-    h = (x.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
-    return _empty(x, (x.shape[0], out_channels if groups > 1 else 1, h, w))
+    h = conv_output_size(x.shape[2], kernel[0], stride[0], padding[0])
+    w = conv_output_size(x.shape[3], kernel[1], stride[1], padding[1])
+    return empty_like_format(x, (x.shape[0], out_channels if groups > 1 else 1, h, w))
 
 
 def _patch_norm_setup(ctx, inputs, output) -> None:
@@ -155,7 +132,7 @@ def scaled_conv_adjoint_ref(
 
 @scaled_conv_adjoint.register_fake
 def _(g, scale, weight, in_size, stride, padding, dilation, groups):
-    return _empty(g, (g.shape[0], weight.shape[1] * groups, *in_size))
+    return empty_like_format(g, (g.shape[0], weight.shape[1] * groups, *in_size))
 
 
 def _adjoint_setup(ctx, inputs, output) -> None:
@@ -245,18 +222,10 @@ def _conv_linear(x: Tensor, weight: Tensor, stride: list[int], padding: list[int
 
 @bcos_conv2d.register_fake
 def _(x, weight, b, stride, padding, groups):
-    h = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
+    h = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0])
+    w = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1])
     shape = (x.shape[0], weight.shape[0], h, w)
-    return _empty(x, shape), _empty(x, shape)
-
-
-def _scale_slope(ratio: Tensor, b: float) -> Tensor:
-    """ds/dr of the dynamic scale s(r), r = l/n (`reference.bcos.dynamic_scale`): sign(r) for B = 2
-    (s = |r|), else (B−1)(|r| + ε)^(B−2) sign(r)."""
-    if b == 2:
-        return torch.sign(ratio)
-    return (b - 1) * (ratio.abs() + SCALE_EPS).pow(b - 2) * torch.sign(ratio)
+    return empty_like_format(x, shape), empty_like_format(x, shape)
 
 
 def _bcos_conv_setup(ctx, inputs, output) -> None:
@@ -275,7 +244,7 @@ def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
     w_hat = weight / w_norm
     norm = reference.patch_norm(x, kernel, stride, padding, groups, out_channels)
     ratio = linear / norm
-    ds_dratio = _scale_slope(ratio, b)
+    ds_dratio = scale_slope(ratio, b)
     grad_linear = grad_linear + grad_scale * ds_dratio / norm
     grad_norm = -grad_scale * ds_dratio * ratio / norm
     if groups == 1:
@@ -310,118 +279,6 @@ def _bcos_conv_inputs() -> list[tuple]:
 register_op_test(bcos_conv2d, _bcos_conv_inputs, reference.bcos_conv2d_parts)
 
 
-@torch.library.custom_op("e2kd::bcos_linear", mutates_args=())
-def bcos_linear(x: Tensor, weight: Tensor, b: float) -> tuple[Tensor, Tensor]:
-    """The two factors of a B-cos linear layer (B > 1, no MaxOut): (linear, scale).
-
-    x [*, C], weight [O, C] (raw; rows normalised inside) → linear = x ŵᵀ and
-    scale = |cos|^(B−1) with the input norm ‖x‖₂ + 1e-12 (`reference.bcos.bcos_linear_parts`), both
-    [*, O] and contiguous.
-    """
-    impl = backends.implementation("e2kd::bcos_linear", x.device.type)
-    return impl(x, weight, b)
-
-
-@backends.register("e2kd::bcos_linear", "reference", ("cpu", "cuda"))
-def bcos_linear_ref(x: Tensor, weight: Tensor, b: float) -> tuple[Tensor, Tensor]:
-    """The reference forward of `bcos_linear`."""
-    linear, scale = reference.bcos_linear_parts(x, weight, b)
-    return linear.contiguous(), scale.contiguous()
-
-
-@bcos_linear.register_fake
-def _(x, weight, b):
-    shape = (*x.shape[:-1], weight.shape[0])
-    return x.new_empty(shape), x.new_empty(shape)
-
-
-def _bcos_linear_setup(ctx, inputs, output) -> None:
-    x, weight, b = inputs
-    ctx.save_for_backward(x, weight, output[0])
-    ctx.b = b
-
-
-def _bcos_linear_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
-    """s = f(l/n), l = x ŵᵀ, n = ‖x‖ + ε: dl = g_l + g_s·∂s/∂l, dn = Σ_o g_s·∂s/∂n, then
-    dx = dl ŵ + dn · x/‖x‖ and dw through ŵ = w/‖w‖ (plain torch ops: differentiable again)."""
-    x, weight, linear = ctx.saved_tensors
-    b = ctx.b
-    w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
-    w_hat = weight / w_norm
-    x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    norm = x_norm + LINEAR_NORM_EPS
-    ratio = linear / norm
-    ds_dratio = _scale_slope(ratio, b)
-    grad_linear = grad_linear + grad_scale * ds_dratio / norm
-    grad_norm = -(grad_scale * ds_dratio * ratio / norm).sum(-1, keepdim=True)
-    # d‖x‖/dx = x/‖x‖, taken as 0 at x = 0 (as vector_norm's own backward).
-    unit_x = x / x_norm.clamp_min(torch.finfo(x.dtype).tiny)
-    grad_x = grad_linear @ w_hat + grad_norm * unit_x
-    grad_w_hat = grad_linear.reshape(-1, weight.shape[0]).transpose(0, 1) @ x.reshape(-1, weight.shape[1])
-    grad_weight = (grad_w_hat - w_hat * (w_hat * grad_w_hat).sum(dim=1, keepdim=True)) / w_norm
-    return grad_x, grad_weight, None
-
-
-bcos_linear.register_autograd(_bcos_linear_backward, setup_context=_bcos_linear_setup)
-
-
-def _bcos_linear_inputs() -> list[tuple]:
-    gen = torch.Generator().manual_seed(4)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-
-    return [(rand(3, 5), rand(4, 5), 2.0), (rand(2, 3, 6), rand(5, 6), 1.5), (rand(1, 4), rand(2, 4), 2.5)]
-
-
-register_op_test(bcos_linear, _bcos_linear_inputs, reference.bcos_linear_parts)
-
-
-@torch.library.custom_op("e2kd::contribution_map", mutates_args=())
-def contribution_map(x: Tensor, weights: Tensor) -> Tensor:
-    """Σ_c x·W per pixel: x, W [N, C, H, W] (same dtype) → [N, H, W], contiguous."""
-    impl = backends.implementation("e2kd::contribution_map", x.device.type)
-    return impl(x, weights)
-
-
-@backends.register("e2kd::contribution_map", "reference", ("cpu", "cuda"))
-def contribution_map_ref(x: Tensor, weights: Tensor) -> Tensor:
-    """The reference forward of `contribution_map`."""
-    return reference.contribution_map(x, weights).contiguous()
-
-
-@contribution_map.register_fake
-def _(x, weights):
-    if x.shape != weights.shape or x.dim() != 4:
-        raise ValueError(f"contribution_map: expected equal [N, C, H, W] shapes, got {x.shape} and {weights.shape}")
-    return x.new_empty(x.shape[0], *x.shape[2:])
-
-
-def _contribution_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _contribution_backward(ctx, grad: Tensor):
-    x, weights = ctx.saved_tensors
-    grad = grad.unsqueeze(1)
-    return grad * weights, grad * x
-
-
-contribution_map.register_autograd(_contribution_backward, setup_context=_contribution_setup)
-
-
-def _contribution_inputs() -> list[tuple]:
-    gen = torch.Generator().manual_seed(5)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-
-    return [(rand(2, 6, 3, 4), rand(2, 6, 3, 4)), (rand(1, 1, 5, 7), rand(1, 1, 5, 7))]
-
-
-register_op_test(contribution_map, _contribution_inputs, reference.contribution_map)
-
-
 # ---------------------------------------------------------------------------------------------- fast back ends
 # Triton: CUDA tensors (CPU only under TRITON_INTERPRET=1, see backends). The kernels module is
 # imported lazily, so importing the ops needs neither Triton nor a GPU.
@@ -429,40 +286,33 @@ register_op_test(contribution_map, _contribution_inputs, reference.contribution_
 
 @backends.register("e2kd::patch_norm", "triton", ("cuda",))
 def patch_norm_triton(x, kernel, stride, padding, groups, out_channels):
-    from e2kd_fast.kernels import bcos_layer
+    from e2kd_fast.kernels import bcos_conv2d as kernels
 
-    return bcos_layer.patch_norm(x, kernel, stride, padding, groups, out_channels)
+    return kernels.patch_norm(x, kernel, stride, padding, groups, out_channels)
 
 
 @backends.register("e2kd::bcos_conv2d", "triton", ("cuda",))
 def bcos_conv2d_triton(x, weight, b, stride, padding, groups):
     """cuDNN conv, then the fused epilogue (channel sum of squares, box sum, sqrt, scale) in Triton."""
-    from e2kd_fast.kernels import bcos_layer
+    from e2kd_fast.kernels import bcos_conv2d as kernels
 
     linear = _conv_linear(x, weight, stride, padding, groups)
     # Under autocast the conv runs in the low precision: the epilogue reads x in that dtype too.
     x = x.to(linear.dtype)
-    _, scale = bcos_layer.bcos_epilogue(linear, x, list(weight.shape[-2:]), stride, padding, groups, b, False)
+    _, scale = kernels.bcos_conv2d_epilogue(linear, x, list(weight.shape[-2:]), stride, padding, groups, b, False)
     return linear, scale
 
 
 @backends.register("e2kd::scaled_conv_adjoint", "triton", ("cuda",))
 def scaled_conv_adjoint_triton(g, scale, weight, in_size, stride, padding, dilation, groups):
     """s ⊙ g in one Triton pass (in g's memory format), then cuDNN's transposed conv."""
-    from e2kd_fast.kernels import bcos_layer
+    from e2kd_fast.kernels import bcos_conv2d as kernels
 
-    product = bcos_layer.scale_product(scale.to(g.dtype).expand_as(g), g)
+    product = kernels.scale_product(scale.to(g.dtype).expand_as(g), g)
     return _conv_transpose(product, weight, in_size, stride, padding, dilation, groups)
 
 
-@backends.register("e2kd::contribution_map", "triton", ("cuda",))
-def contribution_map_triton(x, weights):
-    from e2kd_fast.kernels import bcos_layer
-
-    return bcos_layer.contribution_map(x, weights)
-
-
-# C++ (CPU) / CUDA: the kernels of csrc/{cpu,cuda}/bcos_epilogue.*, private ops e2kd_cpp::*.
+# C++ (CPU) / CUDA: the kernels of csrc/{cpu,cuda}/bcos_conv2d.*, library ops e2kd_cpp::bcos_conv2d_*.
 # CUDA is listed only where setup.py recorded a CUDA build (`backends.cpp_device_types`).
 
 
@@ -470,17 +320,17 @@ def contribution_map_triton(x, weights):
     "e2kd::patch_norm",
     "cpp",
     backends.cpp_device_types(),
-    available=functools.partial(backends.cpp_op_current, "bcos_patch_norm"),
+    available=functools.partial(backends.cpp_op_current, "bcos_conv2d_patch_norm"),
 )
 def patch_norm_cpp(x, kernel, stride, padding, groups, out_channels):
-    return torch.ops.e2kd_cpp.bcos_patch_norm(x, kernel, stride, padding, groups, out_channels)
+    return torch.ops.e2kd_cpp.bcos_conv2d_patch_norm(x, kernel, stride, padding, groups, out_channels)
 
 
 @backends.register(
     "e2kd::bcos_conv2d",
     "cpp",
     backends.cpp_device_types(),
-    available=functools.partial(backends.cpp_op_current, "bcos_epilogue"),
+    available=functools.partial(backends.cpp_op_current, "bcos_conv2d_epilogue"),
 )
 def bcos_conv2d_cpp(x, weight, b, stride, padding, groups):
     """oneDNN/cuDNN conv, then the C++/CUDA epilogue (patch norm and scale in one pass over l)."""
@@ -488,8 +338,8 @@ def bcos_conv2d_cpp(x, weight, b, stride, padding, groups):
     if linear.device.type == "cpu" and linear.dtype not in (torch.float32, torch.float64):
         return linear, _reference_scale(linear, x, weight, b, stride, padding, groups)  # the CPU kernel: fp32/fp64
     args = (linear, x.to(linear.dtype), list(weight.shape[-2:]), stride, padding, groups, b, False)
-    scale, _ = torch.ops.e2kd_cpp.bcos_epilogue(*args)
+    scale, _ = torch.ops.e2kd_cpp.bcos_conv2d_epilogue(*args)
     return linear, scale
 
 
-__all__ = ["bcos_conv2d", "bcos_linear", "contribution_map", "patch_norm", "scaled_conv_adjoint"]
+__all__ = ["bcos_conv2d", "patch_norm", "scaled_conv_adjoint"]

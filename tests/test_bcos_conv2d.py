@@ -1,4 +1,6 @@
-"""B-cos layer kernels (kernels/bcos_layer.py, csrc/*/bcos_epilogue.*) against the reference maths.
+"""``e2kd::bcos_conv2d``, ``e2kd::patch_norm`` and ``e2kd::scaled_conv_adjoint``: their kernels
+(``kernels/bcos_conv2d.py``, ``csrc/{cpu,cuda}/bcos_conv2d.*``) and the ops under every back end against
+the reference maths, and the layers that route through them.
 
 Triton runs under the interpreter on CPU (fp32/fp16; CI sets TRITON_INTERPRET=1), the C++ kernels
 natively (fp32/fp64). Outputs written by a launcher are poisoned with NaN before each run, so an
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from e2kd_fast import ops
 from e2kd_fast.ops import backends
+from e2kd_fast.ops._common import memory_format_of
 from e2kd_fast.reference.bcos import dynamic_scale, unit_norm_weight
 from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
 
@@ -25,7 +28,7 @@ FAST_BACKENDS = [b for b in backends.candidates("e2kd::bcos_conv2d", "cpu") if b
 needs_interpreter = pytest.mark.skipif("triton" not in FAST_BACKENDS, reason="needs triton and TRITON_INTERPRET=1")
 needs_cpp = pytest.mark.skipif(
     "cpp" not in FAST_BACKENDS,
-    reason=backends.unavailable_reason("cpp") or "the loaded extension was built without csrc/*/bcos_epilogue.*",
+    reason=backends.unavailable_reason("cpp") or "the loaded extension was built without csrc/*/bcos_conv2d.*",
 )
 
 # (N, C, H, W, O, k, stride, padding, groups, B): odd images, strides, paddings, groups, exponents.
@@ -79,10 +82,10 @@ def _assert_close(got: torch.Tensor, expected: torch.Tensor, dtype, budget: floa
 
 @needs_interpreter
 def test_triton_kernels_run_in_the_interpreter():
-    from e2kd_fast.kernels import bcos_layer
+    from e2kd_fast.kernels import bcos_conv2d as kernels
     from triton.runtime.interpreter import InterpretedFunction
 
-    assert isinstance(bcos_layer._epilogue_kernel, InterpretedFunction)
+    assert isinstance(kernels._epilogue_kernel, InterpretedFunction)
 
 
 @needs_interpreter
@@ -90,37 +93,35 @@ def test_triton_kernels_run_in_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 def test_triton_epilogue_matches_reference(geometry, dtype, layout):
-    from e2kd_fast.kernels import bcos_layer
+    from e2kd_fast.kernels import bcos_conv2d as kernels
 
     n, c, h, w, o, k, s, p, g, b = geometry
     x, lin, scale, _, _ = _case(geometry, dtype, layout)
     out = torch.full_like(lin, float("nan"))  # poisoned
     y = torch.full_like(lin, float("nan"))
-    bcos_layer._launch_epilogue(lin, x, out, y, [k, k], [s, s], [p, p], g, o // g, b)
+    kernels._launch_epilogue(lin, x, out, y, [k, k], [s, s], [p, p], g, o // g, b)
     budget = _low_precision_budget(geometry, dtype, scale) if dtype == torch.float16 else None
     _assert_close(out, scale, dtype, budget)
     _assert_close(y, scale * lin.double(), dtype, None if budget is None else budget * 8)
     # The public launcher keeps the memory format.
-    _, s_only = bcos_layer.bcos_epilogue(lin, x, [k, k], [s, s], [p, p], g, b, write_out=False)
-    assert s_only.is_contiguous(memory_format=bcos_layer.memory_format_of(lin))
+    _, s_only = kernels.bcos_conv2d_epilogue(lin, x, [k, k], [s, s], [p, p], g, b, write_out=False)
+    assert s_only.is_contiguous(memory_format=memory_format_of(lin))
 
 
 @needs_interpreter
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=str)
-def test_triton_patch_norm_contribution_and_product(geometry, layout):
-    from e2kd_fast.kernels import bcos_layer
+def test_triton_patch_norm_and_product(geometry, layout):
+    from e2kd_fast.kernels import bcos_conv2d as kernels
 
     n, c, h, w, o, k, s, p, g, b = geometry
     x, lin, scale, norm, _ = _case(geometry, torch.float32, layout)
     channels = o if g > 1 else 1
     out = _layout(torch.full((n, channels, *lin.shape[-2:]), float("nan")), layout)
-    bcos_layer._launch_epilogue(None, x, out, None, [k, k], [s, s], [p, p], g, channels // g, 2.0)
+    kernels._launch_epilogue(None, x, out, None, [k, k], [s, s], [p, p], g, channels // g, 2.0)
     _assert_close(out, norm, torch.float32)
-    weights = _layout(torch.randn(x.shape), layout)
-    _assert_close(bcos_layer.contribution_map(x, weights), (x.double() * weights.double()).sum(1), torch.float32)
     gsig = torch.randn(lin.shape)
-    _assert_close(bcos_layer.scale_product(lin, gsig), lin.double() * gsig.double(), torch.float32)
+    _assert_close(kernels.scale_product(lin, gsig), lin.double() * gsig.double(), torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- C++
@@ -136,11 +137,11 @@ def test_cpp_epilogue_and_patch_norm_match_reference(geometry, dtype, layout):
     # Best-effort poisoning: freed NaN blocks of the output size are what the allocator hands out next.
     poison = [torch.full_like(lin, float("nan")) for _ in range(4)]
     del poison
-    got_scale, got_out = torch.ops.e2kd_cpp.bcos_epilogue(lin, x, [k, k], [s, s], [p, p], g, b, True)
+    got_scale, got_out = torch.ops.e2kd_cpp.bcos_conv2d_epilogue(lin, x, [k, k], [s, s], [p, p], g, b, True)
     _assert_close(got_scale, scale, dtype)
     _assert_close(got_out, scale * lin.double(), dtype)
-    assert got_scale.is_contiguous(memory_format=ops.bcos.memory_format_of(x))
-    got_norm = torch.ops.e2kd_cpp.bcos_patch_norm(x, [k, k], [s, s], [p, p], g, o)
+    assert got_scale.is_contiguous(memory_format=memory_format_of(x))
+    got_norm = torch.ops.e2kd_cpp.bcos_conv2d_patch_norm(x, [k, k], [s, s], [p, p], g, o)
     _assert_close(got_norm, norm, dtype)
 
 
@@ -148,9 +149,9 @@ def test_cpp_epilogue_and_patch_norm_match_reference(geometry, dtype, layout):
 def test_cpp_rejects_bad_input_with_a_clear_error():
     x = torch.randn(1, 3, 5, 5)
     with pytest.raises(RuntimeError, match="groups=2 must divide the 3 input channels"):
-        torch.ops.e2kd_cpp.bcos_patch_norm(x, [3, 3], [1, 1], [1, 1], 2, 4)
+        torch.ops.e2kd_cpp.bcos_conv2d_patch_norm(x, [3, 3], [1, 1], [1, 1], 2, 4)
     with pytest.raises(RuntimeError, match="b must be > 1"):
-        torch.ops.e2kd_cpp.bcos_epilogue(torch.randn(1, 2, 5, 5), x, [3, 3], [1, 1], [1, 1], 1, 1.0, False)
+        torch.ops.e2kd_cpp.bcos_conv2d_epilogue(torch.randn(1, 2, 5, 5), x, [3, 3], [1, 1], [1, 1], 1, 1.0, False)
 
 
 # ---------------------------------------------------------------------------------------------- the ops, per back end
@@ -171,7 +172,6 @@ def _op_cases():
             ops.scaled_conv_adjoint,
             (rand(1, 3, 3, 2), rand(1, 3, 3, 2), rand(3, 2, 3, 3), [5, 4], [2, 2], [1, 1], [1, 1], 1),
         ),
-        ("e2kd::contribution_map", ops.contribution_map, (rand(2, 3, 3, 4), rand(2, 3, 3, 4))),
     ]
 
 
@@ -214,22 +214,6 @@ def test_bcos_conv2d_op_in_channels_last_passes_opcheck(backend):
         assert linear.is_contiguous(memory_format=torch.channels_last)
         assert scale.is_contiguous(memory_format=torch.channels_last)
         torch.library.opcheck(ops.bcos_conv2d, (x, w, 2.0, [2, 2], [1, 1], 1))
-
-
-def test_bcos_linear_op_equals_the_reference_layer():
-    from e2kd_fast.reference.bcos import bcos_linear_parts
-
-    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    for b in (2.0, 1.5):
-        got = ops.bcos_linear(x, w, b)
-        expected = bcos_linear_parts(x, w, b)
-        for a, e in zip(got, expected, strict=True):
-            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
-        g = torch.autograd.grad(got[0] * got[1], (x, w), torch.ones(2, 3, 4, dtype=torch.float64))
-        e = torch.autograd.grad(expected[0] * expected[1], (x, w), torch.ones(2, 3, 4, dtype=torch.float64))
-        for a, b_ in zip(g, e, strict=True):
-            torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -313,7 +297,7 @@ def test_gpu_epilogue_in_low_precision(backend, dtype, layout):
             low_lin, low_scale = ops.bcos_conv2d(x, weight, b, [s, s], [p, p], g)
         with backends.use_backend(backend):
             got_lin, got_scale = ops.bcos_conv2d(x, weight, b, [s, s], [p, p], g)
-        assert got_scale.is_contiguous(memory_format=ops.bcos.memory_format_of(x))
+        assert got_scale.is_contiguous(memory_format=memory_format_of(x))
         ref_err = (low_scale.double() - ref_scale).abs().max().item()
         err = (got_scale.double() - ref_scale).abs().max().item()
         assert err <= 2 * ref_err + 1e-6, f"{geometry}: {err:.3g} > 2 × {ref_err:.3g}"

@@ -1,6 +1,6 @@
-"""B-cos layer kernels: the epilogue and the adjoint against the reference and against cuDNN alone.
+"""``e2kd::bcos_conv2d`` kernels: the epilogue and the adjoint against the reference and against cuDNN alone.
 
-    python -m bench.bench_bcos_layer [--device cpu|cuda] [--batch N] [--repeats R]
+    python -m bench.bench_bcos_conv2d [--device cpu|cuda] [--batch N] [--repeats R]
 
 CPU: the epilogue (patch norm + scale, given the conv output l and its input x) of the reference
 torch ops vs the C++ kernel, at the conv shapes of B-cos R18/R50/D169 at 224² (`bench_ops.trace_layer_shapes`).
@@ -60,6 +60,7 @@ def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list
     """Times one conv geometry and appends its ratios."""
     from e2kd_fast import ops
     from e2kd_fast.ops import backends
+    from e2kd_fast.ops.bcos_conv2d import _conv_transpose
     from e2kd_fast.reference.bcos import unit_norm_weight
 
     c, h, w, o, k, s, p, g = shape
@@ -76,7 +77,7 @@ def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list
             lambda: _reference_epilogue(lin, x, k, s, p, g, o), device, args.warmup, args.repeats
         )
         if device.type == "cpu" and "cpp" in fast:
-            op = torch.ops.e2kd_cpp.bcos_epilogue
+            op = torch.ops.e2kd_cpp.bcos_conv2d_epilogue
             row["cpp epilogue"] = _time(
                 lambda: op(lin, x, [k, k], [s, s], [p, p], g, 2.0, False), device, args.warmup, args.repeats
             )
@@ -91,7 +92,7 @@ def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list
             scale = torch.rand_like(lin)
             grad = torch.randn_like(lin)
             row["cuDNN bwd-data"] = _time(
-                lambda: ops.bcos._conv_transpose(grad, w_hat, [h, w], [s, s], [p, p], [1, 1], g),
+                lambda: _conv_transpose(grad, w_hat, [h, w], [s, s], [p, p], [1, 1], g),
                 device,
                 2,
                 args.repeats,
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available: skipping the CUDA B-cos layer benchmarks")
+        print("CUDA is not available: skipping the CUDA B-cos conv benchmarks")
         return
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = zoo_conv_shapes(args.models.split(","))

@@ -1,4 +1,4 @@
-// The B-cos conv epilogue on CUDA: the same maths as csrc/cpu/bcos_epilogue.cpp (read that header).
+// The B-cos conv epilogue on CUDA: the same maths as csrc/cpu/bcos_conv2d.cpp (read that header).
 //
 // Three memory-bound kernels around cuDNN's conv (platform_notes.md §11.6–11.7):
 //   1. sumsq:  q[n, g, h, w] = Σ_{c ∈ g} x²         one thread per (n, g, pixel): a channel loop,
@@ -149,14 +149,14 @@ Tensor norm_map(const Tensor& x, const Geometry& geo, int64_t Ho, int64_t Wo, cu
   return nrm;
 }
 
-std::tuple<Tensor, Tensor> bcos_epilogue_cuda(const Tensor& linear, const Tensor& x, at::IntArrayRef kernel,
+std::tuple<Tensor, Tensor> bcos_conv2d_epilogue_cuda(const Tensor& linear, const Tensor& x, at::IntArrayRef kernel,
                                               at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups,
                                               double b, bool write_out) {
-  const Geometry geo = check_geometry("e2kd_cpp::bcos_epilogue", x, kernel, stride, padding, groups);
+  const Geometry geo = check_geometry("e2kd_cpp::bcos_conv2d_epilogue", x, kernel, stride, padding, groups);
   TORCH_CHECK(linear.is_cuda() && linear.dim() == 4 && linear.size(0) == x.size(0) && linear.size(1) % groups == 0,
-              "e2kd_cpp::bcos_epilogue: linear must be a CUDA [N, O, Ho, Wo] tensor with O divisible by groups");
-  TORCH_CHECK(linear.scalar_type() == x.scalar_type(), "e2kd_cpp::bcos_epilogue: linear and x dtypes differ");
-  TORCH_CHECK(b > 1, "e2kd_cpp::bcos_epilogue: b must be > 1, got ", b);
+              "e2kd_cpp::bcos_conv2d_epilogue: linear must be a CUDA [N, O, Ho, Wo] tensor with O divisible by groups");
+  TORCH_CHECK(linear.scalar_type() == x.scalar_type(), "e2kd_cpp::bcos_conv2d_epilogue: linear and x dtypes differ");
+  TORCH_CHECK(b > 1, "e2kd_cpp::bcos_conv2d_epilogue: b must be > 1, got ", b);
   c10::cuda::CUDAGuard guard(x.device());
   const auto options = linear.options().memory_format(format_of(x));
   Tensor scale = at::empty(linear.sizes(), options);
@@ -164,7 +164,7 @@ std::tuple<Tensor, Tensor> bcos_epilogue_cuda(const Tensor& linear, const Tensor
   const int64_t O = linear.size(1), Ho = linear.size(2), Wo = linear.size(3), total = linear.numel();
   if (total == 0) return {scale, out};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "e2kd_cpp::bcos_epilogue", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "e2kd_cpp::bcos_conv2d_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Tensor nrm = norm_map<scalar_t, acc_t>(x, geo, Ho, Wo, stream);
     scale_kernel<scalar_t, acc_t, 0><<<blocks_for(total), kThreads, 0, stream>>>(
@@ -177,10 +177,10 @@ std::tuple<Tensor, Tensor> bcos_epilogue_cuda(const Tensor& linear, const Tensor
   return {scale, out};
 }
 
-Tensor bcos_patch_norm_cuda(const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+Tensor bcos_conv2d_patch_norm_cuda(const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                             int64_t groups, int64_t out_channels) {
-  const Geometry geo = check_geometry("e2kd_cpp::bcos_patch_norm", x, kernel, stride, padding, groups);
-  TORCH_CHECK(groups == 1 || out_channels % groups == 0, "e2kd_cpp::bcos_patch_norm: out_channels=", out_channels,
+  const Geometry geo = check_geometry("e2kd_cpp::bcos_conv2d_patch_norm", x, kernel, stride, padding, groups);
+  TORCH_CHECK(groups == 1 || out_channels % groups == 0, "e2kd_cpp::bcos_conv2d_patch_norm: out_channels=", out_channels,
               " is not divisible by groups=", groups);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
@@ -190,7 +190,7 @@ Tensor bcos_patch_norm_cuda(const Tensor& x, at::IntArrayRef kernel, at::IntArra
   const int64_t total = norm.numel();
   if (total == 0) return norm;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "e2kd_cpp::bcos_patch_norm", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "e2kd_cpp::bcos_conv2d_patch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Tensor nrm = norm_map<scalar_t, acc_t>(x, geo, Ho, Wo, stream);
     scale_kernel<scalar_t, acc_t, 1><<<blocks_for(total), kThreads, 0, stream>>>(
@@ -205,8 +205,8 @@ Tensor bcos_patch_norm_cuda(const Tensor& x, at::IntArrayRef kernel, at::IntArra
 }  // namespace
 
 TORCH_LIBRARY_IMPL(e2kd_cpp, CUDA, m) {
-  m.impl("bcos_epilogue", &bcos_epilogue_cuda);
-  m.impl("bcos_patch_norm", &bcos_patch_norm_cuda);
+  m.impl("bcos_conv2d_epilogue", &bcos_conv2d_epilogue_cuda);
+  m.impl("bcos_conv2d_patch_norm", &bcos_conv2d_patch_norm_cuda);
 }
 
 }  // namespace e2kd_cpp
