@@ -3,7 +3,8 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.e2kd-installed
 
-# CPU-only machines: the toolkit nvcc belongs to lives here (platform_notes.md §7); DeepSpeed runs
+# CPU-only machines: the toolkit nvcc belongs to lives here (torch would guess /usr/local from
+# /usr/local/bin/nvcc; docs/architecture.md#platform-notes); DeepSpeed runs
 # on its CPU accelerator; caches stay inside the checkout.
 export CUDA_HOME ?= /usr/local/cuda
 export DS_ACCELERATOR ?= cpu

@@ -162,7 +162,7 @@ def test_every_config_file_loads_and_validates(path):
     assert (cfg.data.image_size, cfg.data.eval_resize, cfg.data.crop_scale_min) == (224, 256, 0.08)
 
 
-# Spot checks of the recipes against the spec (sections 2.3 and 3.4), one row per setting.
+# Spot checks of the recipes against the official ones (B-cos-v2 bcos_final, GTE final_live), one row per setting.
 RECIPES = {
     "imagenet_bcos_r18_from_d169_e2kd": dict(epochs=200, batch=256, shots=None, teacher="bcos_densenet169"),
     "imagenet50shot_bcos_r18_from_d169_e2kd": dict(epochs=250, batch=32, shots=50, teacher="bcos_densenet169"),

@@ -1,4 +1,4 @@
-"""Every config in configs/ loads and starts: one optimiser step on tiny images (issue: engine)."""
+"""Every config in configs/ loads and starts: one optimiser step of the trainer on tiny images."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Presets, encodings and paired geometry (one crop/flip for an image and its maps, spec §3.6)."""
+"""Presets, encodings and paired geometry (one crop/flip for an image and its maps)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """e2kd_fast.metrics: distance correlation against the `dcor` package, localisation hand cases, shift
-equivariance, UniCAM / FSS / RS properties (spec seeds_other_systems.md §1.11, §4)."""
+equivariance, UniCAM / FSS / RS properties (docs/metrics.md)."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ OFFICIAL = {
     "bcos_resnet110_cifar": (partial(_official_cifar, 110), 16),
 }
 
-PARAMS_M = {  # official counts in millions (bcos_and_e2kd.md §2.1; R50 is 25.54M in the official code)
+PARAMS_M = {  # official counts in millions (B-cos-v2 model zoo; R50 is 25.54M in the code, 25.52M in the zoo table)
     "bcos_resnet18": 11.69,
     "bcos_resnet34": 21.80,
     "bcos_resnet50": 25.54,

@@ -62,7 +62,8 @@ TeacherMode = Literal["live", "frozen"]
 DistillMethod = Literal["kd", "e2kd", "none", "at", "nst", "ab", "catkd", "reviewkd"]
 
 # Feature-based KD baselines (e2kd_fast.distill.baselines, docs/baselines.md): the paper-default weight
-# of each method's feature term and its options with their defaults (seeds_other_systems.md section 3).
+# of each method's feature term and its options with their defaults (the reference implementations'
+# defaults: HobbitLong/RepDistiller, GzyAftermath/CAT-KD, megvii-research/mdistiller).
 BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "at": {"weight": 1000.0, "p": 2.0},
     "nst": {"weight": 50.0},
@@ -128,7 +129,8 @@ class TeacherConfig(Section):
         checkpoint: the teacher's weights (the official B-cos release files, torchvision files, ...).
         num_classes: number of outputs; None takes the model's default.
         mode: ``"live"`` runs the teacher on every augmented batch; ``"frozen"`` reads its logits and
-            explanations, computed once per training image, from ``store`` (spec section 3.6).
+            explanations, computed once per training image, from ``store`` (GTE's frozen explanations,
+            ``ffkd_training``; docs/architecture.md#frozen-teacher-store).
         store: folder of the precomputed frozen-explanation store; required when ``mode == "frozen"``.
         kwargs: extra keyword arguments of `create_model`, as ``student.kwargs`` (e.g. ``{"norm": "pn"}``
             for a teacher file saved from the official CIFAR entry points).
@@ -160,7 +162,9 @@ class TeacherConfig(Section):
 
 @dataclass(frozen=True)
 class DistillConfig(Section):
-    """The objective ``L = gt_coef·L_gt + τ²·KL(p_T ‖ p_S) + lam·(1 − cos(E_S, E_T))`` (spec section 3.1).
+    """The objective ``L = gt_coef·L_gt + τ²·KL(p_T ‖ p_S) + lam·(1 − cos(E_S, E_T))``.
+
+    As GTE's ``TeachersExplainCriterion`` (``m-parchami/GoodTeachersExplain``) computes it.
 
     Attributes:
         method: ``"e2kd"`` (logits and explanations), ``"kd"`` (logits only; ``lam`` is ignored) or
@@ -169,7 +173,8 @@ class DistillConfig(Section):
         lam: weight λ of the explanation loss (>= 0); λ = 0 turns e²KD into KD.
         explanation: ``"bcos"`` (dynamic weights, B-cos models) or ``"gradcam"`` (standard models).
         gt_coef: weight of the ground-truth label loss in KD / e²KD (every paper config uses 0).
-        guided_step_interval: compute the explanation loss on every K-th step only (spec section 3.3).
+        guided_step_interval: compute the explanation loss on every K-th step only (GTE's option of that name;
+            its "efficient" configs use K = 16 for ResNets, 4 for ViTs).
         multilabel: multi-label targets (PASCAL VOC): the KD term is the per-class sigmoid KL of
             `e2kd_fast.distill.multilabel.multilabel_kd` instead of the softmax KL; the explained class
             stays the teacher's top-1 logit. Must be set exactly when ``data.dataset == "voc"``.
@@ -431,7 +436,7 @@ class EngineConfig(Section):
             # ZeRO-3 releases each parameter after its module's forward and re-gathers it through module
             # hooks; the explanation sweep re-uses the layer weights outside those forwards (the adjoint,
             # transposed convolutions) and the backward of the explanation loss differentiates through
-            # them again, so the weights are gone when they are needed (platform_notes.md section 9.5).
+            # them again, so the weights are gone when they are needed (docs/architecture.md#platform-notes).
             raise ValueError(
                 "engine.zero_stage 3 is not supported: ZeRO-3 partitions the parameters and gathers each one "
                 "only around its own module's forward, but the e²KD explanation (the gradient of the logit "

@@ -2,8 +2,9 @@
 
 One pipeline definition serves both machines: on CUDA the JPEGs are decoded by the ``mixed`` (nvJPEG,
 hardware where present) decoder and every later operator runs on the GPU; without CUDA the pipeline
-is built with ``device_id=None`` and CPU operators only (platform_notes.md §8.2), which is how the
-tests run it.
+is built with ``device_id=None`` and CPU operators only, which is how the tests run it (DALI's
+``Pipeline``: ``device_id=None`` uses neither the GPU nor the CUDA runtime; ``device_id=0`` or ``-1``
+still initialises CUDA and fails on a machine without it).
 
 Where the samples come from. DALI's own ``fn.readers.file`` shards a file list into contiguous,
 fixed ranges [⌊N·i/S⌋, ⌊N·(i+1)/S⌋) whose sizes differ by one when S does not divide N; it shuffles

@@ -1,8 +1,9 @@
-"""Index splits of a labelled data set: the held-out validation split and few-shot subsets (spec §3.4).
+"""Index splits of a labelled data set: the held-out validation split and few-shot subsets.
 
-The official students select models on 50 images per class held out from the ImageNet train set
-(seed 42) and draw their 50- or 200-shot training subsets from the rest. Both draws here are per class
-with a `torch.Generator` seeded by ``seed``, so they depend only on (targets, counts, seed).
+The official students (GTE's ``final_live`` configs) select models on 50 images per class held out
+from the ImageNet train set (seed 42) and draw their 50- or 200-shot training subsets from the rest.
+Both draws here are per class with a `torch.Generator` seeded by ``seed``, so they depend only on
+(targets, counts, seed).
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Single-image presets (`train_transform`, `eval_transform`) are torchvision v2 pipelines for PIL images.
 
 Paired transforms apply ONE crop/flip to an image and to per-image maps: object masks, or frozen teacher
-explanations stored at another resolution than the image (spec §3.6). The crop is held in coordinates
-relative to the image (fractions of its height and width) and every tensor is resampled at the same
-relative positions with `resized_crop_relative`. A pixel of the output therefore sees the same part of
-the scene in the image and in every map, whatever their resolutions.
+explanations (`e2kd_fast.data.frozen_store`) stored at another resolution than the image. The crop is
+held in coordinates relative to the image (fractions of its height and width) and every tensor is
+resampled at the same relative positions with `resized_crop_relative`. A pixel of the output therefore
+sees the same part of the scene in the image and in every map, whatever their resolutions.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ Layout: ``root/metadata.csv`` with the header ``img_id,img_filename,y,split,plac
 
 - ``y``: 0 = landbird, 1 = waterbird; ``place``: 0 = land, 1 = water background.
 - ``split``: 0 = train, 1 = val, 2 = test.
-- group = 2·y + place (spec bcos_and_e2kd.md §5): 0 landbird/land, 1 landbird/water, 2 waterbird/land,
-  3 waterbird/water. Groups 0 and 3 are the in-distribution combinations (the training correlation),
-  1 and 2 the out-of-distribution ones. Waterbirds-100 is the same layout with a training split that
-  holds only groups 0 and 3.
+- group = 2·y + place (as in GTE's Waterbirds data code): 0 landbird/land, 1 landbird/water,
+  2 waterbird/land, 3 waterbird/water. Groups 0 and 3 are the in-distribution combinations (the
+  training correlation), 1 and 2 the out-of-distribution ones. Waterbirds-100 is the same layout with
+  a training split that holds only groups 0 and 3.
 
 Every row is checked at construction (columns, values, image files present); an error names the file,
 the line and the column.

@@ -1,4 +1,4 @@
-"""A synthetic Waterbirds-like task with ground-truth foreground masks (spec §5).
+"""A synthetic Waterbirds-like task with ground-truth foreground masks: the paper's Waterbirds setting in miniature.
 
 Each image shows one "bird" (a class-specific colour and shape, with jitter) at a random position and
 size (10–25 % of the image) on a "place" background (a hue family with a place-specific texture and

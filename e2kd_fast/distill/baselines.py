@@ -1,9 +1,10 @@
 """Feature-based KD baselines as distillation objectives: AT, NST, AB, CAT-KD and ReviewKD.
 
-Definitions and defaults: spec ``seeds_other_systems.md`` section 3; formulas and every choice made
-here: ``docs/baselines.md``. Each objective is an `nn.Module` whose parameters are its learned
-connectors (AB's 1×1 conv + BN, ReviewKD's ABF modules); the trainer optimises and checkpoints them
-with the student. Every objective computes, for one batch,
+Definitions and defaults follow the papers and their reference code (``HobbitLong/RepDistiller``,
+``szagoruyko/attention-transfer``, ``GzyAftermath/CAT-KD``, ``megvii-research/mdistiller``); formulas
+and every choice made here: ``docs/baselines.md``. Each objective is an `nn.Module` whose parameters
+are its learned connectors (AB's 1×1 conv + BN, ReviewKD's ABF modules); the trainer optimises and
+checkpoints them with the student. Every objective computes, for one batch,
 
     L = L_label(z_S, y) + kd_coef · τ² · KL(p_T^τ ‖ p_S^τ) + ramp · weight · L_feature
 

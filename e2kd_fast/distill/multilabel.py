@@ -2,7 +2,7 @@
 
 With multi-hot targets each class is its own yes/no question, so the softmax KL of single-label KD is
 replaced by a sum of per-class Bernoulli KL divergences between the teacher's and the student's
-sigmoid probabilities (GTE's ``MLD`` criterion, spec bcos_and_e2kd.md §3.8):
+sigmoid probabilities (GTE's ``MLD`` criterion, its multi-label KD loss for VOC):
 
     p = clamp(σ(z / τ), ε, 1 − ε),   ε = 1e-6
     L = τ² · mean_n Σ_c [ p_T·(log p_T − log p_S) + (1 − p_T)·(log(1 − p_T) − log(1 − p_S)) ]

@@ -1,4 +1,7 @@
-"""The e²KD objective, exactly as the official implementation computes it (bcos_and_e2kd.md §3).
+"""The e²KD objective, exactly as the official implementation computes it.
+
+The official implementation is ``m-parchami/GoodTeachersExplain`` ("GTE"),
+``bcos/distillation_methods/TeachersExplain.py`` (``TeachersExplainCriterion``, ``explanation_aware_forward``):
 
     L = gt_coef · L_gt + τ² · KL(p_T^τ ‖ p_S^τ) + λ · mean_i(1 − cos(E_S,i, E_T,i))
 

@@ -12,9 +12,9 @@ What is wrapped is an `ObjectiveModule`: the student as its only child, and a ``
 the whole forward-to-loss function (teacher, explanations, KD and cosine terms). DeepSpeed must see
 the explanation and the loss computed inside the wrapped module's forward: since v0.18.3 it hooks
 every output of ``engine(...)``, and an explanation taken by ``autograd.grad`` on such an output
-starts its reduction epilogue early (``IndexError`` in ``reduce_ipg_grads`` under ZeRO-1/2; see
-spec/platform_notes.md section 9.5). Our explanation is an explicit first-order sweep anyway, so the
-step is ordinary training to DeepSpeed.
+starts its reduction epilogue early (``IndexError`` in ``reduce_ipg_grads`` under ZeRO-1/2, DeepSpeed
+issue #7710; docs/architecture.md#platform-notes). Our explanation is an explicit first-order sweep
+anyway, so the step is ordinary training to DeepSpeed.
 
 Data: ``data.batch_size`` is the global batch; each rank loads ``batch_size / world_size`` images of
 every global batch (`ShardedEpochSampler`), so one optimiser step sees exactly the images a single

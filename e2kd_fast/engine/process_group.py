@@ -79,7 +79,8 @@ def _patch_deepspeed_shm() -> None:
     """Stops DeepSpeed's CPU accelerator from JIT-building its shared-memory all-reduce (~30 s at start).
 
     ``deepspeed.comm.torch`` must be fetched with importlib: ``deepspeed.comm`` re-exports ``torch``,
-    so ``import deepspeed.comm.torch`` would bind the real torch module (platform_notes.md 9.3).
+    so ``import deepspeed.comm.torch`` would bind the real torch module. The build runs unconditionally
+    on the CPU accelerator (in ``TorchBackend.__init__``, no switch); gloo's all-reduce is used instead.
     """
     module = importlib.import_module("deepspeed.comm.torch")
     if hasattr(module, "build_shm_op"):

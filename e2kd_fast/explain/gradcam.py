@@ -1,9 +1,10 @@
 """GradCAM for standard (non-B-cos) networks, as the e²KD GradCAM variant uses it.
 
 GradCAM = ReLU(Σ_k mean_{h,w}(∂y_c/∂A_k) · A_k) at the last stage's output A (torchvision ResNet:
-``layer4``; DenseNet: ``relu(features(x))``), resized bilinearly to the input size (bcos_and_e2kd.md
-§3.2). The forward is split at A explicitly (no hooks), so A is an ordinary graph node: the map is
-differentiable with ``create_graph`` for a student and costs no graph for a frozen teacher.
+``layer4``; DenseNet: ``relu(features(x))``), resized bilinearly to the input size (GTE's
+``GRAD_CAM_POS`` in ``bcos/distillation_methods/TeachersExplain.py``). The forward is split at A
+explicitly (no hooks), so A is an ordinary graph node: the map is differentiable with ``create_graph``
+for a student and costs no graph for a frozen teacher.
 """
 
 from __future__ import annotations

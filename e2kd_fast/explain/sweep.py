@@ -1,4 +1,4 @@
-"""The explanation as an explicit reverse sweep (DESIGN.md, decision 1).
+"""The explanation as an explicit reverse sweep (docs/architecture.md#explicit-reverse-sweep-no-double-backward).
 
 In explanation mode a B-cos network is dynamic-linear: logit = W(x)·x + b, where W(x) is a product
 of per-layer linear maps whose data-dependent factors (B-cos scales s, the norms' 1/std, attention

@@ -231,7 +231,7 @@ def make_grid_images(
     activation: str = "softmax",
     seed: int = 0,
 ) -> GridImages:
-    """n×n grids of confidently classified images of distinct classes (GridPG, spec 4.2).
+    """n×n grids of confidently classified images of distinct classes (GridPG, as ``sukrutrao/Attribution-Evaluation``).
 
     Only images that every model (one logits tensor per model) classifies correctly with
     confidence ≥ ``threshold`` are used. Each grid draws n² distinct classes uniformly among those

@@ -1,7 +1,8 @@
 """B-cos layer maths in plain PyTorch: the specification every fast path is tested against.
 
 Everything here is dtype-generic, runs in float64 on the CPU and is twice differentiable.
-Formulas (bcos_and_e2kd.md §1.1), for output unit j, input patch x_p and exponent B:
+Formulas (B-cos/B-cos-v2: ``bcos/modules/bcosconv2d.py``, ``bcos/modules/bcoslinear.py``), for output
+unit j, input patch x_p and exponent B:
 
     ŵ_j = w_j / ‖w_j‖₂                       unit-norm weights, recomputed on every call
     l_j = ŵ_jᵀ x_p                            the linear part (conv or linear, no bias)

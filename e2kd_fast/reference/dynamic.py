@@ -4,7 +4,8 @@ In explanation mode a B-cos network is dynamic-linear: every data-dependent fact
 a norm's 1/std, an attention matrix) multiplies the signal as a *dynamic weight*. The explanation
 W = ∂logit/∂x treats those weights as constants with respect to x, yet anything later computed from
 W (the e²KD loss) must still be differentiated through them into the parameters: the total
-derivative, not the truncated one a `detach()` gives (bcos_and_e2kd.md §3.5 has the numbers).
+derivative, not the truncated one a `detach()` gives (docs/architecture.md has the numbers, under
+"The student's dynamic factors stay attached").
 
 GoodTeachersExplain implements this with a product whose backward reads the owner's explanation
 flag *when the backward runs*: inside explanation mode it returns no gradient for the weight (so the

@@ -1,4 +1,4 @@
-"""The e²KD loss terms in plain PyTorch (bcos_and_e2kd.md §3.1): the spec for the fused loss.
+"""The e²KD loss terms in plain PyTorch (GTE's ``TeachersExplainCriterion``): the spec for the fused loss.
 
 The cosine is the official one, ``F.cosine_similarity(s, t, eps=1e-8)`` (torch ≥ 1.12): each norm
 is clamped below at ε *separately*, and the clamp is applied without autograd, so the gradient
