@@ -117,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         summary = trainer.fit(resume=args.resume)
     finally:
-        from e2kd_fast.engine.distributed import shutdown_distributed
+        from e2kd_fast.engine.process_group import shutdown_distributed
 
         shutdown_distributed()  # torchrun / deepspeed launches: leave the process group cleanly
     if trainer.strategy.is_main:
