@@ -103,6 +103,19 @@ def test_held_out_and_few_shot_splits_from_the_config(folder, tmp_path):
         build_datasets(config_from_dict(_config_dict(folder, tmp_path, data={"root": None})))
 
 
+def test_val_folders_that_differ_from_the_training_classes_are_refused(folder, tmp_path):
+    cfg = config_from_dict(_config_dict(folder, tmp_path))
+    assert build_datasets(cfg).val.classes == ["class_0", "class_1", "class_2"]
+    val = folder / "val"
+    (val / "class_1").rename(tmp_path / "class_1")  # class_2's images would be labelled 1
+    with pytest.raises(ValueError, match=r"missing: class_1; extra: none"):
+        build_datasets(cfg)
+    (tmp_path / "class_1").rename(val / "class_1")
+    (val / "class_0").rename(val / "aardvark")  # sorts first: every image would carry another class's id
+    with pytest.raises(ValueError, match=r"missing: class_0; extra: aardvark"):
+        build_datasets(cfg, train=False)
+
+
 def test_precompute_store_is_exact_resumable_and_checked(folder, tmp_path):
     store_path = tmp_path / "store"
     torch.manual_seed(0)

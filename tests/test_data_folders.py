@@ -153,3 +153,22 @@ def test_masks_follow_the_image_geometry(tree, tmp_path):
         ImageFolderDataset(root, "train", masks_root=masks)
     with pytest.raises(FileNotFoundError, match="mask split folder"):
         ImageFolderDataset(root, "train", masks_root=tmp_path / "nowhere")
+
+
+def test_split_class_folders_must_match_the_given_classes(tree):
+    root, pixels = tree
+    train = ImageFolderDataset(root, "train")
+    _save(root / "val/b_dog/1.png", 6)  # a_cat has no val folder: b_dog must keep class id 1, not become 0
+    with pytest.raises(ValueError, match=r"val.* do not match .*missing: a_cat; extra: none"):
+        ImageFolderDataset(root, "val", classes=train.classes)
+    _save(root / "val/a_cat/1.png", 7)
+    _save(root / "val/aardvark/1.png", 8)
+    with pytest.raises(ValueError, match=r"missing: none; extra: aardvark"):
+        ImageFolderDataset(root, "val", classes=train.classes)
+    (root / "val/aardvark/1.png").unlink()
+    (root / "val/aardvark").rmdir()
+    val = ImageFolderDataset(root, "val", classes=train.classes)
+    assert val.classes == train.classes and [(p.parent.name, t) for p, t in val.samples] == [("a_cat", 0), ("b_dog", 1)]
+    # The given order is the class map, whatever the folders' sorted order.
+    swapped = ImageFolderDataset(root, "val", classes=["b_dog", "a_cat"])
+    assert [(p.parent.name, t) for p, t in swapped.samples] == [("b_dog", 0), ("a_cat", 1)]

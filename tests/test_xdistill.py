@@ -275,6 +275,18 @@ def test_config_errors_name_the_key():
         load_xdistill_config(REPO / "configs" / "xdistill" / name)
 
 
+def test_folder_val_split_uses_the_training_classes(tmp_path):
+    from e2kd_fast.xdistill.run import load_data
+    from tests.helpers import write_image_folder
+
+    root = write_image_folder(tmp_path, classes=3, per_split={"train": 1, "val": 1}, size=(8, 8))
+    cfg = xdistill_config_from_dict({"data": {"dataset": "folder", "root": str(root), "image_size": 8}})
+    assert load_data(cfg)[-1] == 3
+    (root / "val" / "class_0").rename(root / "val" / "aardvark")  # would relabel every val image
+    with pytest.raises(ValueError, match="missing: class_0; extra: aardvark"):
+        load_data(cfg)
+
+
 TINY = {
     "data": {"num_train": 24, "num_val": 12, "image_size": 16},
     "teacher": {"widths": [8, 16], "epochs": 1},

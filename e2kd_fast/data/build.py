@@ -16,7 +16,8 @@ def build_datasets(cfg, train: bool = True) -> DataBundle:
 
     Training: ``root/<train_split>`` with RandomResizedCrop(image_size, scale=(crop_scale_min, 1)) +
     flip. Validation: ``val_per_class`` images per class held out from the training split if set,
-    else ``root/<val_split>``, with Resize(eval_resize) + CenterCrop(image_size). ``shots`` draws that
+    else ``root/<val_split>`` (whose class folders must be the training ones: ValueError naming the
+    missing and extra folders), with Resize(eval_resize) + CenterCrop(image_size). ``shots`` draws that
     many training images per class (from the images not held out). A frozen teacher reads its store
     and crops each stored map with its image.
     """
@@ -38,7 +39,8 @@ def build_datasets(cfg, train: bool = True) -> DataBundle:
     if held_out is not None:
         val = ImageFolderDataset(data.root, data.train_split, transform=eval_tf)
     elif (train_base.root / data.val_split).is_dir():
-        val = ImageFolderDataset(data.root, data.val_split, transform=eval_tf)
+        # The training class map: a val split with a folder less or more is an error, not shifted labels.
+        val = ImageFolderDataset(data.root, data.val_split, transform=eval_tf, classes=train_base.classes)
     else:
         val = None
     if not train:

@@ -34,12 +34,37 @@ def _sorted_subdirs(path: Path) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
+def class_folders(root: str | os.PathLike, split: str) -> list[str]:
+    """The sorted class folder names of ``root/<split>`` (the class map of a training split), without its files."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"split folder not found: {split_dir}")
+    return _sorted_subdirs(split_dir)
+
+
+def _check_class_folders(split_dir: Path, found: Sequence[str], classes: Sequence[str]) -> None:
+    """Raises ValueError naming the missing and extra folders unless ``found`` holds exactly ``classes``.
+
+    A validation split with a class folder less (or more) than the training split would otherwise get
+    its own sorted class map and label its images with other classes' ids.
+    """
+    missing = sorted(set(classes) - set(found))
+    extra = sorted(set(found) - set(classes))
+    if missing or extra:
+        raise ValueError(
+            f"the class folders of {split_dir} do not match the {len(classes)} training classes: "
+            f"missing: {', '.join(missing) or 'none'}; extra: {', '.join(extra) or 'none'}. Every training "
+            "class needs a folder of the same name here, and no other folder may be present"
+        )
+
+
 class ImageFolderDataset(Dataset):
     """Images in ``root/<split>/<class_name>/<file>``; classes are the sorted folder names.
 
     The order is deterministic: classes sorted by name get indices 0..C-1, files sorted by name within
     each class. Extensions match case-insensitively (ImageNet's ``.JPEG``). Hidden folders and files are
-    ignored.
+    ignored. With ``classes`` (the training split's class list) the split must have exactly those class
+    folders, and their ids are the positions in ``classes``: validation labels are the training ones.
 
     Items are dicts ``{"image", "target", "index"}`` (plus ``"mask"`` with ``masks_root``), or None when
     the image (or its mask) cannot be decoded; use `collate_skipping` as the DataLoader's collate_fn.
@@ -54,6 +79,9 @@ class ImageFolderDataset(Dataset):
         extensions: file endings that count as images.
         masks_root: optional folder of object masks: ``masks_root/<split>/<class>/<stem>.png``, read as
             a bool tensor [h, w] (pixel > 127). Every image must have one.
+        classes: the class map to use (e.g. ``ImageFolderDataset(root, "train").classes`` for a
+            validation split); the split's class folders must be exactly these names (ValueError naming
+            the missing and extra folders otherwise). None: the split's own sorted folder names.
 
     Attributes:
         classes: class names, index = class id.
@@ -68,6 +96,7 @@ class ImageFolderDataset(Dataset):
         transform: Callable[..., Any] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         masks_root: str | os.PathLike | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -76,9 +105,12 @@ class ImageFolderDataset(Dataset):
         split_dir = self.root / split
         if not split_dir.is_dir():
             raise FileNotFoundError(f"split folder not found: {split_dir}")
-        self.classes = _sorted_subdirs(split_dir)
-        if not self.classes:
+        found = _sorted_subdirs(split_dir)
+        if not found:
             raise ValueError(f"no class folders in {split_dir} (expected {split_dir}/<class_name>/<image>)")
+        if classes is not None:
+            _check_class_folders(split_dir, found, classes)
+        self.classes = list(classes) if classes is not None else found
         self.samples: list[tuple[Path, int]] = []
         for target, name in enumerate(self.classes):
             class_dir = split_dir / name

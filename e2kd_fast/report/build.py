@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from e2kd_fast.config import Config, load_config
 from e2kd_fast.data import ImageFolderDataset, collate_skipping
 from e2kd_fast.data.build import build_datasets
+from e2kd_fast.data.folders import class_folders
 from e2kd_fast.data.transforms import PairedResizeCenterCrop, PairedTransform
 from e2kd_fast.data.voc import VOCDataset
 from e2kd_fast.engine.builders import resolve_device
@@ -158,7 +159,11 @@ def _localisation_data(cfg: Config, split: str | None, encoding: str, limit: int
     if data.dataset == "folder" and (masks / data.val_split).is_dir():
         geometry = PairedResizeCenterCrop(data.image_size, data.eval_resize)
         dataset = ImageFolderDataset(
-            data.root, data.val_split, transform=PairedTransform(geometry, encoding), masks_root=masks
+            data.root,
+            data.val_split,
+            transform=PairedTransform(geometry, encoding),
+            masks_root=masks,
+            classes=class_folders(data.root, data.train_split),  # the labels the run was trained with
         )
         indices = torch.arange(len(dataset))
         return dataset, indices[:limit] if limit else indices, "masks"

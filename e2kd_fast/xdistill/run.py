@@ -62,11 +62,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _load_folder(cfg: XDistillConfig, split: str, limit: int | None) -> tuple[Tensor, Tensor, int]:
-
+def _load_folder(
+    cfg: XDistillConfig, split: str, limit: int | None, classes: list[str] | None = None
+) -> tuple[Tensor, Tensor, list[str]]:
+    """(images [N, C, S, S] in [0, 1], labels [N], class names) of one split; ``classes``: the training map."""
     data = cfg.data
     tf = eval_transform(data.image_size, data.resize or data.image_size, encoding="none")
-    dataset = ImageFolderDataset(data.root, split, transform=tf)
+    dataset = ImageFolderDataset(data.root, split, transform=tf, classes=classes)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(data.seed))
     images, labels = [], []
     for i in order.tolist():
@@ -79,7 +81,7 @@ def _load_folder(cfg: XDistillConfig, split: str, limit: int | None) -> tuple[Te
         labels.append(int(item["target"]))
     if not images:
         raise ValueError(f"no readable images in {Path(data.root) / split}")
-    return torch.stack(images), torch.tensor(labels), len(dataset.classes)
+    return torch.stack(images), torch.tensor(labels), dataset.classes
 
 
 def load_data(cfg: XDistillConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
@@ -89,9 +91,10 @@ def load_data(cfg: XDistillConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, int]
         xt, yt, _ = shapes_dataset(data.num_train, data.image_size, seed=data.seed)
         xv, yv, _ = shapes_dataset(data.num_val, data.image_size, seed=data.seed + 1)
         return xt, yt, xv, yv, len(SHAPE_CLASSES)
-    xt, yt, num_classes = _load_folder(cfg, data.train_split, data.max_train_images)
-    xv, yv, _ = _load_folder(cfg, data.val_split, data.max_val_images)
-    return xt, yt, xv, yv, num_classes
+    xt, yt, classes = _load_folder(cfg, data.train_split, data.max_train_images)
+    # The val split uses the training class map (its folders must match): no shifted labels.
+    xv, yv, _ = _load_folder(cfg, data.val_split, data.max_val_images, classes)
+    return xt, yt, xv, yv, len(classes)
 
 
 def _norm_stats(cfg: XDistillConfig) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
