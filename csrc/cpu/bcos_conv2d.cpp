@@ -13,7 +13,8 @@
 //   e2kd_cpp::bcos_conv2d_epilogue(linear, x, kernel, stride, padding, groups, b, write_out) -> (scale, out)
 //   e2kd_cpp::bcos_conv2d_patch_norm(x, kernel, stride, padding, groups, out_channels) -> norm
 // `out` is an empty tensor when write_out is false. Outputs take x's memory format (the Python fakes
-// say the same). The CUDA implementation is csrc/cuda/bcos_conv2d.cu.
+// say the same). The CUDA implementation is csrc/cuda/bcos_conv2d.cu; the input checks and the
+// memory-format rule both use are csrc/bcos_conv2d.h.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,34 +23,15 @@
 #include <cmath>
 #include <vector>
 
+#include "../bcos_conv2d.h"
+
 namespace e2kd_cpp {
 namespace {
 
 using at::Tensor;
 
-at::MemoryFormat format_of(const Tensor& t) {
-  if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
-}
-
-struct Geometry {
-  int64_t kh, kw, sh, sw, ph, pw, groups;
-};
-
-Geometry check_geometry(const char* op, const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
-                        at::IntArrayRef padding, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, op, ": x must be [N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
-              ": kernel, stride and padding must be pairs");
-  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0, op, ": groups=", groups, " must divide the ", x.size(1),
-              " input channels");
-  TORCH_CHECK(kernel[0] > 0 && kernel[1] > 0 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              op, ": invalid kernel/stride/padding ", kernel, " ", stride, " ", padding);
-  return {kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], groups};
-}
+using bcos_conv2d::format_of;
+using bcos_conv2d::Geometry;
 
 // q[(n·G + g)·H·W + h·W + w] = Σ_c x², in opmath precision.
 template <typename scalar_t, typename acc_t>
@@ -139,18 +121,11 @@ void for_each_row(const std::vector<acc_t>& q, int64_t N, int64_t H, int64_t W, 
 }
 
 std::tuple<Tensor, Tensor> bcos_conv2d_epilogue_cpu(const Tensor& linear, const Tensor& x, at::IntArrayRef kernel,
-                                             at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups,
-                                             double b, bool write_out) {
-  const Geometry geo = check_geometry("e2kd_cpp::bcos_conv2d_epilogue", x, kernel, stride, padding, groups);
-  TORCH_CHECK(linear.dim() == 4 && linear.size(0) == x.size(0) && linear.size(1) % groups == 0,
-              "e2kd_cpp::bcos_conv2d_epilogue: linear must be [N, O, Ho, Wo] with O divisible by groups, got ",
-              linear.sizes());
-  TORCH_CHECK(linear.scalar_type() == x.scalar_type(), "e2kd_cpp::bcos_conv2d_epilogue: linear and x dtypes differ");
-  TORCH_CHECK(b > 1, "e2kd_cpp::bcos_conv2d_epilogue: b must be > 1, got ", b);
+                                                    at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups,
+                                                    double b, bool write_out) {
+  const Geometry geo = bcos_conv2d::check_epilogue_inputs(linear, x, kernel, stride, padding, groups, b);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   const int64_t O = linear.size(1), Ho = linear.size(2), Wo = linear.size(3);
-  TORCH_CHECK(Ho == (H + 2 * geo.ph - geo.kh) / geo.sh + 1 && Wo == (W + 2 * geo.pw - geo.kw) / geo.sw + 1,
-              "e2kd_cpp::bcos_conv2d_epilogue: linear's spatial size ", linear.sizes(), " does not match the geometry");
   const auto options = linear.options().memory_format(format_of(x));
   Tensor scale = at::empty(linear.sizes(), options);
   Tensor out = write_out ? at::empty(linear.sizes(), options) : at::empty({0}, linear.options());
@@ -203,13 +178,11 @@ std::tuple<Tensor, Tensor> bcos_conv2d_epilogue_cpu(const Tensor& linear, const 
   return {scale, out};
 }
 
-Tensor bcos_conv2d_patch_norm_cpu(const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                           int64_t groups, int64_t out_channels) {
-  const Geometry geo = check_geometry("e2kd_cpp::bcos_conv2d_patch_norm", x, kernel, stride, padding, groups);
-  TORCH_CHECK(groups == 1 || out_channels % groups == 0, "e2kd_cpp::bcos_conv2d_patch_norm: out_channels=", out_channels,
-              " is not divisible by groups=", groups);
+Tensor bcos_conv2d_patch_norm_cpu(const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, int64_t groups, int64_t out_channels) {
+  const Geometry geo = bcos_conv2d::check_patch_norm_inputs(x, kernel, stride, padding, groups, out_channels);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
-  const int64_t Ho = (H + 2 * geo.ph - geo.kh) / geo.sh + 1, Wo = (W + 2 * geo.pw - geo.kw) / geo.sw + 1;
+  const int64_t Ho = geo.out_h(H), Wo = geo.out_w(W);
   const int64_t channels = groups > 1 ? out_channels : 1;
   Tensor norm = at::empty({N, channels, Ho, Wo}, x.options().memory_format(format_of(x)));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "e2kd_cpp::bcos_conv2d_patch_norm", [&] {
@@ -231,7 +204,9 @@ TORCH_LIBRARY_FRAGMENT(e2kd_cpp, m) {
   m.def(
       "bcos_conv2d_epilogue(Tensor linear, Tensor x, int[] kernel, int[] stride, int[] padding, int groups, float b, "
       "bool write_out) -> (Tensor, Tensor)");
-  m.def("bcos_conv2d_patch_norm(Tensor x, int[] kernel, int[] stride, int[] padding, int groups, int out_channels) -> Tensor");
+  m.def(
+      "bcos_conv2d_patch_norm(Tensor x, int[] kernel, int[] stride, int[] padding, int groups, int out_channels) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(e2kd_cpp, CPU, m) {

@@ -19,7 +19,8 @@
 //     -> (loss, kd, exp, grad_logits, grad_maps)
 // loss/kd/exp are 0-dim tensors of the logits' dtype; grad_logits [N, C] (logits' dtype) and
 // grad_maps (shape and dtype of es, contiguous) are the unit-upstream gradients ∂kd/∂zs and
-// ∂exp/∂es, or empty tensors when with_grad is false.
+// ∂exp/∂es, or empty tensors when with_grad is false. The input checks, shared with the CUDA kernel,
+// are in csrc/distill_loss.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,6 +32,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "../distill_loss.h"
 
 namespace e2kd_cpp {
 namespace {
@@ -133,26 +136,10 @@ double kd_row(const scalar_t* zs, const scalar_t* zt, int64_t C, double inv_tau,
   return static_cast<double>(kl);
 }
 
-void check_inputs(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor& es, const at::Tensor& et) {
-  TORCH_CHECK(zs.dim() == 2, "e2kd_cpp::distill_loss: student_logits must be [N, C], got ", zs.sizes());
-  TORCH_CHECK(zt.sizes() == zs.sizes(), "e2kd_cpp::distill_loss: teacher_logits ", zt.sizes(),
-              " differ from student_logits ", zs.sizes());
-  TORCH_CHECK(es.sizes() == et.sizes(), "e2kd_cpp::distill_loss: student_maps ", es.sizes(),
-              " differ from teacher_maps ", et.sizes());
-  TORCH_CHECK(es.dim() >= 1 && es.size(0) == zs.size(0), "e2kd_cpp::distill_loss: maps ", es.sizes(),
-              " must have the logits' batch size ", zs.size(0), " as their first dimension");
-  TORCH_CHECK(zs.size(0) > 0, "e2kd_cpp::distill_loss: empty batch");
-  TORCH_CHECK(zs.scalar_type() == zt.scalar_type() && es.scalar_type() == et.scalar_type(),
-              "e2kd_cpp::distill_loss: student and teacher must share a dtype (logits ", zs.scalar_type(), "/",
-              zt.scalar_type(), ", maps ", es.scalar_type(), "/", et.scalar_type(), ")");
-  TORCH_CHECK(at::isFloatingType(zs.scalar_type()) && at::isFloatingType(es.scalar_type()),
-              "e2kd_cpp::distill_loss: floating-point inputs expected");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& student_maps,
     const at::Tensor& teacher_maps, double tau, double lam, double eps, bool with_grad) {
-  check_inputs(student_logits, teacher_logits, student_maps, teacher_maps);
+  distill_loss::check_inputs(student_logits, teacher_logits, student_maps, teacher_maps);
   const int64_t N = student_logits.size(0), C = student_logits.size(1);
   const at::Tensor zs = student_logits.contiguous(), zt = teacher_logits.contiguous();
   const at::Tensor es = student_maps.contiguous(), et = teacher_maps.contiguous();

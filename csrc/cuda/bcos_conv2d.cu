@@ -7,7 +7,8 @@
 //   3. scale:  s = |l| / nrm (B = 2) or (|l/nrm| + 1e-6)^(B−1), y = s·l   one thread per element of l,
 //              walking l in its memory order (NCHW or channels_last) so loads and stores coalesce.
 // q and nrm are fp32 (fp64 for double inputs); fp16/bf16 inputs are upcast on load.
-// Registered for the CUDA dispatch key of the ops defined in the CPU file (TORCH_LIBRARY_FRAGMENT there).
+// Registered for the CUDA dispatch key of the ops defined in the CPU file (TORCH_LIBRARY_FRAGMENT there);
+// the input checks and the memory-format rule are shared with it in csrc/bcos_conv2d.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +16,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
+
+#include "../bcos_conv2d.h"
 
 namespace e2kd_cpp {
 namespace {
@@ -25,12 +28,8 @@ constexpr int kThreads = 256;
 
 inline int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
-at::MemoryFormat format_of(const Tensor& t) {
-  if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
-}
+using bcos_conv2d::format_of;
+using bcos_conv2d::Geometry;
 
 struct Strides4 {
   int64_t n, c, h, w;
@@ -106,25 +105,6 @@ __global__ void scale_kernel(const scalar_t* __restrict__ l, const acc_t* __rest
   if (y != nullptr) y[out_at] = static_cast<scalar_t>(sv * lv);
 }
 
-struct Geometry {
-  int kh, kw, sh, sw, ph, pw;
-  int64_t groups;
-};
-
-Geometry check_geometry(const char* op, const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
-                        at::IntArrayRef padding, int64_t groups) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, op, ": x must be a CUDA [N, C, H, W] tensor, got ", x.sizes());
-  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
-              ": kernel, stride and padding must be pairs");
-  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0, op, ": groups=", groups, " must divide the ", x.size(1),
-              " input channels");
-  TORCH_CHECK(kernel[0] > 0 && kernel[1] > 0 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              op, ": invalid kernel/stride/padding");
-  return {static_cast<int>(kernel[0]), static_cast<int>(kernel[1]), static_cast<int>(stride[0]),
-          static_cast<int>(stride[1]), static_cast<int>(padding[0]), static_cast<int>(padding[1]), groups};
-}
-
 // q and the norm map, in the accumulation type.
 template <typename scalar_t, typename acc_t>
 Tensor norm_map(const Tensor& x, const Geometry& geo, int64_t Ho, int64_t Wo, cudaStream_t stream) {
@@ -141,22 +121,21 @@ Tensor norm_map(const Tensor& x, const Geometry& geo, int64_t Ho, int64_t Wo, cu
   Tensor nrm = at::empty({N, geo.groups, Ho, Wo}, acc_options);
   const int64_t n_total = nrm.numel();
   if (n_total > 0) {
+    // Kernel sizes, strides and paddings are small: int inside the kernel.
     norm_kernel<acc_t><<<blocks_for(n_total), kThreads, 0, stream>>>(
-        q.const_data_ptr<acc_t>(), nrm.mutable_data_ptr<acc_t>(), n_total, H, W, Ho, Wo, geo.kh, geo.kw, geo.sh,
-        geo.sw, geo.ph, geo.pw);
+        q.const_data_ptr<acc_t>(), nrm.mutable_data_ptr<acc_t>(), n_total, H, W, Ho, Wo, static_cast<int>(geo.kh),
+        static_cast<int>(geo.kw), static_cast<int>(geo.sh), static_cast<int>(geo.sw), static_cast<int>(geo.ph),
+        static_cast<int>(geo.pw));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return nrm;
 }
 
 std::tuple<Tensor, Tensor> bcos_conv2d_epilogue_cuda(const Tensor& linear, const Tensor& x, at::IntArrayRef kernel,
-                                              at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups,
-                                              double b, bool write_out) {
-  const Geometry geo = check_geometry("e2kd_cpp::bcos_conv2d_epilogue", x, kernel, stride, padding, groups);
-  TORCH_CHECK(linear.is_cuda() && linear.dim() == 4 && linear.size(0) == x.size(0) && linear.size(1) % groups == 0,
-              "e2kd_cpp::bcos_conv2d_epilogue: linear must be a CUDA [N, O, Ho, Wo] tensor with O divisible by groups");
-  TORCH_CHECK(linear.scalar_type() == x.scalar_type(), "e2kd_cpp::bcos_conv2d_epilogue: linear and x dtypes differ");
-  TORCH_CHECK(b > 1, "e2kd_cpp::bcos_conv2d_epilogue: b must be > 1, got ", b);
+                                                     at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups,
+                                                     double b, bool write_out) {
+  const Geometry geo = bcos_conv2d::check_epilogue_inputs(linear, x, kernel, stride, padding, groups, b);
+  TORCH_CHECK(x.is_cuda(), "e2kd_cpp::bcos_conv2d_epilogue: x must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(x.device());
   const auto options = linear.options().memory_format(format_of(x));
   Tensor scale = at::empty(linear.sizes(), options);
@@ -177,14 +156,13 @@ std::tuple<Tensor, Tensor> bcos_conv2d_epilogue_cuda(const Tensor& linear, const
   return {scale, out};
 }
 
-Tensor bcos_conv2d_patch_norm_cuda(const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                            int64_t groups, int64_t out_channels) {
-  const Geometry geo = check_geometry("e2kd_cpp::bcos_conv2d_patch_norm", x, kernel, stride, padding, groups);
-  TORCH_CHECK(groups == 1 || out_channels % groups == 0, "e2kd_cpp::bcos_conv2d_patch_norm: out_channels=", out_channels,
-              " is not divisible by groups=", groups);
+Tensor bcos_conv2d_patch_norm_cuda(const Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, int64_t groups, int64_t out_channels) {
+  const Geometry geo = bcos_conv2d::check_patch_norm_inputs(x, kernel, stride, padding, groups, out_channels);
+  TORCH_CHECK(x.is_cuda(), "e2kd_cpp::bcos_conv2d_patch_norm: x must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
-  const int64_t Ho = (H + 2 * geo.ph - geo.kh) / geo.sh + 1, Wo = (W + 2 * geo.pw - geo.kw) / geo.sw + 1;
+  const int64_t Ho = geo.out_h(H), Wo = geo.out_w(W);
   const int64_t channels = groups > 1 ? out_channels : 1;
   Tensor norm = at::empty({N, channels, Ho, Wo}, x.options().memory_format(format_of(x)));
   const int64_t total = norm.numel();

@@ -1,5 +1,5 @@
 // e2kd_cpp::distill_loss on CUDA: the same contract and maths as csrc/cpu/distill_loss.cpp (read
-// that file's header for the formulas and the schema).
+// that file's header for the formulas and the schema); the input checks are csrc/distill_loss.h.
 //
 // Four launches, no atomics (deterministic), memory flat apart from the outputs:
 //   1. map_partials: one block per (sample, chunk) reads its chunk of s and t once (16-byte loads
@@ -22,6 +22,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "../distill_loss.h"
 
 namespace e2kd_cpp {
 namespace {
@@ -268,19 +270,7 @@ int pack_width(const at::Tensor& s, const at::Tensor& t, const at::Tensor& g, in
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& student_maps,
     const at::Tensor& teacher_maps, double tau, double lam, double eps, bool with_grad) {
-  TORCH_CHECK(student_logits.dim() == 2, "e2kd_cpp::distill_loss: student_logits must be [N, C], got ",
-              student_logits.sizes());
-  TORCH_CHECK(teacher_logits.sizes() == student_logits.sizes() && teacher_maps.sizes() == student_maps.sizes(),
-              "e2kd_cpp::distill_loss: student and teacher shapes differ");
-  TORCH_CHECK(student_maps.dim() >= 1 && student_maps.size(0) == student_logits.size(0) && student_logits.size(0) > 0,
-              "e2kd_cpp::distill_loss: maps ", student_maps.sizes(), " must have the logits' batch size ",
-              student_logits.size(0));
-  TORCH_CHECK(student_logits.scalar_type() == teacher_logits.scalar_type() &&
-                  student_maps.scalar_type() == teacher_maps.scalar_type(),
-              "e2kd_cpp::distill_loss: student and teacher must share a dtype");
-  TORCH_CHECK(teacher_logits.device() == student_logits.device() && student_maps.device() == student_logits.device() &&
-                  teacher_maps.device() == student_logits.device(),
-              "e2kd_cpp::distill_loss: all inputs must be on one device");
+  distill_loss::check_inputs(student_logits, teacher_logits, student_maps, teacher_maps);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = student_logits.size(0), C = student_logits.size(1);

@@ -3,7 +3,7 @@
 Importing this package registers the ops. Fast kernels (Triton, C++/CUDA) register as further
 implementations of the same ops; the reference stays the spec they are tested against.
 
-Every op's files share one stem: ``e2kd_fast/ops/<stem>.py`` (this package),
+Every op's files share one stem (``csrc/README.md``): ``e2kd_fast/ops/<stem>.py`` (this package),
 ``kernels/<stem>.py``, ``csrc/{cpu,cuda}/<stem>.*``, ``tests/test_<stem>.py``. The public functions
 below carry the names of their modules, so ``e2kd_fast.ops.<stem>`` is the function; import a module's
 other names with ``from e2kd_fast.ops.<stem> import ...``.
