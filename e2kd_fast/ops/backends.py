@@ -210,6 +210,11 @@ def implementation(op_name: str, device_type: str) -> Callable:
     return _IMPLS[(op_name, choose(op_name, device_type))].fn
 
 
+def registered(op_name: str) -> dict[str, Callable]:
+    """``{back end: forward}`` of every implementation registered for ``op_name``, available here or not."""
+    return {backend: impl.fn for (op, backend), impl in _IMPLS.items() if op == op_name}
+
+
 def describe(device_type: str = "cpu") -> dict[str, str]:
     """``{op name: back end}`` for every op with a registered reference, under the current request."""
     ops = sorted({op for op, backend in _IMPLS if backend == "reference"})
