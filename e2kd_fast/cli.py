@@ -163,6 +163,7 @@ def _explain(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from e2kd_fast.data.folders import read_image
     from e2kd_fast.data.transforms import eval_transform
     from e2kd_fast.explain import contribution_map, dynamic_weights, explanation_to_rgba, gradcam
     from e2kd_fast.models import create_model, load_checkpoint, model_entry
@@ -178,7 +179,7 @@ def _explain(args: argparse.Namespace) -> int:
     for path in args.images:
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
-        image = Image.open(path).convert("RGB")
+        image = read_image(path)  # 16-bit, gray, palette and alpha images read as in training
         x = transform(image)[None]
         target = None if args.target is None else torch.tensor([args.target])
         if family == "bcos":

@@ -53,6 +53,67 @@ def write_image_folder(root, classes: int = 4, per_split: dict | None = None, si
     return Path(root)
 
 
+def png_bytes(pixels, bit_depth: int = 8, color_type: int = 2, palette=None) -> bytes:
+    """A PNG file written by hand (Pillow cannot write 16-bit colour): filter 0, one IDAT chunk.
+
+    Args:
+        pixels: [H, W, C] integer samples, C = 1 (gray, 0; palette index, 3), 2 (gray+alpha, 4),
+            3 (RGB, 2) or 4 (RGBA, 6) by ``color_type``.
+        bit_depth: 8 or 16 (samples stored big-endian).
+        palette: [K, 3] uint8 colours for ``color_type`` 3.
+    """
+    import struct
+    import zlib
+
+    import numpy as np
+
+    pixels = np.asarray(pixels)
+    h, w = pixels.shape[:2]
+    rows = pixels.astype(">u2" if bit_depth == 16 else np.uint8).reshape(h, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0))
+    if palette is not None:
+        out += chunk(b"PLTE", np.asarray(palette, np.uint8).tobytes())
+    return out + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def pixel_format_cases(size=(6, 5), seed: int = 0) -> dict:
+    """name → (PNG bytes, expected 8-bit RGB [H, W, 3] by hand) for 8- and 16-bit gray, gray+alpha,
+    palette, RGB and RGBA images. 16-bit samples are v · 257 of 8-bit ones, so the hand conversion is
+    exact whether a decoder rounds v · 255 / 65535 or keeps the high byte; ``gray16_odd`` has arbitrary
+    16-bit values and expects round(v · 255 / 65535).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    gray = rng.integers(0, 256, size, dtype=np.uint8)
+    alpha = rng.integers(0, 256, size, dtype=np.uint8)
+    rgb = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    index = rng.integers(0, 16, size, dtype=np.uint8)
+    odd = rng.integers(0, 65536, size, dtype=np.uint16)
+    as_rgb = np.repeat(gray[..., None], 3, -1)
+    wide = np.uint16(257)
+    return {
+        "gray8": (png_bytes(gray[..., None], 8, 0), as_rgb),
+        "gray16": (png_bytes(gray[..., None] * wide, 16, 0), as_rgb),
+        "gray16_odd": (
+            png_bytes(odd[..., None], 16, 0),
+            np.repeat(((odd.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, -1),
+        ),
+        "gray_alpha8": (png_bytes(np.stack([gray, alpha], -1), 8, 4), as_rgb),
+        "gray_alpha16": (png_bytes(np.stack([gray, alpha], -1) * wide, 16, 4), as_rgb),
+        "palette8": (png_bytes(index[..., None], 8, 3, palette), palette[index]),
+        "rgb16": (png_bytes(rgb * wide, 16, 2), rgb),
+        "rgba8": (png_bytes(np.concatenate([rgb, alpha[..., None]], -1), 8, 6), rgb),
+        "rgba16": (png_bytes(np.concatenate([rgb, alpha[..., None]], -1) * wide, 16, 6), rgb),
+    }
+
+
 def config_pairs() -> list[tuple[str, str, str]]:
     """(student, teacher, explanation) of every distillation config in configs/ (base files excluded)."""
     pairs = set()

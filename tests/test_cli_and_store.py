@@ -19,7 +19,7 @@ from e2kd_fast.engine import read_metrics
 from e2kd_fast.engine.precompute import precompute
 from e2kd_fast.explain import dynamic_weights
 from e2kd_fast.models import create_model, save_checkpoint
-from tests.helpers import write_image_folder
+from tests.helpers import pixel_format_cases, write_image_folder
 
 
 @pytest.fixture
@@ -89,6 +89,19 @@ def test_cli_explain_writes_pictures(tmp_path, capsys):
     standard = ["explain", str(image), "--model", "resnet18", "--num-classes", "3", "--image-size", "32"]
     assert main([*standard, "--resize", "32", "--target", "1", "--out", str(tmp_path / "std")]) == 0
     assert (tmp_path / "std" / "bird_class1.png").is_file()
+
+
+def test_cli_explain_reads_a_16_bit_gray_image_as_its_8_bit_twin(tmp_path, capsys):
+    cases = pixel_format_cases(size=(20, 20))
+    for name in ("gray8", "gray16"):
+        (tmp_path / f"{name}.png").write_bytes(cases[name][0])
+    model = create_model("bcos_resnet20_cifar", num_classes=3)
+    args = ["--model", "bcos_resnet20_cifar", "--num-classes", "3", "--checkpoint"]
+    args += [str(save_checkpoint(model, tmp_path / "model.pt")), "--image-size", "16", "--resize", "16"]
+    for name in ("gray8", "gray16"):
+        assert main(["explain", str(tmp_path / f"{name}.png"), *args, "--out", str(tmp_path / name)]) == 0
+    eight, sixteen = (np.load(tmp_path / n / f"{n}_contributions.npy") for n in ("gray8", "gray16"))
+    np.testing.assert_array_equal(sixteen, eight)
 
 
 def test_held_out_and_few_shot_splits_from_the_config(folder, tmp_path):

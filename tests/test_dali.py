@@ -10,7 +10,7 @@ from PIL import Image
 from e2kd_fast.data import ImageFolderDataset, eval_transform, resized_crop_relative
 from e2kd_fast.data.frozen_store import FrozenStore
 from e2kd_fast.data.sampling import EpochSampler
-from tests.helpers import write_image_folder
+from tests.helpers import pixel_format_cases, write_image_folder
 
 pytest.importorskip("nvidia.dali")
 
@@ -107,17 +107,49 @@ def test_eval_matches_torchvision_and_resume_replays_the_epoch(tmp_path):
     assert half[0]["image"].dtype == torch.bfloat16
 
 
-def test_corrupt_files_are_skipped_and_counted(tmp_path):
+def test_corrupt_files_are_skipped_counted_and_named(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "d", classes=2, per_split={"train": 4}, size=(24, 30))
     ds = ImageFolderDataset(root, "train")
     truncated, garbage = ds.samples[1][0], ds.samples[6][0]
     truncated.write_bytes(truncated.read_bytes()[:300])  # header intact, data cut: fails in the decoder
     garbage.write_bytes(b"not an image at all")  # fails at the header
     loader = DaliLoader(ds.samples, torch.arange(len(ds)), batch_size=4, geometry=Geometry(16, False, resize=16))
-    batches = _epoch(loader)
+    with pytest.warns(UserWarning, match="skipping unreadable image file") as record:
+        batches = _epoch(loader)
     assert sum(b["skipped"] for b in batches) == 2
     assert sorted(i for b in batches for i in b["index"].tolist()) == [0, 2, 3, 4, 5, 7]
     assert set(loader.skipped_files) == {truncated, garbage}
+    named = [str(w.message) for w in record if "skipping unreadable image file" in str(w.message)]
+    assert len(named) == 2 and any(str(truncated) in m for m in named) and any(str(garbage) in m for m in named)
+
+    # Past NAMED_SKIPS files, one warning gives the count instead of a line per file.
+    monkeypatch.setattr(dali, "NAMED_SKIPS", 1)
+    loader = DaliLoader(ds.samples, torch.arange(len(ds)), batch_size=4, geometry=Geometry(16, False, resize=16))
+    with pytest.warns(UserWarning) as record:
+        _epoch(loader)
+    messages = [str(w.message) for w in record]
+    assert sum("skipping unreadable image file" in m for m in messages) == 1
+    assert any("2 unreadable image files were skipped in all" in m for m in messages)
+
+
+def test_pixel_formats_read_as_on_the_pil_path_or_are_skipped_by_name(tmp_path):
+    cases = pixel_format_cases(size=(8, 8))
+    folder = tmp_path / "train" / "c"
+    folder.mkdir(parents=True)
+    for name, (data, _) in cases.items():
+        (folder / f"{name}.png").write_bytes(data)
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(folder / "zz_float.png.tif")  # refused by read_image
+    ds = ImageFolderDataset(tmp_path, "train", extensions=(".png", ".tif"))
+    loader = DaliLoader(
+        ds.samples, torch.arange(len(ds)), batch_size=len(ds), geometry=Geometry(8, False, resize=8), encoding="none"
+    )
+    with pytest.warns(UserWarning, match=r"zz_float.png.tif: UnsupportedImageError: .*pixel format 'F'"):
+        (batch,) = _epoch(loader)
+    assert batch["skipped"] == 1 and batch["index"].tolist() == list(range(len(cases)))
+    for row, index in enumerate(batch["index"].tolist()):
+        path = ds.samples[index][0]
+        expected = torch.from_numpy(cases[path.stem][1]).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(batch["image"][row], expected, rtol=0, atol=1e-6, msg=path.stem)
 
 
 def _store_of(ds, tmp_path, maps: torch.Tensor, map_dtype="fp32", map_scale=1) -> FrozenStore:

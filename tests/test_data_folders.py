@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
 
 from e2kd_fast.data import ImageFolderDataset, collate_skipping, paired_eval_transform, train_transform
+from e2kd_fast.data.folders import UnsupportedImageError, read_image
+from tests.helpers import pixel_format_cases
 
 
 def _save(path, seed: int, size=(12, 10), fmt=None) -> torch.Tensor:
@@ -172,3 +175,28 @@ def test_split_class_folders_must_match_the_given_classes(tree):
     # The given order is the class map, whatever the folders' sorted order.
     swapped = ImageFolderDataset(root, "val", classes=["b_dog", "a_cat"])
     assert [(p.parent.name, t) for p, t in swapped.samples] == [("b_dog", 0), ("a_cat", 1)]
+
+
+def test_bit_depths_gray_palette_and_alpha_read_as_by_hand(tmp_path):
+    cases = pixel_format_cases()
+    for name, (data, _) in cases.items():
+        (tmp_path / "train" / "c").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / "c" / f"{name}.png").write_bytes(data)
+    ds = ImageFolderDataset(tmp_path, "train")
+    for i, (path, _) in enumerate(ds.samples):
+        expected = torch.from_numpy(cases[path.stem][1]).permute(2, 0, 1)
+        torch.testing.assert_close(ds[i]["image"], expected.float() / 255, rtol=0, atol=0, msg=path.stem)
+    # Masks too: a 16-bit mask is read at its scale (a plain conversion clips it to 255: all foreground).
+    gray = torch.from_numpy(cases["gray16"][1][..., 0])
+    assert torch.equal(TF.pil_to_tensor(read_image(tmp_path / "train/c/gray16.png", "L"))[0], gray)
+
+
+def test_images_of_other_pixel_formats_are_refused_by_name(tmp_path):
+    path = tmp_path / "train" / "c" / "float.tif"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(torch.rand(6, 5).numpy()).save(path)  # 32-bit float: no defined 8-bit values
+    with pytest.raises(UnsupportedImageError, match=rf"{path}: pixel format 'F'"):
+        read_image(path)
+    ds = ImageFolderDataset(tmp_path, "train", extensions=(".tif",))
+    with pytest.warns(UserWarning, match=rf"skipping unreadable image file {path}: .*pixel format 'F'"):
+        assert ds[0] is None

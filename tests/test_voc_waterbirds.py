@@ -20,6 +20,7 @@ from e2kd_fast.distill.multilabel import multilabel_bce, multilabel_kd
 from e2kd_fast.engine import Trainer, evaluate
 from e2kd_fast.metrics.scores import EvalExtras, average_precision, group_accuracy, mean_average_precision
 from e2kd_fast.reference.losses import uniform_off_label_bce
+from tests.helpers import pixel_format_cases
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -166,6 +167,20 @@ def test_waterbirds_reader_labels_places_groups(tmp_path):
     assert item["image"].shape == (3, 16, 16)
     assert (item["target"], item["place"], item["group"]) == (1, 1, 3)
     assert test.records[0].filename.startswith("002.Sparrow/") and test.records[0].line == 18
+
+
+def test_voc_and_waterbirds_read_16_bit_gray_palette_and_alpha_by_hand(tmp_path):
+    cases = pixel_format_cases(size=(16, 16))
+    voc = write_voc(tmp_path / "VOC2007", n_train=len(cases), n_test=1)
+    birds = write_waterbirds(tmp_path / "wb", per_split=len(cases))
+    voc_ds, birds_ds = VOCDataset(voc, "trainval"), WaterbirdsDataset(birds, "train")
+    for i, (data, _) in enumerate(cases.values()):  # PNG content under the layouts' .jpg names
+        voc_ds.image_path(i).write_bytes(data)
+        (birds / birds_ds.records[i].filename).write_bytes(data)
+    for i, (name, (_, expected)) in enumerate(cases.items()):
+        pixels = torch.from_numpy(expected).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(voc_ds[i]["image"], pixels, rtol=0, atol=0, msg=f"VOC {name}")
+        torch.testing.assert_close(birds_ds[i]["image"], pixels, rtol=0, atol=0, msg=f"Waterbirds {name}")
 
 
 def _set_field(lines: list[str], line: int, column: int, value: str) -> list[str]:

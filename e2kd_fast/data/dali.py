@@ -30,11 +30,14 @@ resampling, like `resized_crop_relative`), and the same region, flip and resampl
 frozen teacher map read from the store, at whatever resolution it was stored: image and map stay
 aligned pixel for pixel.
 
-Unreadable files. The source reads each file's header (PIL, no decode) to get its size; a file whose
-header cannot be read is replaced by a placeholder and counted in the batch's ``skipped``. A file
-that fails only in the decoder (truncated data) stops the DALI pipeline with an error; the loader then
-checks that batch's files with a full PIL decode, marks the bad ones, rebuilds the pipeline at that
-batch and goes on. Either way the batch shrinks by the skipped images, as `collate_skipping` does.
+Unreadable files. The source reads each file's header (PIL, no decode) to get its size and pixel
+format; a file whose header cannot be read, or whose format the PIL path refuses (`check_image_mode`),
+is replaced by a placeholder and counted in the batch's ``skipped``. A file that fails only in the
+decoder (truncated data) stops the DALI pipeline with an error; the loader then checks that batch's
+files with a full decode (`read_image`), marks the bad ones, rebuilds the pipeline at that batch and
+goes on. Either way the batch shrinks by the skipped images, as `collate_skipping` does, and a
+warning names each skipped file and why (the first `NAMED_SKIPS`; then one warning gives the count);
+``DaliLoader.skipped_files`` lists them all.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +56,7 @@ import torch
 from torch import Tensor
 
 from e2kd_fast.data.bundle import input_encoding
-from e2kd_fast.data.folders import ImageFolderDataset
+from e2kd_fast.data.folders import ImageFolderDataset, check_image_mode, read_image
 from e2kd_fast.data.frozen_store import FrozenTeacherDataset
 from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairedRandomResizedCropFlip, center_crop_box
@@ -60,6 +64,7 @@ from e2kd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairedRandomR
 LOADERS = ("dali", "torchvision", "auto")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NOTICES: set[str] = set()
+NAMED_SKIPS = 20  # unreadable files a loader names one by one; beyond that, one warning gives the count
 
 
 def dali_available() -> bool:
@@ -210,9 +215,9 @@ class _Source:
         cols: list[list[np.ndarray]] = [[] for _ in range(5 + _store_columns(ld.store))]
         for index, seed in batch:
             path, target = ld.samples[index]
-            data = None if path in ld.bad_files else _read_checked(path)
-            if data is None:
-                ld.mark_bad(path)
+            data = "unreadable" if path in ld.bad_files else _read_checked(path)
+            if isinstance(data, str):
+                ld.mark_bad(path, data)
                 enc, size, valid = self.placeholder, (8, 8), 0
             else:
                 enc, size, valid = data
@@ -231,8 +236,12 @@ def _store_columns(store) -> int:
     return 0 if store is None else (3 if store.map_dtype == "int8" else 2)
 
 
-def _read_checked(path: Path) -> tuple[np.ndarray, tuple[int, int], int] | None:
-    """(bytes, (height, width), 1) of an image file whose header parses, else None."""
+def _read_checked(path: Path) -> tuple[np.ndarray, tuple[int, int], int] | str:
+    """(bytes, (height, width), 1) of an image file whose header parses, else why it cannot be used.
+
+    The pixel format is checked as `read_image` checks it (`check_image_mode`), so both loaders skip
+    the same files; DALI's decoder itself reads every accepted format to `read_image`'s values.
+    """
     from PIL import Image
 
     try:
@@ -240,22 +249,21 @@ def _read_checked(path: Path) -> tuple[np.ndarray, tuple[int, int], int] | None:
             data = f.read()
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             width, height = im.size
-    except Exception:
-        return None
+            check_image_mode(im.mode, path, im.format)
+    except Exception as exc:  # PIL raises several types depending on the damage
+        return f"{type(exc).__name__}: {exc}"
     if width < 1 or height < 1:
-        return None
+        return f"the header gives an empty image ({width} × {height})"
     return np.frombuffer(data, np.uint8), (height, width), 1
 
 
-def _fully_decodes(path: Path) -> bool:
-    from PIL import Image
-
+def _decode_error(path: Path) -> str | None:
+    """Why `read_image` cannot decode the whole file (truncated data included), or None if it can."""
     try:
-        with Image.open(path) as im:
-            im.convert("RGB")  # PIL raises on truncated data unless LOAD_TRUNCATED_IMAGES is set
-    except Exception:
-        return False
-    return True
+        read_image(path)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -387,10 +395,13 @@ class DaliLoader:
         self.bad_files: set[Path] = set()
         self.skipped_files: list[Path] = []  # every unreadable file met, in order
 
-    def mark_bad(self, path: Path) -> None:
+    def mark_bad(self, path: Path, reason: str = "unreadable") -> None:
+        """Records a file to skip; the first `NAMED_SKIPS` of this loader are named in a warning."""
         if path not in self.bad_files:
             self.bad_files.add(path)
             self.skipped_files.append(path)
+            if len(self.skipped_files) <= NAMED_SKIPS:
+                warnings.warn(f"skipping unreadable image file {path}: {reason}", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -417,16 +428,22 @@ class DaliLoader:
                 # error may surface while an earlier batch is collected (prefetch), so look ahead too.
                 window = self.batches[position : position + self.prefetch + 2]
                 paths = [self.samples[i][0] for batch in window for i, _ in batch]
-                bad = [p for p in paths if p not in self.bad_files and not _fully_decodes(p)]
+                bad = {p: why for p in paths if p not in self.bad_files and (why := _decode_error(p)) is not None}
                 if not bad:
                     raise RuntimeError(
                         f"DALI failed on one of {len(paths)} files that PIL decodes "
                         f"({', '.join(map(str, paths[:4]))}{', ...' if len(paths) > 4 else ''}): {err}"
                     ) from err
-                for path in bad:
-                    self.mark_bad(path)
+                for path, why in bad.items():
+                    self.mark_bad(path, why)
             finally:
                 del iterator
+        if len(self.skipped_files) > NAMED_SKIPS:
+            warnings.warn(
+                f"{len(self.skipped_files)} unreadable image files were skipped in all; the first {NAMED_SKIPS} "
+                f"are named above, the rest start with {self.skipped_files[NAMED_SKIPS]}",
+                stacklevel=2,
+            )
 
     def _to_batch(self, out: dict[str, Tensor]) -> dict[str, Any]:
         meta = out["meta"].to("cpu")
@@ -507,6 +524,7 @@ def maybe_dali_loader(
 
 __all__ = [
     "LOADERS",
+    "NAMED_SKIPS",
     "DaliLoader",
     "Geometry",
     "dali_available",

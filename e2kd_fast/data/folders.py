@@ -3,16 +3,22 @@
 A damaged file must not stop a 200-epoch run: `ImageFolderDataset.__getitem__` warns and returns None,
 and `collate_skipping` drops the Nones and reports how many it dropped in the batch itself, because
 DataLoader worker processes cannot share a counter with the trainer.
+
+`read_image` is the one decoder of image files on the PIL paths (folders, VOC, Waterbirds, the CLI):
+8- and 16-bit gray, gray+alpha, palette, RGB and RGBA files give the 8-bit RGB values DALI's decoder
+gives; files of other pixel formats are refused by name (`UnsupportedImageError`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -20,6 +26,58 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.transforms.v2 import functional as TF
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# PIL modes whose conversion to 8-bit RGB gives the values DALI's decoder gives (1/2/4-bit gray and
+# palettes open as "1", "L" or "P"; 16-bit RGB(A) and gray+alpha PNGs open as 8-bit "RGB(A)").
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+# 16-bit gray: ``convert`` would clip every value above 255 to white; scaled by hand instead.
+_SIXTEEN_BIT_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
+class UnsupportedImageError(ValueError):
+    """An image file of a pixel format that the loaders do not read to defined 8-bit values."""
+
+
+def check_image_mode(mode: str, name: str | os.PathLike, image_format: str | None = None) -> None:
+    """Raises `UnsupportedImageError` naming the file unless every loader reads PIL mode ``mode`` alike.
+
+    ``image_format`` (PIL's ``format``): mode "I" is 16-bit gray when the file is a PNG (older
+    Pillow versions open 16-bit gray PNGs so); elsewhere it is a 32-bit integer image.
+    """
+    if mode in _EIGHT_BIT_MODES or mode in _SIXTEEN_BIT_GRAY_MODES or (mode == "I" and image_format == "PNG"):
+        return
+    raise UnsupportedImageError(
+        f"{name}: pixel format {mode!r} is not read (8- or 16-bit gray, gray+alpha, palette, RGB, RGBA "
+        "and CMYK images are); convert the file to one of those"
+    )
+
+
+def read_image(
+    source: str | os.PathLike | bytes, mode: str = "RGB", name: str | os.PathLike | None = None
+) -> Image.Image:
+    """Decodes a whole image file to 8-bit ``mode`` (``"RGB"``, or ``"L"`` for masks).
+
+    Values: gray is replicated to RGB, a palette gives its colours, alpha is dropped (the colours as
+    stored, nothing is composited), 1/2/4-bit gray is scaled to 0..255, 16-bit gray v becomes
+    round(v · 255 / 65535) (what DALI gives). 16-bit RGB, RGBA and gray+alpha PNGs are reduced by
+    Pillow itself to their high byte v >> 8, at most one level below DALI's rounding.
+
+    Args:
+        source: the file's path, or its bytes (``name`` then names it in errors).
+        mode: the PIL mode of the result.
+
+    Raises:
+        UnsupportedImageError: other pixel formats (32-bit integer or float images), naming the file.
+        PIL's errors (OSError, SyntaxError, ...) for damaged files; the decode is forced, so a
+        truncated file fails here and not later.
+    """
+    name = name if name is not None else ("<bytes>" if isinstance(source, bytes) else source)
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        check_image_mode(im.mode, name, im.format)
+        if im.mode in _SIXTEEN_BIT_GRAY_MODES or im.mode == "I":
+            wide = np.asarray(im).astype(np.int64)  # decodes; I;16B arrives big-endian, astype fixes that
+            gray = ((wide.clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+            return Image.fromarray(gray).convert(mode)
+        return im.convert(mode)
 
 
 def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
@@ -151,16 +209,14 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def _read(self, index: int) -> tuple[Image.Image, Tensor | None] | None:
-        """Decodes the image (and mask); warns and returns None if PIL cannot."""
+        """Decodes the image (and mask) with `read_image`; warns naming the file and returns None if it cannot."""
         path = self.samples[index][0]
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")  # forces the full decode, so truncated files fail here
+            image = read_image(path)
             mask = None
             if self.masks_root is not None:
                 path = self.mask_path(index)
-                with Image.open(path) as im:
-                    mask = TF.pil_to_tensor(im.convert("L"))[0] > 127
+                mask = TF.pil_to_tensor(read_image(path, "L"))[0] > 127
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the codec
             warnings.warn(f"skipping unreadable image file {path}: {type(exc).__name__}: {exc}", stacklevel=2)
             return None

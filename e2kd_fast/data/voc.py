@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from e2kd_fast.data.bundle import DataBundle, check_dataset_config, input_encoding
+from e2kd_fast.data.folders import read_image
 from e2kd_fast.data.transforms import encoding_transform, eval_transform, train_transform
 
 VOC_CLASSES = (
@@ -269,8 +270,7 @@ class VOCDataset(Dataset):
             index += len(self)
         path = self.image_path(index)
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            image = read_image(path)  # 16-bit, gray, palette and alpha images read as on every path
         except Exception as exc:  # PIL raises several types depending on the damage
             warnings.warn(f"skipping unreadable image file {path}: {type(exc).__name__}: {exc}", stacklevel=2)
             return None

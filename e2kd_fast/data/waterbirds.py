@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from e2kd_fast.data.bundle import DataBundle, check_dataset_config, input_encoding, split_indices
+from e2kd_fast.data.folders import read_image
 from e2kd_fast.data.transforms import eval_transform, train_transform
 
 WATERBIRDS_LABELS = ("landbird", "waterbird")
@@ -173,8 +174,7 @@ class WaterbirdsDataset(Dataset):
         record = self.records[index]
         path = self.root / record.filename
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            image = read_image(path)  # 16-bit, gray, palette and alpha images read as on every path
         except Exception as exc:  # PIL raises several types depending on the damage
             warnings.warn(f"skipping unreadable image file {path}: {type(exc).__name__}: {exc}", stacklevel=2)
             return None
