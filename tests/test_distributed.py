@@ -2,22 +2,27 @@
 
 The multi-process runs are spawned once (`torch.multiprocessing.spawn`, launch variables set by hand
 as torchrun would) and train several configurations one after the other, so that the import cost
-is paid once. Every comparison is against a single process training the same global batch.
+is paid once. Every comparison is against a single process training the same global batch. The
+process group has a one-minute timeout and the spawn a deadline, so that ranks out of step fail the
+tests instead of hanging the suite.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from e2kd_fast.config import config_from_dict
 from e2kd_fast.data.sampling import EpochSampler, ShardedEpochSampler
-from e2kd_fast.engine import Trainer
+from e2kd_fast.engine import Trainer, read_metrics
 from e2kd_fast.engine.distributed import make_strategy
 from e2kd_fast.engine.process_group import DistEnv, dist_env, find_free_port, setup_distributed
 from e2kd_fast.engine.zero import deepspeed_config
@@ -56,7 +61,9 @@ RUNS = [
 ]
 
 
-def _config(out_dir: Path, engine: dict, train: dict | None = None, optim: dict | None = None):
+def _config(
+    out_dir: Path, engine: dict, train: dict | None = None, optim: dict | None = None, data: dict | None = None
+):
     return config_from_dict(
         {
             "student": {"name": "bcos_resnet20_cifar", "num_classes": 4},
@@ -64,7 +71,7 @@ def _config(out_dir: Path, engine: dict, train: dict | None = None, optim: dict 
             "distill": {"method": "e2kd", "lam": 1.0},
             # AGC is on (the B-cos default): under ZeRO it runs on the gradient partitions.
             "optim": {"lr": 1e-2, "schedule": "constant", **(optim or {})},
-            "data": {"batch_size": 8, "num_workers": 0},
+            "data": {"batch_size": 8, "num_workers": 0, **(data or {})},
             "train": {
                 "epochs": 2,
                 "out_dir": str(out_dir),
@@ -82,11 +89,13 @@ def _n_train(train: dict) -> int:
     return 2 * 8 * train.get("grad_accum", 1) + 3  # 2 steps per epoch, and a tail that no step uses
 
 
-def _fit(out_dir: Path, engine: dict, train: dict, optim: dict, resume=None, val: bool = False) -> Trainer:
+def _fit(
+    out_dir: Path, engine: dict, train: dict, optim: dict, resume=None, val: bool = False, unreadable=()
+) -> Trainer:
     cfg = _config(out_dir, engine, train, optim)
     trainer = Trainer(
         cfg,
-        ShapesSet(_n_train(train), seed=0),
+        ShapesSet(_n_train(train), seed=0, unreadable=tuple(unreadable)),
         ShapesSet(6, seed=9) if val else None,
         student=_tiny_bcos(2),
         teacher=_tiny_bcos(1),
@@ -94,6 +103,45 @@ def _fit(out_dir: Path, engine: dict, train: dict, optim: dict, resume=None, val
     )
     trainer.fit(resume=resume)
     return trainer
+
+
+# Runs where ranks go without images: global batch 8 in 2 micro-batches of 4 per rank; rank r reads
+# the epoch's positions r, r + 2, ... (ShardedEpochSampler).
+UNREADABLE_TRAIN = {"grad_accum": 2}
+# Run last in the spawned workers, after RUNS.
+UNREADABLE_RUNS = [
+    ("ddp_unreadable", {"strategy": "ddp"}),
+    ("zero2_unreadable", {"strategy": "deepspeed", "zero_stage": 2}),
+]
+
+
+def _epoch_order(epoch: int) -> list[int]:
+    sampler = EpochSampler(torch.arange(_n_train(UNREADABLE_TRAIN)), seed=0)  # train.seed's default
+    sampler.set_epoch(epoch)
+    return [index for index, _ in sampler]
+
+
+def _unreadable_indices() -> tuple[int, ...]:
+    """Images that make ranks go without: step 1's first micro-batch on rank 1 (positions 1, 3, 5, 7),
+    one image of rank 0 in its second, rank 0's whole last micro-batch of step 2 (positions 24 to 30),
+    and all 16 images of step 3 (the first of epoch 2), which then has no image on any rank."""
+    first, second = _epoch_order(0), _epoch_order(1)
+    return tuple(sorted({first[p] for p in (1, 3, 5, 7, 8, 24, 26, 28, 30)} | set(second[:16])))
+
+
+def _spawn_with_deadline(fn, args: tuple, seconds: float) -> str | None:
+    """`mp.spawn` that cannot hang the suite: None when every worker finished, else what went wrong."""
+    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + seconds
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                return f"the {WORLD} training processes did not finish within {seconds:.0f} s"
+    except Exception as err:  # a worker raised or died (gloo aborts the process on a collective mismatch)
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _worker(rank: int, port: int, root: str, single_root: str) -> None:
@@ -110,6 +158,8 @@ def _worker(rank: int, port: int, root: str, single_root: str) -> None:
     import logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    # Ranks whose collectives fall out of step fail in a minute rather than after the default 30.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     root, single_root = Path(root), Path(single_root)
     for name, engine, train, optim in RUNS:
         trainer = _fit(root / name, engine, train, optim, val=name == "ddp")
@@ -117,6 +167,14 @@ def _worker(rank: int, port: int, root: str, single_root: str) -> None:
         torch.save(state, root / f"{name}_rank{rank}.pt")
     # A ZeRO-2 run resumed from the single-process checkpoint after epoch 1.
     _fit(root / "zero2_from_single", RUNS[2][1], {}, {}, resume=single_root / "checkpoints" / "epoch_0001.pt")
+    try:  # recorded, not raised: ranks out of step must fail their own test, not the runs above
+        for name, engine in UNREADABLE_RUNS:
+            trainer = _fit(root / name, engine, UNREADABLE_TRAIN, {}, unreadable=_unreadable_indices())
+            state = {k: v.detach().float().clone() for k, v in trainer.student.state_dict().items()}
+            torch.save(state, root / f"{name}_rank{rank}.pt")
+    except Exception as err:
+        (root / f"unreadable_error_rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +183,9 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mpatch:
         mpatch.setenv("E2KD_BACKEND", KERNELS)
         single = _fit(root / "single", {"strategy": "single"}, {}, {})  # the resume source of zero2_from_single
-        mp.spawn(_worker, args=(find_free_port(), str(root), str(root / "single")), nprocs=WORLD, join=True)
+        failure = _spawn_with_deadline(_worker, (find_free_port(), str(root), str(root / "single")), seconds=400)
+    if failure is not None:  # the tests whose runs finished before still check them
+        (root / "spawn_error.txt").write_text(failure)
     return root, single
 
 
@@ -180,6 +240,55 @@ def test_single_process_resumes_from_a_deepspeed_checkpoint(runs, tmp_path):
     resumed = _fit(tmp_path / "from_zero1", {"strategy": "single"}, {}, {}, resume="auto")
     # Weights and Adam moments came over: the last 2 steps land where the ZeRO-1 run landed.
     _assert_close(resumed.student.state_dict(), _weights(root / "zero1" / "checkpoints" / "last.pt"))
+
+
+# ------------------------------------------------------------------------------------- ranks without images
+
+
+def test_a_rank_without_readable_images_joins_every_collective_and_the_step_is_weighted_by_images_used(runs, tmp_path):
+    root, _ = runs
+    errors = {p.name: p.read_text() for p in [*root.glob("unreadable_error_rank*.txt"), *root.glob("spawn_error.txt")]}
+    assert not errors, errors
+    unreadable = _unreadable_indices()
+    single = _fit(tmp_path / "single", {"strategy": "single"}, UNREADABLE_TRAIN, {}, unreadable=unreadable)
+    expected = {k: v.detach() for k, v in single.student.state_dict().items()}
+    # Images each step used, of the 16 it drew: step 3 had none on any rank and is not applied.
+    counts = [sum(i not in unreadable for i in _epoch_order(e)[a : a + 16]) for e in (0, 1) for a in (0, 16)]
+    assert counts[2] == 0 and min(counts[:2] + counts[3:]) > 0
+    for run_dir in [tmp_path / "single"] + [root / name for name, _ in UNREADABLE_RUNS]:
+        records = read_metrics(run_dir, "train")
+        assert [r["images"] for r in records] == counts, run_dir.name
+        assert ["loss" in r for r in records] == [True, True, False, True], run_dir.name
+    single_losses = [r.get("loss") for r in read_metrics(tmp_path / "single", "train")]
+    ckpt = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")
+    assert ckpt["skipped_images"] == 2 * 32 - sum(counts)
+    for name, _ in UNREADABLE_RUNS:
+        losses = [r.get("loss") for r in read_metrics(root / name, "train")]
+        for a, b in zip(losses, single_losses, strict=True):
+            assert (a is None and b is None) or abs(a - b) < 1e-6, (name, losses, single_losses)
+        # The same weights as one process training the same global batches: each step's gradient is the
+        # mean over the images it used, wherever they were.
+        _assert_close(_weights(root / name / "checkpoints" / "last.pt"), expected)
+        for rank in range(WORLD):
+            _assert_close(torch.load(root / f"{name}_rank{rank}.pt"), expected)
+        assert read_checkpoint(root / name / "checkpoints" / "last.pt")["skipped_images"] == ckpt["skipped_images"]
+
+
+def test_a_step_is_the_mean_over_the_images_it_used(tmp_path):
+    """One process: 2 micro-batches of 8 that keep 5 and 8 images train as one micro-batch of those 13."""
+    data = ShapesSet(_n_train(UNREADABLE_TRAIN), seed=0, unreadable=tuple(_epoch_order(0)[p] for p in (1, 2, 4)))
+    trainers = {}
+    for name, batch, accum in (("split", 8, 2), ("whole", 16, 1)):  # the same 16 epoch positions per step
+        cfg = _config(
+            tmp_path / name, {"strategy": "single"}, {"grad_accum": accum, "epochs": 1}, data={"batch_size": batch}
+        )
+        trainers[name] = Trainer(cfg, data, student=_tiny_bcos(2), teacher=_tiny_bcos(1), show_progress=False)
+        trainers[name].fit()
+    split, whole = (read_metrics(tmp_path / name, "train") for name in ("split", "whole"))
+    for a, b in zip(split, whole, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-6
+    _assert_close(trainers["split"].student.state_dict(), trainers["whole"].student.state_dict())
+    assert [r["images"] for r in split] == [r["images"] for r in whole] == [13, 16]
 
 
 # ------------------------------------------------------------------------------------------------ no processes

@@ -41,8 +41,21 @@ class ObjectiveModule(nn.Module):
         self._forward_to_loss = forward_to_loss
 
     def forward(self, images: Tensor, labels: Tensor | None, step: int, frozen: Any = None) -> dict[str, Tensor]:
-        """images [N, C, H, W] (this rank's micro-batch) → {"loss": scalar, ...}."""
+        """images [N, C, H, W] (this rank's micro-batch) → {"loss": scalar, ...}; N = 0 → `empty_loss` alone."""
+        if images.shape[0] == 0:
+            return {"loss": self.empty_loss()}
         return self._forward_to_loss(images, labels, step, frozen)
+
+    def empty_loss(self) -> Tensor:
+        """A zero loss that depends on every trainable parameter: what a micro-batch without images adds.
+
+        Its backward gives each parameter an exact zero gradient, so DDP's and DeepSpeed's gradient
+        hooks fire on this rank as on the others and it joins the same all-reduces. The model is not
+        run: on zero images a B-cos network returns a NaN loss and writes NaN into the BatchNorm
+        running variances.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        return sum((p.sum() for p in params), torch.zeros(())) * 0.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,32 @@ class Strategy:
             torch.nn.utils.clip_grad_norm_(params + [p for p in extra if p.grad is not None], self.clipping.max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def scale_gradients(self, factor: float) -> None:
+        """Multiplies the accumulated gradient by ``factor``; call after the last backward of a step, before `step`.
+
+        The trainer uses it to turn the gradient of a step whose micro-batches lost unreadable images
+        into the mean over the images actually used.
+        """
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def skip_step(self) -> None:
+        """Ends an optimiser step without applying it (no rank had an image): the gradient is dropped,
+        weights and optimiser state stay as they are. Every rank must call it for the same step."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        """Sums of ``values`` over ranks, in float64 with one all-reduce (identity for one process).
+
+        Every rank must pass a list of the same length, in the same order.
+        """
+        if self.world_size == 1 or not values:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return t.tolist()
 
     def reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
         """The mean of logged scalars over ranks (identity for one process)."""

@@ -46,7 +46,8 @@ from e2kd_fast.engine.strategy import StateDictView
 from e2kd_fast.models import load_checkpoint, read_checkpoint, save_checkpoint
 from e2kd_fast.reference.losses import uniform_off_label_bce
 
-# The loss terms logged per step (means over micro-batches and ranks), when the objective returns them.
+# The loss terms logged per step (means over the images the step used on all ranks), when the objective
+# returns them.
 _LOGGED = ("loss", "kd", "exp", "feat", "gt", "agreement")
 
 
@@ -61,7 +62,7 @@ class TrainState:
     step: int = 0  # optimiser steps done
     epoch: int = 0  # current epoch
     step_in_epoch: int = 0  # optimiser steps done in the current epoch
-    skipped_images: int = 0
+    skipped_images: int = 0  # unreadable training images left out so far, on all ranks
     best: list[tuple[float, str]] = field(default_factory=list)  # (val top-1, checkpoint path), best first
 
 
@@ -112,6 +113,8 @@ class Trainer:
         )
         self.autocast = cfg.train.precision == "bf16" and self.device.type == "cuda"
         self.micro_batches = cfg.train.grad_accum
+        # Images of a full micro-batch on one rank (data.batch_size is the global batch).
+        self.micro_batch_images = cfg.data.batch_size // self.dist_env.world_size
         self.steps_per_epoch = len(self.train_indices) // (cfg.data.batch_size * self.micro_batches)
         if self.steps_per_epoch == 0:
             raise TrainingError(
@@ -224,13 +227,18 @@ class Trainer:
         while state.step_in_epoch < self.steps_per_epoch:
             torch.manual_seed(mix_seed(cfg.train.seed, 7, state.step))  # dropout, drop-path, mixup
             lr = self._set_lr()
-            totals: dict[str, float] = {}
+            totals: dict[str, float] = {}  # Σ value · weight / micro_batches over this rank's micro-batches
+            images = skipped = 0  # on this rank, in this step
             for micro in range(self.micro_batches):
                 self._last_micro = micro == self.micro_batches - 1  # DDP all-reduces on the last one only
                 batch = next(batches)
-                state.skipped_images += int(batch.get("skipped", 0))
-                if batch["image"].shape[0] == 0:
+                skipped += int(batch.get("skipped", 0))
+                n = int(batch["image"].shape[0])
+                images += n
+                if n == 0:  # no readable image here: this rank still joins every collective of the step
+                    self._backward_empty()
                     continue
+                weight = n / self.micro_batch_images  # 1.0 unless images were skipped; see _finish_step
                 out = self._objective(batch)
                 keys = [k for k in _LOGGED if k in out]  # "loss" first
                 values = torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()  # one sync
@@ -240,11 +248,11 @@ class Trainer:
                         f"checkpoint ({self.ckpt_dir / 'last.pt'}) is intact. Lower optim.lr or check the data, "
                         "then resume from it."
                     )
-                self.strategy.backward(out["loss"], self.micro_batches)  # one device: (loss / micro_batches).backward()
+                loss = out["loss"] if weight == 1.0 else out["loss"] * weight
+                self.strategy.backward(loss, self.micro_batches)  # one device: (loss / micro_batches).backward()
                 for key, value in zip(keys, values, strict=True):
-                    totals[key] = totals.get(key, 0.0) + value / self.micro_batches
-            self._optimizer_step()
-            totals = self.strategy.reduce_mean(totals)  # the logged values are means over all ranks
+                    totals[key] = totals.get(key, 0.0) + value * weight / self.micro_batches
+            totals, used = self._finish_step(totals, images, skipped)  # the optimiser step, and the logged means
             state.step += 1
             state.step_in_epoch += 1
             bar.update(1)
@@ -257,10 +265,49 @@ class Trainer:
             bar.set_postfix(loss=f"{totals.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}", eta=_hms(eta))
             rate = None if math.isnan(rate) else round(rate, 1)
             if state.step % cfg.train.log_every_steps == 0 or state.step_in_epoch == self.steps_per_epoch:
-                logger.log("train", state.step, epoch=state.epoch + 1, lr=lr, img_s=rate, **totals)
+                logger.log("train", state.step, epoch=state.epoch + 1, lr=lr, img_s=rate, images=used, **totals)
             if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
                 self._save(self.ckpt_dir / "last.pt")
         bar.close()
+
+    def _backward_empty(self) -> None:
+        """A micro-batch without readable images on this rank: `ObjectiveModule.empty_loss` through the
+        wrapped module, so that the rank runs the same forward and backward collectives as the others
+        (DDP's buffer broadcast and gradient all-reduce, DeepSpeed's reductions and micro-step count)
+        and adds an exact zero to the gradient."""
+        empty = torch.zeros(0, device=self.device)
+        out = self.strategy.forward(empty, None, self.state.step, None, last_micro=self._last_micro)
+        self.strategy.backward(out["loss"], self.micro_batches)
+
+    def _finish_step(self, totals: dict[str, float], images: int, skipped: int) -> tuple[dict[str, float], int]:
+        """Weights the step by the images used on all ranks and applies it; returns (logged means, images used).
+
+        Before its backward, each micro-batch's mean loss was multiplied by ``n / micro_batch_images``
+        (its images over those of a full micro-batch on one rank). After the mean over ranks (DDP,
+        ZeRO) and the division by ``micro_batches``, the gradient is therefore the sum of the per-image
+        gradients over ``data.batch_size · micro_batches``. One all-reduce (the one that gives the
+        logged means) brings ``N``, the images used on all ranks, and the number skipped; the gradient
+        and the logged values are then multiplied by ``data.batch_size · micro_batches / N``: means over
+        the images used, whichever rank lost images. With no image skipped every factor is exactly 1.0
+        and nothing is multiplied, so such a step is bit-for-bit what it was without this weighting.
+        A step without any image on any rank is not applied (`Strategy.skip_step`) and logs no loss.
+        """
+        k = len(_LOGGED)
+        present = [1.0 if key in totals else 0.0 for key in _LOGGED]
+        # Same length and order on every rank (a rank without images has no keys of its own).
+        sums = self.strategy.reduce_sum([*(totals.get(key, 0.0) for key in _LOGGED), *present, images, skipped])
+        used = int(sums[2 * k])
+        self.state.skipped_images += int(sums[2 * k + 1])
+        if used == 0:
+            self.strategy.skip_step()
+            return {}, 0
+        factor = self.cfg.data.batch_size * self.micro_batches / used
+        if factor != 1.0:
+            self.strategy.scale_gradients(factor)
+        self._optimizer_step()
+        world = self.strategy.world_size
+        logged = zip(_LOGGED, sums[:k], sums[k : 2 * k], strict=True)
+        return {key: total / world * factor for key, total, seen in logged if seen}, used
 
     def _objective(self, batch: dict) -> dict[str, Tensor]:
         cfg = self.cfg

@@ -158,10 +158,13 @@ class DeepSpeedStrategy(Strategy):
         self.layout = _ZeroPartitionLayout(self.zero_opt, self.params, env.rank)
         self.clipper = _ZeroPartitionClipper(self.layout, self.params, clipping, self._master().device)
         original = self.zero_opt.unscale_and_clip_grads
+        self._grad_scale = 1.0  # set by scale_gradients for the next step
 
         def clip_then_unscale(grad_groups_flat, total_norm):
             # Called once per group in ZeRO's step, on this rank's averaged gradient partition.
             (grad,) = grad_groups_flat
+            if self._grad_scale != 1.0:  # before clipping, which must see the final mean gradient
+                grad.mul_(self._grad_scale)
             self.clipper(grad, self._master())
             return original(grad_groups_flat, total_norm)
 
@@ -178,7 +181,26 @@ class DeepSpeedStrategy(Strategy):
     def step(self) -> None:
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed is not at its accumulation boundary: a micro-batch was skipped on this rank")
-        self.engine.step()
+        try:
+            self.engine.step()
+        finally:
+            self._grad_scale = 1.0
+
+    def scale_gradients(self, factor: float) -> None:
+        # The gradient lives in ZeRO's partitions only inside engine.step: scaled there (clip_then_unscale).
+        self._grad_scale = float(factor)
+
+    def skip_step(self) -> None:
+        # engine.step keeps DeepSpeed's micro-step and boundary bookkeeping and frees the gradient; the
+        # base optimiser's update is what is left out (an instance attribute shadows ZeRO's method).
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed is not at its accumulation boundary: a micro-batch was skipped on this rank")
+        self.zero_opt._optimizer_step = lambda group_no: None
+        try:
+            self.engine.step()
+        finally:
+            del self.zero_opt._optimizer_step
+            self._grad_scale = 1.0
 
     # ---------------------------------------------------------------- checkpoints
 
