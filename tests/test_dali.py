@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from e2kd_fast.data import ImageFolderDataset, eval_transform, resized_crop_relative
-from e2kd_fast.data.frozen_store import FrozenStore
+from e2kd_fast.data.frozen_store import FrozenStore, StoreMismatchError, read_fingerprinted
 from e2kd_fast.data.sampling import EpochSampler
 from tests.helpers import pixel_format_cases, write_image_folder
 
@@ -166,6 +166,26 @@ def _store_of(ds, tmp_path, maps: torch.Tensor, map_dtype="fp32", map_scale=1) -
         lo, hi = store.shard_range(k)
         store.write_shard(k, torch.arange(lo, hi).float()[:, None].repeat(1, 2), maps[lo:hi])
     return store
+
+
+def test_a_store_image_changed_or_unreadable_at_precompute_is_refused_or_skipped(tmp_path):
+    ds = _png_folder(tmp_path, size=(12, 12))
+    files = np.stack([read_fingerprinted(p)[1] for p, _ in ds.samples])
+    files[2, 3] = 0  # image 2 was unreadable when the store was computed: zero outputs
+    store = FrozenStore.create(tmp_path / "s", {"num_images": len(ds)}, num_classes=2, map_shape=(6, 12, 12))
+    store.write_shard(0, torch.ones(len(ds), 2), torch.ones(len(ds), 6, 12, 12), files)
+    geometry = Geometry(8, True, (0.5, 1.0))
+    loader = DaliLoader(ds.samples, torch.arange(len(ds)), batch_size=4, geometry=geometry, store=store)
+    with pytest.warns(UserWarning, match=rf"{ds.samples[2][0]}: it was unreadable when .* was computed"):
+        batches = _epoch(loader)
+    assert sorted(i for b in batches for i in b["index"].tolist()) == [0, 1, 3, 4, 5, 6, 7]
+
+    changed = ds.samples[5][0]
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(changed)
+    readable = torch.tensor([0, 1, 3, 4, 5, 6, 7])
+    loader = DaliLoader(ds.samples, readable, batch_size=4, geometry=geometry, store=store)
+    with pytest.raises(StoreMismatchError, match=rf"{changed} changed since .*they are stale"):
+        _epoch(loader)
 
 
 def test_stored_map_gets_the_image_crop_and_flip(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch
 from e2kd_fast.cli import main
 from e2kd_fast.config import config_from_dict
 from e2kd_fast.data.build import build_datasets
+from e2kd_fast.data.folders import ImageFolderDataset
 from e2kd_fast.data.frozen_store import (
     FrozenStore,
     StoreMismatchError,
@@ -147,7 +151,8 @@ def test_version_1_store_is_read_and_not_extended(folder, teacher_ckpt, tmp_path
     with pytest.raises(StoreMismatchError, match="incomplete version-1 store; delete it"):
         precompute(cfg, show_progress=False)
     (path / "meta.json").write_text(json.dumps({**identity, "version": 1, "map_shape": [6, 16, 16], "completed": 12}))
-    item = build_datasets(cfg).train[0]
+    with pytest.warns(UserWarning, match="records no fingerprints of its image files"):
+        item = build_datasets(cfg).train[0]
     torch.testing.assert_close(item["teacher_map"], torch.full((6, 16, 16), 0.5))
 
 
@@ -161,5 +166,55 @@ def test_cli_precompute_reports_fidelity(folder, teacher_ckpt, tmp_path, capsys)
     args = ["precompute", "--config", str(tmp_path / "c.yaml"), "--map-dtype", "bf16", "--shard-size", "6"]
     assert main([*args, "--report-fidelity", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| int8 | 1/2 |" in out and "cosine mean" in out and "written to" in out
+    assert "| int8 | 1/2 |" in out and "cosine mean" in out and "holds 12 of 12 images (complete)" in out
     assert FrozenStore.open(tmp_path / "cli").map_dtype == "bf16"
+
+
+def test_an_image_repaired_or_changed_since_precompute_is_refused_by_name(teacher_ckpt, tmp_path):
+    folder = write_image_folder(tmp_path / "d", classes=3, per_split={"train": 2}, size=(20, 20))
+    paths = [p for p, _ in ImageFolderDataset(folder, "train").samples]
+    broken, edited, touched = paths[1], paths[3], paths[4]  # in shards 0, 1 and 2 (2 images each)
+    good = broken.read_bytes()
+    broken.write_bytes(b"not an image")
+    cfg = _cfg(folder, tmp_path / "s", teacher_ckpt)
+    with pytest.warns(UserWarning, match="skipping unreadable image file"):
+        precompute(cfg, shard_size=2, show_progress=False)
+    train = build_datasets(cfg).train
+    with pytest.warns(UserWarning, match=rf"{broken}: it was unreadable when .* was computed"):
+        assert train[1] is None
+
+    # Repaired under the same name: its stored outputs are zeros, so it is refused, not trained on.
+    broken.write_bytes(good)
+    with pytest.raises(StoreMismatchError, match=rf"{broken} changed since .*unreadable then.*precompute again"):
+        train[1]
+    # Edited content: refused too. Only touched (new mtime, same bytes): read, with one warning.
+    write_image_folder(tmp_path / "other", classes=3, per_split={"train": 2}, size=(20, 20), seed=7)
+    edited.write_bytes((tmp_path / "other" / edited.relative_to(folder)).read_bytes())
+    with pytest.raises(StoreMismatchError, match=rf"{edited} changed since .*they are stale"):
+        train[3]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    with pytest.warns(UserWarning, match=rf"{touched} .*new modification time but the content"):
+        assert train[4]["teacher_logits"].abs().sum() > 0
+
+    # Precompute again: the shards of changed images are computed again, touched times recorded.
+    untouched_maps = (tmp_path / "s" / "shards" / "maps_00002.npy").stat().st_mtime_ns
+    logged = []
+    precompute(cfg, shard_size=2, show_progress=False, log=logged.append)
+    assert [line.split(":")[0] for line in logged if line.startswith("shard")] == ["shard 0", "shard 1"]
+    assert "rank 0 wrote 2 shard(s) (4 images); the store now holds 6 of 6 images (complete)" in logged[-1]
+    assert (tmp_path / "s" / "shards" / "maps_00002.npy").stat().st_mtime_ns == untouched_maps
+    train = build_datasets(cfg).train
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing hashed
+        items = [train[i] for i in range(6)]
+    assert all(item["teacher_logits"].abs().sum() > 0 for item in items)
+
+
+def test_a_store_without_fingerprints_is_read_with_a_warning(folder, teacher_ckpt, tmp_path):
+    cfg = _cfg(folder, tmp_path / "s", teacher_ckpt)
+    precompute(cfg, shard_size=8, show_progress=False)
+    for old in (tmp_path / "s" / "shards").glob("files_*.npy"):
+        old.unlink()  # as written before stores recorded their image files
+    with pytest.warns(UserWarning, match="records no fingerprints of its image files"):
+        train = build_datasets(cfg).train
+    assert train[0]["teacher_map"].shape == (6, 16, 16)

@@ -215,7 +215,10 @@ class _Source:
         cols: list[list[np.ndarray]] = [[] for _ in range(5 + _store_columns(ld.store))]
         for index, seed in batch:
             path, target = ld.samples[index]
-            data = "unreadable" if path in ld.bad_files else _read_checked(path)
+            if path in ld.bad_files:
+                data = "unreadable"
+            else:  # a frozen store first: a file changed since precompute raises, one unreadable then is skipped
+                data = (ld.store.check_image(index, path) if ld.store is not None else None) or _read_checked(path)
             if isinstance(data, str):
                 ld.mark_bad(path, data)
                 enc, size, valid = self.placeholder, (8, 8), 0

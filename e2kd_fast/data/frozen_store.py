@@ -9,6 +9,8 @@ Layout of a store folder (version 2, sharded; written by ``e2kd-fast precompute`
     shards/maps_KKKKK.npy     [n, *map_shape] explanations of the full image for the teacher's top-1
                               (B-cos: [6, h, w]; GradCAM: [1, h, w]); dtype by storage option
     shards/scales_KKKKK.npy   [n] float32 per-sample scales (``int8`` only)
+    shards/files_KKKKK.npy    [n, 4] int64 what each image file was when its outputs were computed:
+                              size, mtime_ns, 64-bit BLAKE2b of its bytes, readable (1) or not (0)
 
 Storage options for the maps (``map_dtype``; ``map_scale`` divides the resolution, maps are averaged
 down when written and upsampled when read):
@@ -27,8 +29,21 @@ flip of the image are applied to its stored map at the same relative region (a p
 the DALI pipeline's shared ROI), whatever the map's resolution. A store that does not match the
 dataset or teacher is refused (`StoreMismatchError`).
 
-Version 1 stores (``meta.json``, ``logits.npy``, ``maps.npy`` in fp16) are still read; they cannot be
-resumed or extended: precompute refuses them with a message to delete the folder.
+Changed images. The teacher's outputs hold for the bytes it saw; an image replaced under the same
+name since (edited, re-encoded, or repaired after it was unreadable, when its stored outputs are
+zeros) must not be trained with them. `FrozenStore.check_image` runs whenever an image is read for
+training: a stat, compared with the recorded (size, mtime_ns). Only when these differ are the bytes
+hashed and compared with the recorded digest, so an unchanged data set costs one stat per image and
+no second read; a copy with new modification times is hashed when read (warned once per process)
+until precompute records the new times. Changed content is refused by name (`StoreMismatchError`);
+running precompute again recomputes the shards of changed images. An image that was unreadable at
+precompute time and is unchanged is skipped with a warning, never trained on its zero outputs. The
+digest is computed from the very bytes the teacher's input was decoded from (one read per image).
+
+Stores written before fingerprints existed (no ``files_KKKKK.npy``) and version 1 stores
+(``meta.json``, ``logits.npy``, ``maps.npy`` in fp16) are still read, with a warning that changed
+images cannot be detected. Version 1 stores cannot be resumed or extended: precompute refuses them
+with a message to delete the folder.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +62,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
 
-from e2kd_fast.data.folders import ImageFolderDataset
+from e2kd_fast.data.folders import ImageFolderDataset, read_image
 from e2kd_fast.data.transforms import encoding_transform
 
 STORE_VERSION = 2
@@ -66,8 +83,13 @@ FIDELITY_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
+# Columns of a shard's files_KKKKK.npy, int64 [n, 4]: one row per image.
+FINGERPRINT_FIELDS = ("size", "mtime_ns", "digest", "readable")
+_SIZE, _MTIME, _DIGEST, _READABLE = range(len(FINGERPRINT_FIELDS))
+
+
 class StoreMismatchError(ValueError):
-    """The store was made for another dataset, teacher or configuration, or is incomplete."""
+    """The store was made for another dataset, teacher or configuration, is incomplete, or an image changed."""
 
 
 def file_list_hash(samples: list[tuple[Path, int]], root: Path | None = None) -> str:
@@ -87,6 +109,30 @@ def file_sha256(path: str | os.PathLike | None) -> str | None:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def content_digest(data: bytes) -> int:
+    """64-bit BLAKE2b of a file's bytes as a signed int64 (what a store records per image)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def read_fingerprinted(path: str | os.PathLike) -> tuple[bytes, np.ndarray]:
+    """A file's bytes and its fingerprint int64 [4] (size, mtime_ns, digest, readable = 1), from one read.
+
+    Raises OSError when the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        mtime_ns = os.fstat(f.fileno()).st_mtime_ns
+        data = f.read()
+    return data, np.array([len(data), mtime_ns, content_digest(data), 1], np.int64)
+
+
+def unreadable_fingerprint(path: str | os.PathLike) -> np.ndarray:
+    """int64 [4] of an image that could not be decoded (readable = 0); size -1 if its bytes cannot be read."""
+    try:
+        return read_fingerprinted(path)[1] * np.array([1, 1, 1, 0], np.int64)
+    except OSError:
+        return np.array([-1, -1, 0, 0], np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -259,7 +305,8 @@ class FrozenStore:
     path: Path
     meta: dict[str, Any]
     legacy: bool = False
-    _arrays: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _arrays: dict[tuple[str, int], np.ndarray | None] = field(default_factory=dict, repr=False)
+    _warned_touched: bool = field(default=False, repr=False)
 
     # ------------------------------------------------------------------ opening and creating
 
@@ -419,12 +466,20 @@ class FrozenStore:
 
     # ------------------------------------------------------------------ writing
 
-    def write_shard(self, shard: int, logits: np.ndarray | torch.Tensor, maps: np.ndarray | torch.Tensor) -> None:
+    def write_shard(
+        self,
+        shard: int,
+        logits: np.ndarray | torch.Tensor,
+        maps: np.ndarray | torch.Tensor,
+        files: np.ndarray | torch.Tensor | None = None,
+    ) -> None:
         """Encodes and writes one whole shard atomically.
 
         Args:
             logits: [n, C] teacher logits of the shard's images, in order.
             maps: [n, *full_map_shape] exact float explanations of the same images.
+            files: [n, 4] int64 fingerprints of the image files (`FINGERPRINT_FIELDS`), or None (then
+                changed images of this shard cannot be detected).
         """
         if self.legacy:
             raise StoreMismatchError(f"{self.path} is a version-1 store and cannot be written")
@@ -444,6 +499,16 @@ class FrozenStore:
         parts = [("logits", logits), ("maps", raw)]
         if self.map_dtype == "int8":
             parts.insert(0, ("scales", scales))
+        if files is not None:
+            files = np.asarray(torch.as_tensor(files), dtype=np.int64)
+            if files.shape != (stop - start, len(FINGERPRINT_FIELDS)):
+                raise ValueError(
+                    f"shard {shard} of {self.path} takes files [{stop - start}, 4], got {list(files.shape)}"
+                )
+            parts.insert(0, ("files", files))
+        else:  # fingerprints of earlier content would refuse (or skip) the new outputs
+            self._file("files", shard).unlink(missing_ok=True)
+        self._arrays.pop(("files", shard), None)
         tmps = []
         for kind, array in parts:
             tmp = self._file(kind, shard).with_suffix(f".tmp{os.getpid()}.npy")
@@ -475,8 +540,109 @@ class FrozenStore:
         raw, scale, logits = self.read_raw(index)
         return logits, decode_maps(raw, np.float32(scale), self.map_dtype)
 
+    # ------------------------------------------------------------------ image fingerprints
+
+    def fingerprints(self, shard: int) -> np.ndarray | None:
+        """int64 [n, 4] (`FINGERPRINT_FIELDS`) of the shard's image files, or None where not recorded."""
+        key = ("files", shard)
+        if key not in self._arrays:
+            path = self._file("files", shard)
+            self._arrays[key] = None if self.legacy or not path.is_file() else np.load(path, mmap_mode="r")
+        return self._arrays[key]
+
+    @property
+    def fingerprinted(self) -> bool:
+        """Whether every shard records its image files (stores written before fingerprints do not)."""
+        return not self.legacy and all(self._file("files", k).is_file() for k in range(self.num_shards))
+
+    def _fingerprint(self, index: int) -> np.ndarray | None:
+        shard, offset = divmod(index, self.shard_size)
+        files = None if self.legacy else self.fingerprints(shard)
+        return None if files is None else np.asarray(files[offset])
+
+    def _compare(self, index: int, path: str | os.PathLike) -> tuple[bool | None, np.ndarray | None]:
+        """(changed, fingerprint now if the file was touched) of image ``index``'s file.
+
+        A stat first: the recorded (size, mtime_ns) mean unchanged, with no read. Otherwise the bytes
+        are hashed: the recorded digest means unchanged (a copy, a touch) and the new fingerprint is
+        returned. changed is None where the store records no fingerprint. A file that cannot be read
+        now counts as unchanged: the reader skips it, so nothing stale is trained on.
+        """
+        record = self._fingerprint(index)
+        if record is None:
+            return None, None
+        try:
+            stat = os.stat(path)
+            if (stat.st_size, stat.st_mtime_ns) == (record[_SIZE], record[_MTIME]):
+                return False, None
+            _, now = read_fingerprinted(path)
+        except OSError:
+            return False, None
+        if now[_DIGEST] != record[_DIGEST]:
+            return True, None
+        return False, now
+
+    def check_image(self, index: int, path: str | os.PathLike) -> str | None:
+        """None when image ``index`` may be trained with its stored outputs, else why it is skipped.
+
+        Costs one stat when the file is as recorded (see `_compare`).
+
+        Raises:
+            StoreMismatchError: the file changed since its outputs were computed (named, with the fix).
+        """
+        changed, touched = self._compare(index, path)
+        if changed is None:
+            return None
+        readable = bool(self._fingerprint(index)[_READABLE])
+        if changed:
+            then = "it was unreadable then, so its stored outputs are zeros" if not readable else "they are stale"
+            raise StoreMismatchError(
+                f"{path} changed since {self.path} was computed from it (image {index}; {then}). Run "
+                "e2kd-fast precompute again to recompute its shard, or restore the file"
+            )
+        if touched is not None and not self._warned_touched:  # once per process: hashing is the slow path
+            self._warned_touched = True
+            warnings.warn(
+                f"{path} (and maybe more images) has a new modification time but the content {self.path} was "
+                "computed from; such images are hashed whenever they are read. Run e2kd-fast precompute "
+                "again to record the new times",
+                stacklevel=2,
+            )
+        if not readable:
+            return f"it was unreadable when {self.path} was computed (its stored outputs are zeros)"
+        return None
+
+    def refresh_shard(self, shard: int, paths: Sequence[str | os.PathLike]) -> list[int]:
+        """Checks a complete shard's image files; returns the indices of the changed images.
+
+        When none changed, the new (size, mtime_ns) of touched files are recorded, so later reads need
+        no hash. ``paths``: the files of the shard's images, in order. [] where nothing is recorded.
+        """
+        files = self.fingerprints(shard)
+        if files is None:
+            return []
+        start, _ = self.shard_range(shard)
+        compared = [self._compare(start + i, p) for i, p in enumerate(paths)]
+        changed = [start + i for i, (c, _) in enumerate(compared) if c]
+        touched = [(i, now) for i, (_, now) in enumerate(compared) if now is not None]
+        if touched and not changed:
+            updated = np.array(files)
+            for i, now in touched:
+                updated[i, _SIZE], updated[i, _MTIME] = now[_SIZE], now[_MTIME]
+            tmp = self._file("files", shard).with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, updated)
+            os.replace(tmp, self._file("files", shard))
+            self._arrays.pop(("files", shard), None)
+        return changed
+
+    def invalidate_shard(self, shard: int) -> None:
+        """Marks a complete shard missing (its maps file goes first), so precompute computes it again."""
+        self._file("maps", shard).unlink(missing_ok=True)
+        for kind in ("maps", "logits", "scales", "files"):
+            self._arrays.pop((kind, shard), None)
+
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen the memory maps themselves
-        return {"path": self.path, "meta": self.meta, "legacy": self.legacy, "_arrays": {}}
+        return {"path": self.path, "meta": self.meta, "legacy": self.legacy, "_arrays": {}, "_warned_touched": False}
 
 
 def _legacy_meta(path: Path) -> dict[str, Any]:
@@ -506,19 +672,34 @@ class FrozenTeacherDataset(Dataset):
 
     Items: ``image`` (encoded), ``target``, ``index``, ``teacher_logits`` [C] and ``teacher_map``
     [*map_shape[:-2], size, size] (a reduced-resolution map is upsampled by the crop's resampling);
-    None for an unreadable image.
+    None for an unreadable image, or one that was unreadable when the store was computed (warned).
+    An image file changed since the store was computed raises `StoreMismatchError` naming it.
     """
 
     def __init__(self, base: Dataset, store: FrozenStore, paired_transform) -> None:
         store.require_complete()
         if len(base) != store.num_images:
             raise StoreMismatchError(f"{store.path} holds {store.num_images} images, the dataset {len(base)}")
+        if not store.fingerprinted:
+            warnings.warn(
+                f"{store.path} records no fingerprints of its image files (written by an older version): it is "
+                "read, but an image changed or repaired since it was computed cannot be detected and would be "
+                "trained with the old outputs. Precompute into a new folder to record them",
+                stacklevel=2,
+            )
         self.base, self.store, self.transform = base, store, paired_transform
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        samples = getattr(self.base, "samples", None)
+        if samples is not None:
+            path = samples[index][0]
+            why = self.store.check_image(index, path)  # a stat; raises if the file changed
+            if why is not None:
+                warnings.warn(f"skipping image file {path}: {why}", stacklevel=2)
+                return None
         item = self.base[index]
         if item is None:
             return None
@@ -550,7 +731,8 @@ def store_identity(cfg, dataset) -> dict[str, Any]:
 class FullImageDataset(Dataset):
     """The whole image resized to S × S (no crop) and encoded: what a frozen teacher explains.
 
-    Items: ``image`` [6 or 3, S, S], ``target``, ``index``; None for an unreadable image.
+    Items: ``image`` [6 or 3, S, S], ``target``, ``index``, ``fingerprint`` int64 [4] (the file as
+    decoded: `FINGERPRINT_FIELDS`, from the same read); None for an unreadable image (warned).
     """
 
     def __init__(self, base: ImageFolderDataset, size: int, encoding: str) -> None:
@@ -560,11 +742,20 @@ class FullImageDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        item = self.base[index]
-        if item is None:
+        path, target = self.base.samples[index]
+        try:
+            data, fingerprint = read_fingerprinted(path)  # hashed and decoded from one read
+            pixels = TF.pil_to_tensor(read_image(data, name=path)).float().div_(255)
+        except Exception as exc:  # PIL raises several types depending on the damage
+            warnings.warn(f"skipping unreadable image file {path}: {type(exc).__name__}: {exc}", stacklevel=2)
             return None
-        image = F.interpolate(item["image"][None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
-        return {"image": self.encode(image.clamp(0, 1)), "target": item["target"], "index": index}
+        image = F.interpolate(pixels[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+        return {
+            "image": self.encode(image.clamp(0, 1)),
+            "target": target,
+            "index": index,
+            "fingerprint": torch.from_numpy(fingerprint),
+        }
 
 
 def full_image_dataset(cfg, teacher_family: str) -> FullImageDataset:
@@ -577,6 +768,7 @@ def full_image_dataset(cfg, teacher_family: str) -> FullImageDataset:
 
 __all__ = [
     "FIDELITY_OPTIONS",
+    "FINGERPRINT_FIELDS",
     "MAP_DTYPES",
     "STORE_VERSION",
     "FrozenStore",
@@ -584,6 +776,7 @@ __all__ = [
     "FullImageDataset",
     "StoreMismatchError",
     "bytes_per_image",
+    "content_digest",
     "decode_maps",
     "encode_maps",
     "fidelity_report",
@@ -591,7 +784,9 @@ __all__ = [
     "file_sha256",
     "format_fidelity",
     "full_image_dataset",
+    "read_fingerprinted",
     "store_identity",
     "stored_map_shape",
+    "unreadable_fingerprint",
     "upsample_maps",
 ]

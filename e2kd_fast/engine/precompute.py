@@ -19,6 +19,7 @@ from e2kd_fast.data.frozen_store import (
     format_fidelity,
     full_image_dataset,
     store_identity,
+    unreadable_fingerprint,
 )
 from e2kd_fast.data.loaders import make_loader
 from e2kd_fast.engine.builders import build_teacher, resolve_device
@@ -64,14 +65,24 @@ def precompute(
         shard_size: images per shard (fixed when the store is created).
         map_dtype, map_scale: storage option (`MAP_DTYPES`; resolution divisor).
         max_shards: stop after writing this many shards (a time-limited job; the next call continues).
+            0 computes nothing (and creates no store); negative values are refused.
         report_fidelity: log `fidelity_report` for every option, measured on the first shard this rank
             computes.
+
+    Logs what it did: the shards written by this rank and what the store now holds.
 
     Returns:
         The store's path.
     """
     if cfg.teacher.store is None or cfg.teacher.name is None:
         raise ValueError("precompute needs teacher.name and teacher.store in the config")
+    if max_shards is not None and max_shards < 0:
+        raise ValueError(f"max_shards (--max-shards) must be 0 or more, got {max_shards}")
+    path = Path(cfg.teacher.store)
+    exists = (path / "index.json").is_file() or (path / "meta.json").is_file()
+    if max_shards == 0 and not exists:  # creating the store needs a computed shard, which would be thrown away
+        log(f"{path}: nothing computed and no store created (max_shards is 0)")
+        return path
     rank, world_size = _rank_and_world(rank, world_size)
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and world_size > 1:
@@ -82,38 +93,67 @@ def precompute(
     explain = dynamic_weights if cfg.distill.explanation == "bcos" else gradcam
     batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
 
-    def compute(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [n, C] and exact maps [n, *map_shape] of images [start, stop) (unreadable images: zeros)."""
+    def compute(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits [n, C], exact maps [n, *map_shape] and file fingerprints int64 [n, 4] of images [start, stop).
+
+        An unreadable image gets zero outputs and a fingerprint marked unreadable: training skips it,
+        and refuses it once the file has been repaired (its outputs would be the zeros).
+        """
         loader = make_loader(
             dataset, torch.arange(start, stop), batch_size=batch_size, num_workers=cfg.data.num_workers
         )
-        got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        got: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for batch in loader:
             if batch["image"].shape[0] == 0:
                 continue
             maps, logits = explain(teacher, batch["image"].to(device), None, create_graph=False, return_logits=True)
-            rows = zip(batch["index"].tolist(), logits.detach().float().cpu(), maps.detach().float().cpu(), strict=True)
-            got.update((i, (lg, mp)) for i, lg, mp in rows)
+            rows = zip(
+                batch["index"].tolist(),
+                logits.detach().float().cpu(),
+                maps.detach().float().cpu(),
+                batch["fingerprint"],
+                strict=True,
+            )
+            got.update((i, (lg, mp, fp)) for i, lg, mp, fp in rows)
         if not got:
             raise RuntimeError(f"no image of {start}..{stop - 1} in {dataset.base!r} could be read")
-        lg0, mp0 = next(iter(got.values()))
-        zero = (torch.zeros_like(lg0), torch.zeros_like(mp0))  # an unreadable image is never trained on
-        rows = [got.get(i, zero) for i in range(start, stop)]
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        lg0, mp0, _ = next(iter(got.values()))
+        rows = [
+            got.get(i)
+            or (
+                torch.zeros_like(lg0),  # an unreadable image is never trained on
+                torch.zeros_like(mp0),
+                torch.from_numpy(unreadable_fingerprint(dataset.base.samples[i][0])),
+            )
+            for i in range(start, stop)
+        ]
+        return tuple(torch.stack([r[k] for r in rows]) for k in range(3))
 
-    path = Path(cfg.teacher.store)
     shard_size = chunk or shard_size
-    if (path / "index.json").is_file() or (path / "meta.json").is_file():
+    if exists:
         store = FrozenStore.open(path, expect=identity)
         if not store.legacy:  # the storage option is fixed at creation; the shard size is the store's
             store.check({"map_dtype": map_dtype, "map_scale": map_scale})
         if store.legacy:
             if store.complete:
+                log(f"{path}: a complete version-1 store of {store.num_images} images; nothing to compute")
                 return path
             raise StoreMismatchError(
                 f"{path} is an incomplete version-1 store; delete it and run e2kd-fast precompute again"
             )
         first = None
+        # Images replaced under the same name since their shard was computed: recompute the shard.
+        for k in range(store.num_shards):
+            if k % world_size != rank or not store.shard_complete(k):
+                continue
+            start, stop = store.shard_range(k)
+            changed = store.refresh_shard(k, [p for p, _ in dataset.base.samples[start:stop]])
+            if changed:
+                log(
+                    f"shard {k}: {len(changed)} image file(s) changed since it was computed, e.g. "
+                    f"{dataset.base.samples[changed[0]][0]}; computing it again"
+                )
+                store.invalidate_shard(k)
     else:
         # The first images tell the map shape; rank 0 computes (and keeps) its whole first shard.
         first = (0, compute(0, min(shard_size, len(dataset)) if rank == 0 else 1))
@@ -135,14 +175,21 @@ def precompute(
     for k in mine:
         start, stop = store.shard_range(k)
         reuse = first is not None and k == 0 and first[1][0].shape[0] == stop - start
-        logits, maps = first[1] if reuse else compute(start, stop)
-        store.write_shard(k, logits, maps)
+        logits, maps, files = first[1] if reuse else compute(start, stop)
+        store.write_shard(k, logits, maps, files)
         if report_fidelity and not reported:
             log(f"fidelity of the storage options on shard {k} ({stop - start} images):")
             log(format_fidelity(fidelity_report(maps, num_classes=store.num_classes), store.num_images))
             reported = True
         bar.update(1)
     bar.close()
+    images = sum(stop - start for start, stop in map(store.shard_range, mine))
+    missing = store.missing_shards()
+    holds = "complete" if not missing else f"{len(missing)} shard(s) missing: run e2kd-fast precompute again"
+    log(
+        f"{path}: rank {rank} wrote {len(mine)} shard(s) ({images} images); the store now holds "
+        f"{store.completed} of {store.num_images} images ({holds})"
+    )
     return path
 
 
