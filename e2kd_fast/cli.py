@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     precompute.add_argument("--map-scale", type=int, default=1, help="store maps at 1/N resolution (default 1)")
     precompute.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")
-    precompute.add_argument("--max-shards", type=int, default=None, help="stop after N shards (run again to go on)")
+    precompute.add_argument(
+        "--max-shards", type=int, default=None, help="stop after N shards (run again to go on; 0: compute nothing)"
+    )
     precompute.add_argument(
         "--report-fidelity", action="store_true", help="print stored-vs-exact cosine and bytes/image per option"
     )
@@ -206,7 +208,7 @@ def _precompute(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     # Rank and world size from torchrun (RANK / WORLD_SIZE): each rank writes its own shards.
-    store = precompute(
+    precompute(
         cfg,
         show_progress=not args.no_progress,
         shard_size=args.shard_size,
@@ -214,8 +216,7 @@ def _precompute(args: argparse.Namespace) -> int:
         map_scale=args.map_scale,
         max_shards=args.max_shards,
         report_fidelity=args.report_fidelity,
-    )
-    print(f"frozen teacher outputs written to {store}")
+    )  # logs what it wrote and what the store now holds
     return 0
 
 

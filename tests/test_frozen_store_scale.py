@@ -170,6 +170,26 @@ def test_cli_precompute_reports_fidelity(folder, teacher_ckpt, tmp_path, capsys)
     assert FrozenStore.open(tmp_path / "cli").map_dtype == "bf16"
 
 
+def test_cli_precompute_says_what_it_wrote(folder, teacher_ckpt, tmp_path, capsys):
+    import yaml
+
+    from e2kd_fast.config import config_to_dict
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(_cfg(folder, tmp_path / "s", teacher_ckpt))))
+    args = ["precompute", "--config", str(tmp_path / "c.yaml"), "--shard-size", "5", "--no-progress"]
+    assert main([*args, "--max-shards", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing computed and no store created" in out and "written" not in out
+    assert not (tmp_path / "s").exists()
+    assert main([*args, "--max-shards", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 shard(s) (5 images)" in out and "holds 5 of 12 images (2 shard(s) missing" in out
+    assert main(args) == 0
+    assert "wrote 2 shard(s) (7 images); the store now holds 12 of 12 images (complete)" in capsys.readouterr().out
+    assert main([*args, "--max-shards", "-1"]) == 2
+    assert "--max-shards" in capsys.readouterr().err
+
+
 def test_an_image_repaired_or_changed_since_precompute_is_refused_by_name(teacher_ckpt, tmp_path):
     folder = write_image_folder(tmp_path / "d", classes=3, per_split={"train": 2}, size=(20, 20))
     paths = [p for p, _ in ImageFolderDataset(folder, "train").samples]
