@@ -105,8 +105,10 @@ def _train(args: argparse.Namespace) -> int:
     from e2kd_fast.config import load_config
     from e2kd_fast.data.build import build_datasets
     from e2kd_fast.engine import Trainer
+    from e2kd_fast.engine.builders import check_model_settings
 
     cfg = load_config(args.config, args.overrides)
+    check_model_settings(cfg)  # model names and arguments, before any data is read
     data = build_datasets(cfg)
     trainer = Trainer(
         cfg,
@@ -134,10 +136,11 @@ def _eval(args: argparse.Namespace) -> int:
     from e2kd_fast.data.build import build_datasets
     from e2kd_fast.data.loaders import make_loader
     from e2kd_fast.engine import evaluate
-    from e2kd_fast.engine.builders import build_student, build_teacher, resolve_device
+    from e2kd_fast.engine.builders import build_student, build_teacher, check_model_settings, resolve_device
     from e2kd_fast.models import load_checkpoint
 
     cfg = load_config(args.config, args.overrides)
+    check_model_settings(cfg)
     data = build_datasets(cfg, train=False)
     device = resolve_device(cfg.train.device)
     student = build_student(cfg)
@@ -204,9 +207,11 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _precompute(args: argparse.Namespace) -> int:
     from e2kd_fast.config import load_config
+    from e2kd_fast.engine.builders import check_model_settings
     from e2kd_fast.engine.precompute import precompute
 
     cfg = load_config(args.config, args.overrides)
+    check_model_settings(cfg)
     # Rank and world size from torchrun (RANK / WORLD_SIZE): each rank writes its own shards.
     precompute(
         cfg,

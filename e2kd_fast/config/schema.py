@@ -684,14 +684,54 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     Raises:
         FileNotFoundError: ``path`` or one of its base files does not exist.
         ValueError: invalid YAML (with file and line), a base cycle, an unknown key, a wrong type or an
-            invalid combination (with the dotted key).
+            invalid combination (with the dotted key). The message starts with what is to blame: the
+            file (``"configs/x.yaml: ..."``) or the override that made the config invalid
+            (``"--set 'optim.lr=fast': ..."``).
     """
     path = Path(path)
-    d = apply_overrides(read_yaml_with_bases(path), overrides)
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'dotted.key=value' strings, not one string")
+    overrides = list(overrides)
+    from_file = read_yaml_with_bases(path)
+    d = from_file
+    for item in overrides:  # one at a time, so that an error names the override it comes from
+        try:
+            d = apply_overrides(d, [item])
+        except ValueError as e:
+            raise ValueError(f"--set {item!r}: {e}") from None
     try:
         return config_from_dict(d)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        culprit = _failing_override(from_file, overrides, str(e))
+        if culprit is None:
+            raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"--set {culprit!r}: {e} (overriding {path})") from None
+
+
+def _failing_override(from_file: dict[str, Any], overrides: list[str], message: str) -> str | None:
+    """The override that makes the config fail with ``message``, or None when the file alone fails so.
+
+    The file is validated alone, then with the overrides added one by one: the first override after
+    which the config fails with ``message`` is to blame. Only runs once validation has failed.
+    """
+
+    def failure(d: Mapping[str, Any]) -> str | None:
+        try:
+            config_from_dict(d)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    with warnings.catch_warnings():  # renamed keys were reported already
+        warnings.simplefilter("ignore")
+        if not overrides or failure(from_file) == message:
+            return None
+        d = from_file
+        for item in overrides:
+            d = apply_overrides(d, [item])
+            if failure(d) == message:
+                return item
+    return overrides[-1]  # not reached: with every override applied the config fails with ``message``
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:

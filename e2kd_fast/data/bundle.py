@@ -22,9 +22,12 @@ class DataBundle:
     classes: list[str]
 
 
-def input_encoding(model_name: str) -> str:
-    """``"bcos"`` ([x, 1 − x], no mean/std) for B-cos models, ``"standard"`` (ImageNet mean/std) otherwise."""
-    return "bcos" if model_entry(model_name).family == "bcos" else "standard"
+def input_encoding(model_name: str, key: str = "student.name") -> str:
+    """``"bcos"`` ([x, 1 − x], no mean/std) for B-cos models, ``"standard"`` (ImageNet mean/std) otherwise.
+
+    ``key`` names the setting ``model_name`` came from, in the error for an unregistered name.
+    """
+    return "bcos" if model_entry(model_name, key=key).family == "bcos" else "standard"
 
 
 def split_indices(data, targets: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -51,11 +54,24 @@ def check_dataset_config(cfg, dataset: str, num_classes: int) -> None:
 
 
 def check_num_classes(cfg, num_classes: int, data_has: str) -> None:
-    """Raises unless student/teacher ``num_classes`` (where set) equal the data's; ``data_has`` ends the message."""
+    """Raises unless the student's and the teacher's outputs equal the data's classes; ``data_has`` ends the message.
+
+    An unset ``num_classes`` stands for the model's default (1000 for ImageNet models), which must
+    match as well: a 1000-way student trains without error on 10 classes, and silently wrong.
+    """
     for section in ("student", "teacher"):
-        expected = getattr(cfg, section).num_classes
-        if expected is not None and expected != num_classes:
-            raise ValueError(f"{section}.num_classes is {expected} but {data_has}")
+        settings = getattr(cfg, section)
+        if settings.name is None:
+            continue
+        if settings.num_classes is not None:
+            if settings.num_classes != num_classes:
+                raise ValueError(f"{section}.num_classes is {settings.num_classes} but {data_has}")
+            continue
+        default = model_entry(settings.name, key=f"{section}.name").default_num_classes
+        if default != num_classes:
+            raise ValueError(
+                f"{section}.num_classes is {default} (the model's default) but {data_has}: set {section}.num_classes"
+            )
 
 
 __all__ = ["DataBundle", "check_dataset_config", "check_num_classes", "input_encoding", "split_indices"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from e2kd_fast.config import Config
-from e2kd_fast.models import create_model, load_checkpoint
+from e2kd_fast.models import ModelArgumentError, check_model_kwargs, create_model, load_checkpoint, model_entry
 from e2kd_fast.nn.checkpointing import enable_activation_checkpointing
 
 
@@ -19,10 +22,41 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
+def check_model_settings(cfg: Config) -> None:
+    """Checks ``student`` and ``teacher`` (when named) against the model registry, before anything is built.
+
+    Raises:
+        ValueError: an unregistered ``<section>.name`` (with close matches) or a ``<section>.kwargs``
+            entry the model does not take (with the arguments it takes); the message names the key.
+    """
+    for section in ("student", "teacher"):
+        settings = getattr(cfg, section)
+        if settings.name is not None:
+            model_entry(settings.name, key=f"{section}.name")
+            check_model_kwargs(settings.name, settings.kwargs, key=f"{section}.kwargs")
+
+
+@contextmanager
+def _model_errors(cfg: Config, section: str) -> Iterator[None]:
+    """Names the section's settings in what building its model raises (wrong argument, wrong value)."""
+    try:
+        yield
+    except ModelArgumentError as err:
+        raise err.for_key(f"{section}.kwargs") from None
+    except ValueError as err:
+        settings = getattr(cfg, section)
+        raise ValueError(
+            f"{section}.name {settings.name!r} with num_classes={settings.num_classes} and kwargs "
+            f"{dict(settings.kwargs)} cannot be built: {err}"
+        ) from err
+
+
 def build_student(cfg: Config) -> nn.Module:
     """The student of ``cfg.student``, its checkpoint loaded and activation checkpointing applied if configured."""
+    check_model_settings(cfg)
     kwargs = dict(cfg.student.kwargs)
-    model = create_model(cfg.student.name, num_classes=cfg.student.num_classes, **kwargs)
+    with _model_errors(cfg, "student"):
+        model = create_model(cfg.student.name, num_classes=cfg.student.num_classes, **kwargs)
     if cfg.student.checkpoint:
         load_checkpoint(model, cfg.student.checkpoint)
     if cfg.train.activation_checkpointing:
@@ -34,10 +68,12 @@ def build_teacher(cfg: Config) -> nn.Module | None:
     """The teacher in eval mode with frozen parameters, or None when the config has none."""
     if cfg.teacher.name is None:
         return None
-    teacher = create_model(cfg.teacher.name, num_classes=cfg.teacher.num_classes, **dict(cfg.teacher.kwargs))
+    check_model_settings(cfg)
+    with _model_errors(cfg, "teacher"):
+        teacher = create_model(cfg.teacher.name, num_classes=cfg.teacher.num_classes, **dict(cfg.teacher.kwargs))
     if cfg.teacher.checkpoint:
         load_checkpoint(teacher, cfg.teacher.checkpoint)
     return teacher.eval().requires_grad_(False)
 
 
-__all__ = ["build_student", "build_teacher", "resolve_device"]
+__all__ = ["build_student", "build_teacher", "check_model_settings", "resolve_device"]

@@ -7,7 +7,16 @@ Standard torchvision models (RGB input, for GradCAM): resnet18/34/50, densenet12
 
 # Importing the family modules registers their entrypoints.
 from e2kd_fast.models import bcos_densenet, bcos_resnet, bcos_vit, standard  # noqa: F401
-from e2kd_fast.models._registry import create_model, list_models, model_entry, register_model
+from e2kd_fast.models._registry import (
+    ModelArgumentError,
+    UnknownModelError,
+    check_model_kwargs,
+    create_model,
+    list_models,
+    model_arguments,
+    model_entry,
+    register_model,
+)
 from e2kd_fast.models.bcos_densenet import BcosDenseNet
 from e2kd_fast.models.bcos_resnet import BcosResNet
 from e2kd_fast.models.bcos_vit import BcosViT
@@ -19,9 +28,13 @@ __all__ = [
     "BcosViT",
     "CheckpointError",
     "LoadReport",
+    "ModelArgumentError",
+    "UnknownModelError",
+    "check_model_kwargs",
     "create_model",
     "list_models",
     "load_checkpoint",
+    "model_arguments",
     "model_entry",
     "read_checkpoint",
     "register_model",
