@@ -20,13 +20,21 @@ from e2kd_fast.models._registry import (
 from e2kd_fast.models.bcos_densenet import BcosDenseNet
 from e2kd_fast.models.bcos_resnet import BcosResNet
 from e2kd_fast.models.bcos_vit import BcosViT
-from e2kd_fast.models.checkpoint import CheckpointError, LoadReport, load_checkpoint, read_checkpoint, save_checkpoint
+from e2kd_fast.models.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    LoadReport,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "BcosDenseNet",
     "BcosResNet",
     "BcosViT",
     "CheckpointError",
+    "CheckpointWriteError",
     "LoadReport",
     "ModelArgumentError",
     "UnknownModelError",

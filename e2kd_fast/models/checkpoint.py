@@ -18,10 +18,12 @@ into a ``norm="bnu"`` one, say), the error names that kind and the option that b
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +42,10 @@ _LIST_LIMIT = 8
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not match the model; the model is left untouched."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, quota, I/O error); the file it was to replace is unchanged."""
 
 
 @dataclass(frozen=True)
@@ -182,15 +188,19 @@ def load_checkpoint(
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     """Writes ``model``'s weights as an e2kd-fast checkpoint, atomically.
 
-    The file is written next to its destination and renamed into place, so a crash never leaves a
-    truncated checkpoint. ``metadata`` must hold plain values (numbers, strings, lists, dicts,
-    tensors) so that the file stays loadable with ``weights_only=True``.
+    The file is written to a temporary ``.<name>.<random>.tmp`` next to its destination and renamed
+    into place, so a crash never leaves a truncated checkpoint, and a failed write leaves the previous
+    file as it was and removes the temporary one. ``metadata`` must hold plain values (numbers,
+    strings, lists, dicts, tensors) so that the file stays loadable with ``weights_only=True``.
 
     Returns:
         The path written.
+
+    Raises:
+        CheckpointWriteError: the file could not be written; the message names it, the cause (e.g. "No
+            space left on device") and the free space of its file system.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": 1,
@@ -198,17 +208,47 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
         "model": model.state_dict(),
         **metadata,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports short writes as RuntimeError
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_failure(path, err)) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_failure(path: Path, err: BaseException) -> str:
+    """What went wrong writing ``path``: the cause in words, the free space, and what is left on disk."""
+    if isinstance(err, OSError) and err.strerror:
+        cause = err.strerror + (f" ({errno.errorcode[err.errno]})" if err.errno in errno.errorcode else "")
+    else:  # e.g. "unexpected pos 1674496 vs 1674388": the file system took fewer bytes than were written
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        cause = f"{first} (the file could not be written in full)"
+    try:
+        free = f"{_bytes(shutil.disk_usage(path.parent).free)} free on its file system"
+    except OSError:
+        free = "free space unknown"
+    previous = f"the previous {path.name} is unchanged" if path.is_file() else f"no {path.name} existed before"
+    return f"could not write the checkpoint {path}: {cause}; {free}; {previous} and the partial file was removed"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 # Norm kinds told apart by their state-dict keys (`make_norm2d`): running statistics, a weight only,
