@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,13 @@ class MetricsLogger:
     """Appends records to ``<run>/metrics.jsonl`` and mirrors scalars to TensorBoard (``<run>/tb``).
 
     Each record has ``kind`` (``"train"``, ``"eval"``, ...), ``step``, ``time`` and its values. The
-    JSONL file is appended to and flushed per record, so a resumed run continues the same file.
+    JSONL file is appended to and flushed per record, so a resumed run continues the same file (after
+    `keep_only` has dropped what the resume will write again). ``purge_step``: TensorBoard discards
+    the run's earlier events from this step on (a resumed run passes the step after its checkpoint's).
+    A failed write raises ``OSError`` with ``filename`` set to the file.
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
@@ -27,18 +32,49 @@ class MetricsLogger:
             except ImportError:  # tensorboard is optional at runtime; metrics.jsonl always works
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+                self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
 
     def log(self, kind: str, step: int, **values: Any) -> dict[str, Any]:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **_plain(values)}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a write error carries no file name of its own: name the file
+            raise OSError(err.errno, err.strerror or str(err), str(self.path)) from err
         if self._writer is not None:
             for key, value in record.items():
                 if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "time"):
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
             self._writer.flush()
         return record
+
+    def keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> int:
+        """Rewrites ``metrics.jsonl`` (atomically) with the records ``keep`` accepts; returns how many went.
+
+        A line that is not JSON (the tail of a process killed while writing it) goes too.
+        """
+        if not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += bool(line.strip())
+                continue
+            if keep(record):
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            try:
+                tmp.write_text("".join(kept))
+                os.replace(tmp, self.path)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise OSError(err.errno, err.strerror or str(err), str(self.path)) from err
+        return dropped
 
     def close(self) -> None:
         if self._writer is not None:
@@ -71,6 +107,9 @@ class NullMetricsLogger:
 
     def log(self, kind: str, step: int, **values: Any) -> dict[str, Any]:
         return {}
+
+    def keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> int:
+        return 0
 
     def close(self) -> None:
         pass
