@@ -21,6 +21,23 @@ from e2kd_fast.engine.optim import adaptive_clip_grad_
 from e2kd_fast.engine.process_group import DistEnv
 
 
+class NonFiniteGradientError(RuntimeError):
+    """The step's gradient holds an inf or a NaN: the optimiser was not applied, the weights are unchanged."""
+
+
+def gradients_are_finite(grads: list[Tensor]) -> bool:
+    """Whether every element of ``grads`` is finite, with one fused check and one device sync.
+
+    An inf or NaN anywhere makes its tensor's norm non-finite; the per-tensor norms come from one
+    `torch._foreach_norm` and are checked together, so the step waits for the device once, not once
+    per tensor.
+    """
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return bool(torch.stack([n.to(torch.float32) for n in norms]).isfinite().all())
+
+
 class ObjectiveModule(nn.Module):
     """Student plus objective: ``forward(images, labels, step, frozen)`` returns the loss dict.
 
@@ -109,6 +126,11 @@ class Strategy:
         (``module.extra``: a feature baseline's connectors).
         """
         params = [p for p in self.module.student.parameters() if p.grad is not None]
+        extra_grads = [] if self.module.extra is None else [p.grad for p in self.module.extra.parameters()]
+        if not gradients_are_finite([p.grad for p in params] + [g for g in extra_grads if g is not None]):
+            # Under DDP every rank holds the same averaged gradient, so all of them stop here together.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradientError("the accumulated gradient holds inf or NaN; the optimiser was not applied")
         if self.clipping.agc:
             adaptive_clip_grad_(params, self.clipping.agc_clip, self.clipping.agc_eps)
         if self.clipping.max_norm is not None:
@@ -160,6 +182,15 @@ class Strategy:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag OR-ed over ranks (one small all-reduce; none for one process), so that every rank
+        takes the same branch, e.g. stopping on a signal that reached one rank first."""
+        if self.world_size == 1:
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float32, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -200,4 +231,12 @@ class StateDictView:
         return self._state
 
 
-__all__ = ["GradClipping", "ObjectiveModule", "SingleProcessStrategy", "StateDictView", "Strategy"]
+__all__ = [
+    "GradClipping",
+    "NonFiniteGradientError",
+    "ObjectiveModule",
+    "SingleProcessStrategy",
+    "StateDictView",
+    "Strategy",
+    "gradients_are_finite",
+]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from e2kd_fast.config import deep_merge
 from e2kd_fast.engine.optim import unitwise_norm
-from e2kd_fast.engine.strategy import GradClipping, Strategy
+from e2kd_fast.engine.strategy import GradClipping, NonFiniteGradientError, Strategy
 
 
 def deepspeed_config(
@@ -165,10 +165,20 @@ class DeepSpeedStrategy(Strategy):
             (grad,) = grad_groups_flat
             if self._grad_scale != 1.0:  # before clipping, which must see the final mean gradient
                 grad.mul_(self._grad_scale)
+            self._check_finite(grad)  # before anything is applied to the fp32 masters
             self.clipper(grad, self._master())
             return original(grad_groups_flat, total_norm)
 
         self.zero_opt.unscale_and_clip_grads = clip_then_unscale
+
+    def _check_finite(self, grad: Tensor) -> None:
+        """Raises `NonFiniteGradientError` on every rank when any rank's gradient partition holds inf or
+        NaN (one all-reduce of a flag): ZeRO frees the whole gradients before its step, so the check
+        runs here, on the partitions, before the update."""
+        finite = torch.isfinite(grad).all().to(torch.float32).reshape(1)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite.item()):
+            raise NonFiniteGradientError("the accumulated gradient holds inf or NaN; the optimiser was not applied")
 
     def _master(self) -> Tensor:
         return self.zero_opt.single_partition_of_fp32_groups[0]
