@@ -9,8 +9,24 @@ import torch
 from torch import nn
 
 from e2kd_fast.config import Config
+from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.models import ModelArgumentError, check_model_kwargs, create_model, load_checkpoint, model_entry
 from e2kd_fast.nn.checkpointing import enable_activation_checkpointing
+
+# The random streams of initialisation, apart from the training step's (`mix_seed(seed, 7, step)`).
+INIT_STUDENT, INIT_TEACHER, INIT_OBJECTIVE = 101, 102, 103
+
+
+@contextmanager
+def seeded_init(seed: int, stream: int) -> Iterator[None]:
+    """Runs the block with the CPU generator seeded from ``(seed, stream)``, restoring it afterwards.
+
+    Models are built on the CPU, so their initial weights become a function of the run's seed alone,
+    whatever the process drew before; the process's own random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(mix_seed(seed, stream))
+        yield
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
@@ -52,10 +68,13 @@ def _model_errors(cfg: Config, section: str) -> Iterator[None]:
 
 
 def build_student(cfg: Config) -> nn.Module:
-    """The student of ``cfg.student``, its checkpoint loaded and activation checkpointing applied if configured."""
+    """The student of ``cfg.student``, its checkpoint loaded and activation checkpointing applied if configured.
+
+    Its initial weights (those no checkpoint replaces) are seeded by ``train.seed``.
+    """
     check_model_settings(cfg)
     kwargs = dict(cfg.student.kwargs)
-    with _model_errors(cfg, "student"):
+    with _model_errors(cfg, "student"), seeded_init(cfg.train.seed, INIT_STUDENT):
         model = create_model(cfg.student.name, num_classes=cfg.student.num_classes, **kwargs)
     if cfg.student.checkpoint:
         load_checkpoint(model, cfg.student.checkpoint)
@@ -65,15 +84,27 @@ def build_student(cfg: Config) -> nn.Module:
 
 
 def build_teacher(cfg: Config) -> nn.Module | None:
-    """The teacher in eval mode with frozen parameters, or None when the config has none."""
+    """The teacher in eval mode with frozen parameters, or None when the config has none.
+
+    Without a checkpoint its weights are random, seeded by ``train.seed``.
+    """
     if cfg.teacher.name is None:
         return None
     check_model_settings(cfg)
-    with _model_errors(cfg, "teacher"):
+    with _model_errors(cfg, "teacher"), seeded_init(cfg.train.seed, INIT_TEACHER):
         teacher = create_model(cfg.teacher.name, num_classes=cfg.teacher.num_classes, **dict(cfg.teacher.kwargs))
     if cfg.teacher.checkpoint:
         load_checkpoint(teacher, cfg.teacher.checkpoint)
     return teacher.eval().requires_grad_(False)
 
 
-__all__ = ["build_student", "build_teacher", "check_model_settings", "resolve_device"]
+__all__ = [
+    "INIT_OBJECTIVE",
+    "INIT_STUDENT",
+    "INIT_TEACHER",
+    "build_student",
+    "build_teacher",
+    "check_model_settings",
+    "resolve_device",
+    "seeded_init",
+]

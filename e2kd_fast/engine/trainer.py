@@ -35,7 +35,7 @@ from e2kd_fast.data.loaders import make_loader
 from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.distill import TeacherOutputs
 from e2kd_fast.distill.multilabel import multilabel_bce
-from e2kd_fast.engine.builders import build_student, build_teacher, resolve_device
+from e2kd_fast.engine.builders import INIT_OBJECTIVE, build_student, build_teacher, resolve_device, seeded_init
 from e2kd_fast.engine.distributed import make_strategy
 from e2kd_fast.engine.evaluate import evaluate
 from e2kd_fast.engine.logging import MetricsLogger, NullMetricsLogger
@@ -129,10 +129,12 @@ class Trainer:
         self._clock = (time.perf_counter(), 0)  # (time, step) that throughput and ETA are measured from
         self._last_micro = True  # whether the micro-batch in flight ends the optimiser step
         self.mixing = _batch_mixing(cfg, self._num_classes())
-        # The forward-to-loss part of the step; compiled whole when train.compile is set.
-        self.step_fn = make_train_step(
-            self.student, self.teacher, cfg, log=self._log, steps_per_epoch=self.steps_per_epoch
-        )
+        # The forward-to-loss part of the step; compiled whole when train.compile is set. A baseline's
+        # connectors are initialised here, from train.seed as the models are.
+        with seeded_init(cfg.train.seed, INIT_OBJECTIVE):
+            self.step_fn = make_train_step(
+                self.student, self.teacher, cfg, log=self._log, steps_per_epoch=self.steps_per_epoch
+            )
         if self.step_fn.extra_parameters():  # feature baselines: connectors train with the student
             self.optimizer.add_param_group({"params": self.step_fn.extra_parameters()})
         # single / DDP / DeepSpeed (engine.strategy); the objective runs inside the wrapped module's forward.
