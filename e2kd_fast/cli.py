@@ -1,6 +1,6 @@
 """The ``e2kd-fast`` command line (also ``python -m e2kd_fast``).
 
-e2kd-fast train --config configs/x.yaml [--set optim.lr=3e-4 ...] [--resume auto|PATH]
+e2kd-fast train --config configs/x.yaml [--set optim.lr=3e-4 ...] [--resume auto|PATH [--resume-force]]
 e2kd-fast eval --config configs/x.yaml --checkpoint runs/x/checkpoints/last.pt
 e2kd-fast explain --model bcos_resnet18 --checkpoint ckpt.pt --out explanations/ img1.jpg img2.png
 e2kd-fast precompute --config configs/x_frozen.yaml
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a student (e²KD, KD or supervised) from a config")
     _add_config_args(train)
     train.add_argument("--resume", default=None, help="'auto' (the run's last.pt if present) or a checkpoint path")
+    train.add_argument(
+        "--resume-force",
+        action="store_true",
+        help="resume although the config changed in settings that change the result (they are listed, "
+        "then recorded in metrics.jsonl); without it such a resume is refused",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on the config's validation data")
@@ -104,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from e2kd_fast.config import load_config
     from e2kd_fast.data.build import build_datasets
-    from e2kd_fast.engine import Trainer
+    from e2kd_fast.engine import Trainer, TrainingInterrupted
     from e2kd_fast.engine.builders import check_model_settings
 
     cfg = load_config(args.config, args.overrides)
@@ -119,7 +126,15 @@ def _train(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     try:
-        summary = trainer.fit(resume=args.resume)
+        summary = trainer.fit(resume=args.resume, resume_force=args.resume_force)
+    except TrainingInterrupted as stop:
+        # SIGTERM / SIGINT: last.pt holds the finished step; the status is the signal's (143, 130).
+        if trainer.strategy.is_main:
+            again = ["e2kd-fast", "train", "--config", str(args.config)]
+            again += [part for item in args.overrides for part in ("--set", item)] + ["--resume", "auto"]
+            print(f"e2kd-fast train: {stop}", file=sys.stderr)
+            print(f"e2kd-fast train: to go on: {shlex.join(again)}", file=sys.stderr)
+        return stop.exit_code
     finally:
         from e2kd_fast.engine.process_group import shutdown_distributed
 

@@ -57,9 +57,12 @@ def test_cli_train_eval_and_resume(folder, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["final_eval"]["images"] == 6
     assert read_metrics(tmp_path / "run", "train")[0]["lr"] == pytest.approx(3e-4 * 0.01)  # warm-up start
-    # Resuming a finished run does nothing more.
-    assert main(["train", "--config", str(config), "--resume", "auto", "--no-progress"]) == 0
-    assert json.loads(capsys.readouterr().out)["steps"] == 3
+    # Resuming without the run's own --set is refused, naming the key; resuming a finished run does nothing more.
+    assert main(["train", "--config", str(config), "--resume", "auto", "--no-progress"]) == 2
+    assert "optim.lr: 0.0003 → 0.001" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--set", "optim.lr=3e-4", "--resume", "auto", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["steps"] == 3 and again["final_eval"] == summary["final_eval"]
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     assert main(["eval", "--config", str(config), "--checkpoint", str(checkpoint)]) == 0
     metrics = json.loads(capsys.readouterr().out)

@@ -9,7 +9,7 @@ from e2kd_fast.engine.logging import MetricsLogger, read_metrics
 from e2kd_fast.engine.optim import adaptive_clip_grad_, build_optimizer, warmup_cosine_factor
 from e2kd_fast.engine.process_group import setup_distributed
 from e2kd_fast.engine.strategy import SingleProcessStrategy, Strategy
-from e2kd_fast.engine.trainer import Trainer, TrainingError, TrainState
+from e2kd_fast.engine.trainer import Trainer, TrainingError, TrainingInterrupted, TrainState
 from e2kd_fast.engine.zero import DeepSpeedStrategy
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainingError",
+    "TrainingInterrupted",
     "adaptive_clip_grad_",
     "build_optimizer",
     "build_student",

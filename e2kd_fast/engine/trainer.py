@@ -1,23 +1,30 @@
 """The training loop: e²KD / KD / supervised training of one student on one device.
 
 What a run writes into ``train.out_dir``:
-    config.yaml          the resolved configuration
-    metrics.jsonl        one JSON record per log line ("train") and per evaluation ("eval")
+    config.yaml          the resolved configuration of the run's start (a resume keeps it)
+    metrics.jsonl        one JSON record per log line ("train"), per evaluation ("eval") and per resume
+                         ("resume": the config changes it accepted)
     tb/                  the same scalars for TensorBoard
-    checkpoints/last.pt  the resume point: written atomically every ``checkpoint_every_steps`` and
-                         at the end of every epoch
+    checkpoints/last.pt  the resume point: written atomically every ``checkpoint_every_steps``, every
+                         ``checkpoint_every_minutes``, at the end of every epoch and on SIGTERM / SIGINT
     checkpoints/epoch_XXXX.pt  per-epoch checkpoints; only the best ``keep_best`` by val top-1 stay
-    summary.json         final metrics, counts of skipped images, wall time
+    summary.json         status (finished, interrupted, failed and why), final metrics, counts of
+                         skipped images, wall time
 
 Exact resume: data order, augmentation and all other randomness are functions of (seed, epoch,
-step) (`e2kd_fast.data.sampling`), and the learning rate is a function of the step; resuming from
-``last.pt`` reproduces the losses of an uninterrupted run.
+step) (`e2kd_fast.data.sampling`), the initial weights are functions of the seed, and the learning
+rate is a function of the step; resuming from ``last.pt`` reproduces the losses of an uninterrupted
+run. A resume whose config changes any of that is refused (`e2kd_fast.engine.resume`).
+
+Nothing non-finite is saved and nothing outside the run folder is deleted; docs/reliability.md lists
+what survives a kill, a signal, a full disk and a changed config.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from e2kd_fast.config import Config, config_to_dict, save_config
+from e2kd_fast.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from e2kd_fast.data.dali import maybe_dali_loader
 from e2kd_fast.data.loaders import make_loader
 from e2kd_fast.data.sampling import mix_seed
@@ -41,9 +48,11 @@ from e2kd_fast.engine.evaluate import evaluate
 from e2kd_fast.engine.logging import MetricsLogger, NullMetricsLogger
 from e2kd_fast.engine.optim import build_optimizer, set_learning_rate, warmup_cosine_factor
 from e2kd_fast.engine.process_group import setup_distributed
+from e2kd_fast.engine.resume import config_changes, describe
+from e2kd_fast.engine.signals import StopSignals
 from e2kd_fast.engine.step import make_train_step
-from e2kd_fast.engine.strategy import StateDictView
-from e2kd_fast.models import load_checkpoint, read_checkpoint, save_checkpoint
+from e2kd_fast.engine.strategy import NonFiniteGradientError, StateDictView
+from e2kd_fast.models import CheckpointWriteError, load_checkpoint, read_checkpoint, save_checkpoint
 from e2kd_fast.reference.losses import uniform_off_label_bce
 
 # The loss terms logged per step (means over the images the step used on all ranks), when the objective
@@ -55,6 +64,20 @@ class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); the last checkpoint is left intact."""
 
 
+class TrainingInterrupted(TrainingError):
+    """SIGTERM or SIGINT stopped the run after a step, once ``last.pt`` held that step.
+
+    Attributes:
+        signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
+        exit_code: the shell's status for that signal (128 + its number: 143, 130).
+        checkpoint: the checkpoint to resume from.
+    """
+
+    def __init__(self, message: str, signal_name: str, exit_code: int, checkpoint: Path) -> None:
+        super().__init__(message)
+        self.signal_name, self.exit_code, self.checkpoint = signal_name, exit_code, checkpoint
+
+
 @dataclass
 class TrainState:
     """Where a run stands; saved in every checkpoint."""
@@ -63,7 +86,10 @@ class TrainState:
     epoch: int = 0  # current epoch
     step_in_epoch: int = 0  # optimiser steps done in the current epoch
     skipped_images: int = 0  # unreadable training images left out so far, on all ranks
-    best: list[tuple[float, str]] = field(default_factory=list)  # (val top-1, checkpoint path), best first
+    # (val top-1, checkpoint path relative to the run folder), best first: a copied run folder is self-contained
+    best: list[tuple[float, str]] = field(default_factory=list)
+    last_eval: dict = field(default_factory=dict)  # the latest evaluation's metrics (summary.json's final_eval)
+    wall_seconds: float = 0.0  # training time up to this state, over all sessions of the run
 
 
 class Trainer:
@@ -128,6 +154,11 @@ class Trainer:
         self.state = TrainState()
         self._clock = (time.perf_counter(), 0)  # (time, step) that throughput and ETA are measured from
         self._last_micro = True  # whether the micro-batch in flight ends the optimiser step
+        self._last_saved: tuple[Path, int] | None = None  # (checkpoint, step) this run can go on from
+        self._saved_at = time.monotonic()  # when last.pt was last written (checkpoint_every_minutes)
+        self._started, self._wall_base = time.perf_counter(), 0.0  # this session's start; earlier sessions' time
+        self._stop = StopSignals()  # SIGTERM / SIGINT while fit runs
+        self._resume_record: dict | None = None  # what a resume accepted, for metrics.jsonl
         self.mixing = _batch_mixing(cfg, self._num_classes())
         # The forward-to-loss part of the step; compiled whole when train.compile is set. A baseline's
         # connectors are initialised here, from train.seed as the models are.
@@ -155,42 +186,76 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
 
-    def fit(self, resume: str | Path | None = None) -> dict:
-        """Trains to ``train.epochs``; ``resume`` = a checkpoint path or ``"auto"`` (``last.pt`` if present)."""
+    def fit(self, resume: str | Path | None = None, *, resume_force: bool = False) -> dict:
+        """Trains to ``train.epochs``; returns the summary, also written to ``summary.json``.
+
+        Args:
+            resume: a checkpoint path, or ``"auto"``: the run's ``last.pt`` if there is one, else a
+                fresh start. The run's ``config.yaml`` stays as the run's start wrote it.
+            resume_force: resume although the config changed in settings that change the result
+                (`e2kd_fast.engine.resume`); the changes are recorded in ``metrics.jsonl``.
+
+        Raises:
+            TrainingError: the run cannot go on: a refused resume (naming each changed key), a
+                non-finite loss, gradient or state, a file that cannot be written (naming it and the
+                cause). The message says which step and which checkpoint is left intact;
+                ``summary.json`` records the failure.
+            TrainingInterrupted: SIGTERM or SIGINT, once the current step is done and in ``last.pt``.
+        """
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.strategy.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
-        if resume == "auto":
-            resume = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").is_file() else None
-        if resume is not None:
-            self._load_state(Path(resume))
-        logger = MetricsLogger(self.run_dir) if self.strategy.is_main else NullMetricsLogger()
-        started = time.perf_counter()
-        steps_at_start = self.state.step
-        eval_metrics: dict = {}
+        self._started, self._stop = time.perf_counter(), StopSignals()
+        logger: MetricsLogger | NullMetricsLogger = NullMetricsLogger()
+        training = False  # from here on a failure is recorded in summary.json
         try:
-            while self.state.epoch < cfg.train.epochs:
-                self._train_epoch(logger, started, steps_at_start)
-                epoch_done = self.state.epoch + 1
-                if self.val_set is not None and epoch_done % cfg.train.eval_every_epochs == 0:
-                    # Rank 0 evaluates the whole validation set; the others wait and receive its metrics.
-                    eval_metrics = self.strategy.broadcast(self.evaluate() if self.strategy.is_main else None)
-                    logger.log("eval", self.state.step, epoch=epoch_done, **eval_metrics)
-                self.state.epoch, self.state.step_in_epoch = epoch_done, 0
-                self._save_epoch(eval_metrics)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.strategy.is_main:
+                self._remove_stale_temporaries()
+            if resume == "auto":
+                resume = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").is_file() else None
+            if resume is not None:
+                self._load_state(Path(resume), force=resume_force)
+            config_yaml = self.run_dir / "config.yaml"
+            if self.strategy.is_main and (resume is None or not config_yaml.is_file()):
+                save_config(cfg, config_yaml)
+            if self.strategy.is_main:
+                # A resume re-runs what followed its checkpoint: those records go, TensorBoard's too.
+                logger = MetricsLogger(self.run_dir, purge_step=None if resume is None else self.state.step + 1)
+            if resume is not None:
+                logger.keep_only(self._recorded_before_resume)
+                logger.log("resume", self.state.step, **(self._resume_record or {}))
+            self._wall_base = self.state.wall_seconds
+            steps_at_start = self.state.step
+            training = True
+            with self._stop:
+                while self.state.epoch < cfg.train.epochs:
+                    self._train_epoch(logger, self._started, steps_at_start)
+                    epoch_done = self.state.epoch + 1
+                    if self.val_set is not None and epoch_done % cfg.train.eval_every_epochs == 0:
+                        # Rank 0 evaluates the whole validation set; the others wait and receive its metrics.
+                        metrics = self.strategy.broadcast(self.evaluate() if self.strategy.is_main else None)
+                        self.state.last_eval = metrics
+                        logger.log("eval", self.state.step, epoch=epoch_done, **metrics)
+                    self.state.epoch, self.state.step_in_epoch = epoch_done, 0
+                    self._save_epoch(self.state.last_eval)
+                    if self.state.epoch < cfg.train.epochs and self.strategy.any_rank(self._stop.requested)[0]:
+                        raise self._interrupted()  # last.pt holds the finished epoch
+        except TrainingError as err:
+            if training:
+                self._record_failure(err, "interrupted" if isinstance(err, TrainingInterrupted) else "failed")
+            raise
+        except OSError as err:  # metrics.jsonl, config.yaml: name the file and the cause
+            error = TrainingError(self._io_failure(err))
+            if training:
+                self._record_failure(error, "failed")
+            raise error from err
         finally:
             logger.close()
-        summary = {
-            "steps": self.state.step,
-            "epochs": self.state.epoch,
-            "skipped_train_images": self.state.skipped_images,
-            "wall_seconds": round(time.perf_counter() - started, 1),
-            "final_eval": eval_metrics,
-            "best": [{"top1": m, "checkpoint": p} for m, p in self.state.best],
-        }
+        summary = self._summary("finished")
         if self.strategy.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                self._write_summary(summary)
+            except OSError as err:
+                raise TrainingError(self._io_failure(err)) from err
         return summary
 
     def evaluate(self) -> dict:
@@ -246,9 +311,8 @@ class Trainer:
                 values = torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()  # one sync
                 if not math.isfinite(values[0]):
                     raise TrainingError(
-                        f"non-finite loss ({values[0]}) at step {state.step} (epoch {state.epoch + 1}); the last "
-                        f"checkpoint ({self.ckpt_dir / 'last.pt'}) is intact. Lower optim.lr or check the data, "
-                        "then resume from it."
+                        f"non-finite loss ({values[0]}) at step {state.step} (epoch {state.epoch + 1}): nothing of "
+                        f"this step was applied or saved; {self._checkpoint_note()}. Lower optim.lr or check the data."
                     )
                 loss = out["loss"] if weight == 1.0 else out["loss"] * weight
                 self.strategy.backward(loss, self.micro_batches)  # one device: (loss / micro_batches).backward()
@@ -268,9 +332,37 @@ class Trainer:
             rate = None if math.isnan(rate) else round(rate, 1)
             if state.step % cfg.train.log_every_steps == 0 or state.step_in_epoch == self.steps_per_epoch:
                 logger.log("train", state.step, epoch=state.epoch + 1, lr=lr, img_s=rate, images=used, **totals)
-            if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
-                self._save(self.ckpt_dir / "last.pt")
+            self._checkpoint_if_due()
         bar.close()
+
+    def _checkpoint_if_due(self) -> None:
+        """After a step: ``last.pt`` every ``checkpoint_every_steps`` or ``checkpoint_every_minutes``, and on
+        SIGTERM / SIGINT, after which the run stops (`TrainingInterrupted`).
+
+        The ranks agree first (`Strategy.any_rank`): a signal or the clock may reach one rank a step
+        before another, and saving is collective.
+        """
+        train, step = self.cfg.train, self.state.step
+        minutes = train.checkpoint_every_minutes
+        clock = minutes is not None and time.monotonic() - self._saved_at >= 60.0 * minutes
+        stop, clock = self.strategy.any_rank(self._stop.requested, clock)
+        every = train.checkpoint_every_steps
+        if stop or clock or (every and step % every == 0):
+            self._save(self.ckpt_dir / "last.pt")
+        if stop:
+            raise self._interrupted()
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """The stop after a signal, once ``last.pt`` holds the current step."""
+        last, stop = self.ckpt_dir / "last.pt", self._stop
+        name = stop.name or "a signal on another rank"
+        return TrainingInterrupted(
+            f"stopped by {name} after step {self.state.step} of {self.total_steps}; {last} holds that step: "
+            "resume with --resume auto (Trainer.fit(resume='auto'))",
+            stop.name or "SIGTERM",
+            stop.exit_code if stop.requested else 143,
+            last,
+        )
 
     def _backward_empty(self) -> None:
         """A micro-batch without readable images on this rank: `ObjectiveModule.empty_loss` through the
@@ -343,8 +435,20 @@ class Trainer:
             return self.step_fn(images, labels, step, frozen)
 
     def _optimizer_step(self) -> None:
-        """Clipping (AGC, global norm), the optimiser, cleared gradients: the strategy's step."""
-        self.strategy.step()
+        """Clipping (AGC, global norm), the optimiser, cleared gradients: the strategy's step.
+
+        The strategy first checks the whole gradient for inf and NaN (one fused check, one sync) and
+        applies nothing when it finds one: a finite loss can still have a non-finite gradient.
+        """
+        try:
+            self.strategy.step()
+        except NonFiniteGradientError:
+            s = self.state
+            raise TrainingError(
+                f"non-finite gradient at step {s.step} (epoch {s.epoch + 1}) although the loss was finite: the "
+                f"update was not applied and nothing was saved; {self._checkpoint_note()}. Lower optim.lr or "
+                "check the data."
+            ) from None
 
     def _set_lr(self) -> float:
         optim, state = self.cfg.optim, self.state
@@ -390,42 +494,104 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _save(self, *paths: Path) -> None:
-        """Writes the same checkpoint to each of ``paths`` (the state is gathered once)."""
+        """Writes the same checkpoint to each of ``paths`` (the state is gathered once).
+
+        Raises:
+            TrainingError: the state holds inf or NaN (nothing is written: a checkpoint must be a point
+                the run can go on from), or a file could not be written (named, with the cause).
+        """
         s = self.state
+        s.wall_seconds = self._wall_base + time.perf_counter() - self._started
         # Whole weights and optimiser state on every strategy (DeepSpeed gathers its partitions: collective).
         model_state, optimizer_state = self.strategy.model_state(), self.strategy.optimizer_state()
+        extra = {} if self.step_fn.objective is None else {"distill_objective": self.step_fn.objective.state_dict()}
+        # Every rank checks its copy and the ranks agree, so that all of them stop together.
+        (non_finite,) = self.strategy.any_rank(not _all_finite([model_state, optimizer_state, extra]))
+        if non_finite:
+            raise TrainingError(
+                f"non-finite weights or optimiser state at step {s.step}: not saved; {self._checkpoint_note()}. "
+                "Lower optim.lr or check the data."
+            )
         if self.strategy.is_main:
-            extra = {} if self.step_fn.objective is None else {"distill_objective": self.step_fn.objective.state_dict()}
             for path in paths:
-                save_checkpoint(
-                    StateDictView(self.student, model_state),
-                    path,
-                    optimizer=optimizer_state,
-                    step=s.step,
-                    epoch=s.epoch,
-                    step_in_epoch=s.step_in_epoch,
-                    skipped_images=s.skipped_images,
-                    best=[[m, p] for m, p in s.best],
-                    config=config_to_dict(self.cfg),
-                    **extra,
-                )
+                try:
+                    save_checkpoint(
+                        StateDictView(self.student, model_state),
+                        path,
+                        optimizer=optimizer_state,
+                        step=s.step,
+                        epoch=s.epoch,
+                        step_in_epoch=s.step_in_epoch,
+                        skipped_images=s.skipped_images,
+                        best=[[m, p] for m, p in s.best],
+                        last_eval=s.last_eval,
+                        wall_seconds=s.wall_seconds,
+                        config=config_to_dict(self.cfg),
+                        **extra,
+                    )
+                except CheckpointWriteError as err:
+                    raise TrainingError(f"{err} (at step {s.step}); {self._checkpoint_note()}") from None
         self.strategy.barrier()  # no rank goes on (or reads the files) before they are complete
+        last = self.ckpt_dir / "last.pt"
+        if last in paths:
+            self._last_saved, self._saved_at = (last, s.step), time.monotonic()
+
+    def _checkpoint_note(self) -> str:
+        """Which checkpoint a failed run can go on from; only one that exists and holds finite values."""
+        if self._last_saved is None:
+            return "no checkpoint of this run was written yet, so a new run starts from the beginning"
+        path, step = self._last_saved
+        return f"the last checkpoint ({path}, step {step}) is intact; resume from it"
 
     def _save_epoch(self, eval_metrics: dict) -> None:
         """Writes last.pt and epoch_XXXX.pt, keeping the best ``keep_best`` epoch files by val top-1."""
-        epoch_path = self.ckpt_dir / f"epoch_{self.state.epoch:04d}.pt"
+        entry = f"{self.ckpt_dir.name}/epoch_{self.state.epoch:04d}.pt"  # relative to the run folder
         score = float(eval_metrics.get("top1", -math.inf)) if eval_metrics else -math.inf
-        ranked = sorted([*self.state.best, (score, str(epoch_path))], key=lambda b: -b[0])
+        ranked = sorted([*self.state.best, (score, entry)], key=lambda b: -b[0])
         keep, drop = ranked[: self.cfg.train.keep_best], ranked[self.cfg.train.keep_best :]
         self.state.best = keep
-        keep_epoch = any(p == str(epoch_path) for _, p in keep)
-        self._save(*([epoch_path] if keep_epoch else []), self.ckpt_dir / "last.pt")
-        for _, path in drop:
-            if self.strategy.is_main:
-                Path(path).unlink(missing_ok=True)
+        keep_epoch = any(p == entry for _, p in keep)
+        self._save(*([self.run_dir / entry] if keep_epoch else []), self.ckpt_dir / "last.pt")
+        if self.strategy.is_main:
+            for _, dropped in drop:
+                self._remove_checkpoint(dropped)
 
-    def _load_state(self, path: Path) -> None:
+    def _remove_checkpoint(self, entry: str) -> None:
+        """Deletes a kept-best file that fell out of the best ``keep_best``: only ever one in this run's
+        checkpoint folder (a symlink, ``..`` or an absolute path that leads elsewhere is left alone)."""
+        path = (self.run_dir / entry).resolve()
+        if path.parent != self.ckpt_dir.resolve():
+            self._log(f"not deleting {path}: outside this run's checkpoint folder {self.ckpt_dir}")
+            return
+        path.unlink(missing_ok=True)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Deletes the temporary files of writes a kill interrupted (``.last.pt.<random>.tmp``,
+        ``.config.yaml.tmp``, ...): never read, they only fill the disk."""
+        stale = [p for d in (self.run_dir, self.ckpt_dir) if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            self._log(f"removed {len(stale)} temporary files of interrupted writes: {', '.join(p.name for p in stale)}")
+
+    def _load_state(self, path: Path, force: bool = False) -> None:
+        """Resumes from ``path`` after comparing the config it was written with to this one.
+
+        Changes that keep the run what it was (`e2kd_fast.engine.resume.HARMLESS`) are logged;
+        others are refused, naming each key with both values, unless ``force``. A forced change of
+        optimiser starts the new optimiser's state afresh (the old one's does not fit it).
+        """
         payload = read_checkpoint(path)
+        saved = self._saved_config(path, payload, force)
+        changes = [] if saved is None else config_changes(saved, config_to_dict(self.cfg))
+        breaking = [c for c in changes if not c.harmless]
+        if breaking and not force:
+            raise TrainingError(
+                f"resume from {path} refused: this config differs from the one the run was trained with in "
+                f"{len(breaking)} setting(s) that change its result: {describe(breaking)}. Resume with the run's "
+                "values, start a new run in another train.out_dir, or force the resume if the change is meant "
+                "(e2kd-fast train --resume-force; Trainer.fit(resume_force=True))."
+            )
         saved_student = payload.get("config", {}).get("student", {}).get("name")
         if saved_student != self.cfg.student.name:
             raise TrainingError(
@@ -438,14 +604,108 @@ class Trainer:
                     f"{path} holds no distill_objective state for the {self.cfg.distill.method!r} baseline"
                 )
             self.step_fn.objective.load_state_dict(payload["distill_objective"])
-        self.strategy.load_optimizer_state(payload["optimizer"], payload.get("model"))
+        saved_optimizer = (saved or {}).get("optim", {}).get("name", self.cfg.optim.name)
+        if saved_optimizer != self.cfg.optim.name:
+            self._log(f"optim.name {saved_optimizer!r} → {self.cfg.optim.name!r}: the optimiser state starts afresh")
+        else:
+            try:
+                self.strategy.load_optimizer_state(payload["optimizer"], payload.get("model"))
+            except (KeyError, IndexError, ValueError) as err:
+                raise TrainingError(
+                    f"{path}: its optimiser state does not fit this run's {self.cfg.optim.name!r} optimiser "
+                    f"({type(err).__name__}: {err})"
+                ) from None
+            # The saved groups carry the old hyperparameters; a forced resume means the new ones.
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = self.cfg.optim.weight_decay
+                if "momentum" in group:
+                    group["momentum"] = self.cfg.optim.momentum
         self.state = TrainState(
             step=int(payload["step"]),
             epoch=int(payload["epoch"]),
             step_in_epoch=int(payload["step_in_epoch"]),
             skipped_images=int(payload.get("skipped_images", 0)),
-            best=[(float(m), str(p)) for m, p in payload.get("best", [])],
+            best=[(float(m), _run_relative(str(p))) for m, p in payload.get("best", [])],
+            last_eval=dict(payload.get("last_eval", {})),
+            wall_seconds=float(payload.get("wall_seconds", 0.0)),
         )
+        self._last_saved = (path, self.state.step)
+        self._resume_record = {
+            "checkpoint": str(path),
+            "changes": {c.key: [c.saved, c.new] for c in changes},
+            "forced": bool(breaking),
+        }
+        for change in changes:
+            self._log(f"resume: {change}" + ("" if change.harmless else " (forced: the run is no longer exact)"))
+
+    def _saved_config(self, path: Path, payload: dict, force: bool) -> dict | None:
+        """The config the run was trained with, as `config_to_dict` gives it: the checkpoint's own, else
+        the run's ``config.yaml``; None when there is neither (nothing to compare)."""
+        raw, source = payload.get("config"), f"the config stored in {path}"
+        try:
+            if isinstance(raw, dict):
+                return config_to_dict(config_from_dict(raw))
+            if (self.run_dir / "config.yaml").is_file():
+                source = str(self.run_dir / "config.yaml")
+                return config_to_dict(load_config(self.run_dir / "config.yaml"))
+        except ValueError as err:
+            if not force:
+                raise TrainingError(
+                    f"resume from {path} refused: {source} is no valid config any more ({err}), so this config "
+                    "cannot be compared with it; force the resume (--resume-force) to go on without comparing"
+                ) from None
+        return None
+
+    def _recorded_before_resume(self, record: dict) -> bool:
+        """Whether a ``metrics.jsonl`` record was written before the checkpoint the run resumed from
+        (what came after is re-run and logged again). An evaluation at the checkpoint's step came
+        before it when the checkpoint closed that epoch, after it when it was taken mid-epoch."""
+        s, step = self.state, int(record.get("step", 0))
+        if record.get("kind") == "eval":
+            return step < s.step or (step == s.step and int(record.get("epoch", 0)) <= s.epoch)
+        return step <= s.step
+
+    # ------------------------------------------------------------------ summary and failures
+
+    def _summary(self, status: str, error: str | None = None) -> dict:
+        s = self.state
+        summary = {
+            "status": status,  # finished, interrupted (SIGTERM / SIGINT) or failed
+            "steps": s.step,
+            "epochs": s.epoch,
+            "skipped_train_images": s.skipped_images,
+            "wall_seconds": round(self._wall_base + time.perf_counter() - self._started, 1),
+            "final_eval": s.last_eval,
+            "best": [{"top1": m, "checkpoint": p} for m, p in s.best],  # paths relative to the run folder
+        }
+        if error is not None:
+            summary["error"] = error
+        return summary
+
+    def _write_summary(self, summary: dict) -> None:
+        path = self.run_dir / "summary.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+    def _record_failure(self, error: TrainingError, status: str) -> None:
+        """``summary.json`` for a run that stopped early; if even that cannot be written, the error says so."""
+        if not self.strategy.is_main:
+            return
+        try:
+            self._write_summary(self._summary(status, str(error)))
+        except OSError as err:
+            error.args = (f"{error} (and {self._io_failure(err, note=False)})",)
+
+    def _io_failure(self, err: OSError, note: bool = True) -> str:
+        """A write that failed, named: the file, the cause and, with ``note``, the checkpoint left intact."""
+        where = f"could not write {err.filename}" if err.filename else "a file of the run could not be written"
+        text = f"{where}: {err.strerror or err}"
+        return f"{text} (at step {self.state.step}); {self._checkpoint_note()}" if note else text
 
 
 def _batch_mixing(cfg: Config, num_classes: int) -> Callable | None:
@@ -460,6 +720,39 @@ def _batch_mixing(cfg: Config, num_classes: int) -> Callable | None:
     if cfg.data.cutmix_alpha > 0:
         choices.append(v2.CutMix(alpha=cfg.data.cutmix_alpha, num_classes=num_classes))
     return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def _run_relative(entry: str) -> str:
+    """A kept-best entry as a path relative to the run folder.
+
+    Checkpoints written before entries were relative hold absolute paths into the folder they were
+    written in; in a copy of that folder they mean the copy's own file of the same name.
+    """
+    path = Path(entry)
+    return f"checkpoints/{path.name}" if path.is_absolute() else path.as_posix()
+
+
+def _all_finite(states: list) -> bool:
+    """Whether every floating-point tensor in ``states`` (nested dicts and lists) is finite: one fused
+    check, one device sync."""
+    tensors: list[Tensor] = []
+    pending = list(states)
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Tensor):
+            if item.is_floating_point() and item.numel():
+                tensors.append(item.detach())
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    if not tensors:
+        return True
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:  # the weights on the GPU, Adam's step counts on the CPU: one check per device
+        by_device.setdefault(t.device, []).append(t)
+    checks = [torch.stack([n.float() for n in torch._foreach_norm(g)]).isfinite().all() for g in by_device.values()]
+    return all(bool(c) for c in checks)
 
 
 def _hms(seconds: float) -> str:

@@ -102,7 +102,7 @@ def load_run(path: str | os.PathLike, checkpoint: str = "last", name: str | None
         best = summary.get("best") or []
         if not best:
             raise ReportError(f"{path / 'summary.json'} lists no best checkpoint; use checkpoint 'last'")
-        ckpt = Path(best[0]["checkpoint"])
+        ckpt = path / best[0]["checkpoint"]  # relative to the run folder (older summaries: absolute, kept as is)
     else:
         ckpt = Path(checkpoint)
     if not ckpt.is_file():
