@@ -309,11 +309,7 @@ class Trainer:
                 out = self._objective(batch)
                 keys = [k for k in _LOGGED if k in out]  # "loss" first
                 values = torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()  # one sync
-                if not math.isfinite(values[0]):
-                    raise TrainingError(
-                        f"non-finite loss ({values[0]}) at step {state.step} (epoch {state.epoch + 1}): nothing of "
-                        f"this step was applied or saved; {self._checkpoint_note()}. Lower optim.lr or check the data."
-                    )
+                # A non-finite loss stops the run in _finish_step, before the update, on every rank at once.
                 loss = out["loss"] if weight == 1.0 else out["loss"] * weight
                 self.strategy.backward(loss, self.micro_batches)  # one device: (loss / micro_batches).backward()
                 for key, value in zip(keys, values, strict=True):
@@ -390,6 +386,12 @@ class Trainer:
         present = [1.0 if key in totals else 0.0 for key in _LOGGED]
         # Same length and order on every rank (a rank without images has no keys of its own).
         sums = self.strategy.reduce_sum([*(totals.get(key, 0.0) for key in _LOGGED), *present, images, skipped])
+        if not math.isfinite(sums[0]):  # "loss": one rank's non-finite loss reaches every rank in this sum
+            s = self.state
+            raise TrainingError(
+                f"non-finite loss ({sums[0]}) at step {s.step} (epoch {s.epoch + 1}): nothing of this step was "
+                f"applied or saved; {self._checkpoint_note()}. Lower optim.lr or check the data."
+            )
         used = int(sums[2 * k])
         self.state.skipped_images += int(sums[2 * k + 1])
         if used == 0:
