@@ -13,6 +13,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -260,6 +261,14 @@ def test_resuming_a_finished_run_keeps_its_summary(tmp_path):
     again = _make(tmp_path, train={"epochs": 1}).fit(resume="auto")
     assert again["final_eval"] == first["final_eval"] and again["final_eval"]["images"] == 16
     assert again["best"] == first["best"] and again["steps"] == first["steps"] == 5
+
+
+def test_evaluation_metrics_are_stored_as_plain_values(tmp_path):
+    """The last evaluation goes into every checkpoint, which must stay loadable with weights_only=True."""
+    trainer = _make(tmp_path, train={"epochs": 1})
+    trainer.evaluate = lambda: {"top1": np.float64(0.5), "images": torch.tensor(16), "groups": {0: np.float32(1.0)}}
+    trainer.fit()
+    assert _last(tmp_path)["last_eval"] == {"top1": 0.5, "images": 16, "groups": {"0": 1.0}}
 
 
 # ---------------------------------------------------------------------------------------------------- signals

@@ -203,7 +203,7 @@ class Trainer:
             TrainingInterrupted: SIGTERM or SIGINT, once the current step is done and in ``last.pt``.
         """
         cfg = self.cfg
-        self._started, self._stop = time.perf_counter(), StopSignals()
+        self._started, self._saved_at, self._stop = time.perf_counter(), time.monotonic(), StopSignals()
         logger: MetricsLogger | NullMetricsLogger = NullMetricsLogger()
         training = False  # from here on a failure is recorded in summary.json
         try:
@@ -233,8 +233,8 @@ class Trainer:
                     if self.val_set is not None and epoch_done % cfg.train.eval_every_epochs == 0:
                         # Rank 0 evaluates the whole validation set; the others wait and receive its metrics.
                         metrics = self.strategy.broadcast(self.evaluate() if self.strategy.is_main else None)
-                        self.state.last_eval = metrics
-                        logger.log("eval", self.state.step, epoch=epoch_done, **metrics)
+                        self.state.last_eval = _plain_values(metrics)  # saved in checkpoints: plain values only
+                        logger.log("eval", self.state.step, epoch=epoch_done, **self.state.last_eval)
                     self.state.epoch, self.state.step_in_epoch = epoch_done, 0
                     self._save_epoch(self.state.last_eval)
                     if self.state.epoch < cfg.train.epochs and self.strategy.any_rank(self._stop.requested)[0]:
@@ -732,6 +732,21 @@ def _run_relative(entry: str) -> str:
     """
     path = Path(entry)
     return f"checkpoints/{path.name}" if path.is_absolute() else path.as_posix()
+
+
+def _plain_values(value: object) -> object:
+    """``value`` with numbers, strings, lists and dicts only (a 0-d tensor or NumPy number becomes its
+    Python number), so that checkpoints holding it load with ``weights_only=True``."""
+    if isinstance(value, dict):
+        return {str(k): _plain_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_values(v) for v in value]
+    if value is None:
+        return value
+    for plain in (bool, int, float, str):  # exactly these types: NumPy's float64 is a float but pickles as NumPy
+        if isinstance(value, plain):
+            return plain(value)
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def _all_finite(states: list) -> bool:
