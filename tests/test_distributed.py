@@ -174,16 +174,23 @@ def _worker(rank: int, port: int, root: str, single_root: str) -> None:
             torch.save(state, root / f"{name}_rank{rank}.pt")
     except Exception as err:
         (root / f"unreadable_error_rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
-    try:  # last: a rank that stops alone leaves the others waiting in a collective until the timeout
-        _fit_nan_on_rank_one(root / "ddp_nan")
-    except Exception as err:
-        (root / f"nan_rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+    # Last: a rank that stops alone leaves the others waiting in a collective until the timeout.
+    for name, engine in NAN_RUNS:
+        try:
+            _fit_nan_on_rank_one(root / name, engine, gradient_only=name.endswith("gradient"))
+        except Exception as err:
+            (root / f"{name}_rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
     dist.destroy_process_group()
 
 
-def _fit_nan_on_rank_one(out_dir: Path) -> None:
-    """A DDP run whose loss is NaN on rank 1 alone, in its second step; last.pt after every step."""
-    cfg = _config(out_dir, {"strategy": "ddp"}, {"checkpoint_every_steps": 1})
+# Runs with a NaN on rank 1 alone in the second step: in the loss (DDP), or in the gradient of a
+# finite loss (ZeRO-2, where the check runs on each rank's gradient partition).
+NAN_RUNS = [("ddp_nan_loss", {"strategy": "ddp"}), ("zero2_nan_gradient", {"strategy": "deepspeed", "zero_stage": 2})]
+
+
+def _fit_nan_on_rank_one(out_dir: Path, engine: dict, gradient_only: bool) -> None:
+    """A run whose loss (or only its gradient) is NaN on rank 1 alone in step 1; last.pt after every step."""
+    cfg = _config(out_dir, engine, {"checkpoint_every_steps": 1})
     trainer = Trainer(
         cfg, ShapesSet(_n_train({}), seed=0), None, student=_tiny_bcos(2), teacher=_tiny_bcos(1), show_progress=False
     )
@@ -192,7 +199,11 @@ def _fit_nan_on_rank_one(out_dir: Path) -> None:
     def objective(batch):
         out = original(batch)
         if dist.get_rank() == 1 and trainer.state.step == 1:
-            out = {**out, "loss": out["loss"] * float("nan")}
+            if gradient_only:  # + sqrt(0 · w): a zero whose gradient is inf · 0 = NaN
+                weight = next(trainer.student.parameters())
+                out = {**out, "loss": out["loss"] + (weight.sum() * 0.0).sqrt()}
+            else:
+                out = {**out, "loss": out["loss"] * float("nan")}
         return out
 
     trainer._objective = objective
@@ -239,13 +250,14 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs, name, tm
     assert len(ckpt["optimizer"]["state"]) == len(expected)  # whole per-parameter Adam state, not a partition
 
 
-def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(runs):
+@pytest.mark.parametrize(("name", "what"), [("ddp_nan_loss", "loss (nan)"), ("zero2_nan_gradient", "gradient")])
+def test_a_non_finite_value_on_one_rank_stops_every_rank_at_that_step(runs, name, what):
     root, _ = runs
     for rank in range(WORLD):
-        message = (root / f"nan_rank{rank}.txt").read_text()
-        assert message.startswith("TrainingError: non-finite loss (nan) at step 1 "), message
+        message = (root / f"{name}_rank{rank}.txt").read_text()
+        assert message.startswith(f"TrainingError: non-finite {what} at step 1 "), message
         assert "last.pt, step 1) is intact" in message
-    last = read_checkpoint(root / "ddp_nan" / "checkpoints" / "last.pt")
+    last = read_checkpoint(root / name / "checkpoints" / "last.pt")
     assert last["step"] == 1 and all(v.isfinite().all() for v in last["model"].values() if v.is_floating_point())
 
 

@@ -165,7 +165,8 @@ class DeepSpeedStrategy(Strategy):
             (grad,) = grad_groups_flat
             if self._grad_scale != 1.0:  # before clipping, which must see the final mean gradient
                 grad.mul_(self._grad_scale)
-            self._check_finite(grad)  # before anything is applied to the fp32 masters
+            if not getattr(self.zero_opt, "compute_grad_norm", False):  # else ZeRO checked the norm: see step
+                self._check_finite(grad)  # before anything is applied to the fp32 masters
             self.clipper(grad, self._master())
             return original(grad_groups_flat, total_norm)
 
@@ -174,7 +175,8 @@ class DeepSpeedStrategy(Strategy):
     def _check_finite(self, grad: Tensor) -> None:
         """Raises `NonFiniteGradientError` on every rank when any rank's gradient partition holds inf or
         NaN (one all-reduce of a flag): ZeRO frees the whole gradients before its step, so the check
-        runs here, on the partitions, before the update."""
+        runs here, on the partitions, before the update. Only where ZeRO does not compute the global
+        gradient norm itself (`step` reads its verdict)."""
         finite = torch.isfinite(grad).all().to(torch.float32).reshape(1)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not bool(finite.item()):
@@ -195,6 +197,10 @@ class DeepSpeedStrategy(Strategy):
             self.engine.step()
         finally:
             self._grad_scale = 1.0
+        # ZeRO computes the global gradient norm (one all-reduce) and, when it is inf or NaN, skips the
+        # update with no more than a log line: the same verdict on every rank, raised here.
+        if getattr(self.zero_opt, "overflow", False):
+            raise NonFiniteGradientError("the accumulated gradient holds inf or NaN; ZeRO did not apply the optimiser")
 
     def scale_gradients(self, factor: float) -> None:
         # The gradient lives in ZeRO's partitions only inside engine.step: scaled there (clip_then_unscale).
