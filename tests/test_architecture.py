@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("e2kd_fast._build_config", "e2kd_fast._ext", "e2kd_fast.config"),  # build facts; the config library
     ("e2kd_fast.reference",),  # the maths in plain PyTorch: the spec of every op
-    ("e2kd_fast.ops._layout", "e2kd_fast.ops._registry", "e2kd_fast.ops.backends"),  # ops' leaf helpers
+    ("e2kd_fast.ops._common", "e2kd_fast.ops._registry", "e2kd_fast.ops.backends"),  # ops' leaf helpers
     ("e2kd_fast.kernels",),  # Triton kernels (the top-level kernels/ folder)
     ("e2kd_fast.ops",),  # registered e2kd:: ops: schema, fake, autograd, back-end choice
     ("e2kd_fast.nn",),  # B-cos layers and norms
