@@ -5,7 +5,7 @@ Providers, all producing the same thing (a random-resized crop to ``size``², a 
 
 - ``torchvision`` (the reference): `e2kd_fast.data.ImageFolderDataset` + `train_transform` through a
   `DataLoader` with ``--workers`` worker processes, as the trainer uses it;
-- ``dali-cpu``: DALI with CPU operators only (``device_id=None``; platform_notes.md §8.2), with
+- ``dali-cpu``: DALI with CPU operators only (``device_id=None``: no GPU needed), with
   ``--workers`` threads;
 - ``dali-gpu``: DALI with the ``mixed`` (nvJPEG) decoder, only where CUDA is available;
 - ``engine-torchvision``, ``engine-dali-cpu``, ``engine-dali-gpu``: the engine's own loaders

@@ -130,7 +130,7 @@ PROVIDERS: dict[str, Provider] = {
         "reference-compiled",
         _compiled,
         False,
-        "torch.compile does not support double backward (platform_notes.md §5.1)",
+        "torch.compile does not support double backward (docs/architecture.md#platform-notes)",
     ),
     "fast": Provider("fast", _fast, True),
     # One column per kernel back end of the fused loss (other ops: "–").

@@ -31,8 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCRATCH_DIR = REPO_ROOT / ".cache" / "bench"
 
-# Dense peak rates of the devices we know (platform_notes.md §11.1). float32 is counted as TF32
-# because cuDNN convolutions use TF32 by default; the record names the basis it used.
+# Dense peak rates of the devices we know (vendor datasheets). float32 is counted as TF32 because
+# cuDNN convolutions use TF32 by default; the record names the basis it used.
 DEVICE_PEAKS: dict[str, dict[str, Any]] = {
     "nvidia-h100": {
         "bytes_per_s": 3.35e12,

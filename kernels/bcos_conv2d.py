@@ -1,7 +1,8 @@
 """Triton kernels of ``e2kd::bcos_conv2d``, ``e2kd::patch_norm`` and ``e2kd::scaled_conv_adjoint``.
 
-The B-cos conv keeps its FLOPs on cuDNN (``F.conv2d``) and fuses the memory-bound rest
-(platform_notes.md §11.6–11.7):
+The B-cos conv keeps its FLOPs on cuDNN (``F.conv2d``) and fuses the memory-bound rest:
+the norm, scale and product move several times the bytes of the conv output and need no FLOPs
+worth a tensor core (the traffic model is in bench/NOTES.md):
 
 ``bcos_conv2d_epilogue(l, x, ...)``, given the conv output l [N, O, Ho, Wo] and its input x [N, C, H, W]:
 

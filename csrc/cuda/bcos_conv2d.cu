@@ -1,6 +1,6 @@
 // The B-cos conv epilogue on CUDA: the same maths as csrc/cpu/bcos_conv2d.cpp (read that header).
 //
-// Three memory-bound kernels around cuDNN's conv (platform_notes.md §11.6–11.7):
+// Three memory-bound kernels around cuDNN's conv, which keeps the FLOPs:
 //   1. sumsq:  q[n, g, h, w] = Σ_{c ∈ g} x²         one thread per (n, g, pixel): a channel loop,
 //                                                     coalesced across pixels (NCHW) or channels (NHWC);
 //   2. norm:   nrm[n, g, ho, wo] = sqrt(box sum of q + 1e-6)   one thread per output pixel (q is small);

@@ -156,7 +156,7 @@ class Trainer:
         self._last_micro = True  # whether the micro-batch in flight ends the optimiser step
         self._last_saved: tuple[Path, int] | None = None  # (checkpoint, step) this run can go on from
         self._saved_at = time.monotonic()  # when last.pt was last written (checkpoint_every_minutes)
-        self._started, self._wall_base = time.perf_counter(), 0.0  # this session's start; earlier sessions' time
+        self._started, self._wall_base = time.perf_counter(), 0.0  # this process's start; time of the runs it resumes
         self._stop = StopSignals()  # SIGTERM / SIGINT while fit runs
         self._resume_record: dict | None = None  # what a resume accepted, for metrics.jsonl
         self.mixing = _batch_mixing(cfg, self._num_classes())
