@@ -206,7 +206,7 @@ def make_step(setup: StepSetup, variant: str, compile: bool | None = None) -> Ca
     cfg = setup.config
     student, optimizer = setup.student, setup.optimizer
     if variant == "e2kd-ckpt":
-        from e2kd_fast.nn.checkpointing import enable_activation_checkpointing
+        from e2kd_fast.nn.activation_checkpointing import enable_activation_checkpointing
 
         student = copy.deepcopy(setup.student)
         enable_activation_checkpointing(student)

@@ -11,7 +11,7 @@ from torch import nn
 from e2kd_fast.config import Config
 from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.models import ModelArgumentError, check_model_kwargs, create_model, load_checkpoint, model_entry
-from e2kd_fast.nn.checkpointing import enable_activation_checkpointing
+from e2kd_fast.nn.activation_checkpointing import enable_activation_checkpointing
 
 # The random streams of initialisation, apart from the training step's (`mix_seed(seed, 7, step)`).
 INIT_STUDENT, INIT_TEACHER, INIT_OBJECTIVE = 101, 102, 103

@@ -40,7 +40,7 @@ from e2kd_fast.nn import (
     DetachablePositionNorm2d,
     LogitLayer,
 )
-from e2kd_fast.nn.checkpointing import is_checkpointed, run_checkpointed
+from e2kd_fast.nn.activation_checkpointing import is_checkpointed, run_checkpointed
 from e2kd_fast.reference.bcos import (
     LINEAR_NORM_EPS,
     avg_pool_adjoint,

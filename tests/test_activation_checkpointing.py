@@ -9,7 +9,7 @@ import torch
 
 from e2kd_fast.distill import e2kd_objective
 from e2kd_fast.models import create_model
-from e2kd_fast.nn.checkpointing import enable_activation_checkpointing, stage_names
+from e2kd_fast.nn.activation_checkpointing import enable_activation_checkpointing, stage_names
 
 
 def _pair(name: str = "bcos_resnet20_cifar"):
