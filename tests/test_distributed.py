@@ -180,7 +180,30 @@ def _worker(rank: int, port: int, root: str, single_root: str) -> None:
             _fit_nan_on_rank_one(root / name, engine, gradient_only=name.endswith("gradient"))
         except Exception as err:
             (root / f"{name}_rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+    # Very last: rank 1 dies in step 1; rank 0 must fail at its next collective, not wait for ever.
+    try:
+        _fit_rank_one_dies(root / "lost_rank")
+    except Exception as err:
+        (root / f"lost_rank_rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        os._exit(0)  # the group lost a member: destroying it could wait on the dead peer
     dist.destroy_process_group()
+
+
+def _fit_rank_one_dies(out_dir: Path) -> None:
+    """A DDP run whose rank 1 exits without a word in step 1, after last.pt of step 1 was written."""
+    cfg = _config(out_dir, {"strategy": "ddp"}, {"checkpoint_every_steps": 1})
+    trainer = Trainer(
+        cfg, ShapesSet(_n_train({}), seed=0), None, student=_tiny_bcos(2), teacher=_tiny_bcos(1), show_progress=False
+    )
+    original = trainer._objective
+
+    def objective(batch):
+        if dist.get_rank() == 1 and trainer.state.step == 1:
+            os._exit(0)  # as a killed process: no exception, no message, no collective
+        return original(batch)
+
+    trainer._objective = objective
+    trainer.fit()
 
 
 # Runs with a NaN on rank 1 alone in the second step: in the loss (DDP), or in the gradient of a
@@ -259,6 +282,17 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank_at_that_step(runs, name
         assert "last.pt, step 1) is intact" in message
     last = read_checkpoint(root / name / "checkpoints" / "last.pt")
     assert last["step"] == 1 and all(v.isfinite().all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_a_lost_rank_stops_the_others_and_leaves_a_checkpoint_to_resume_from(runs, tmp_path):
+    root, _ = runs
+    message = (root / "lost_rank_rank0.txt").read_text()  # rank 0 failed rather than hanging
+    assert message, "rank 0 reported no error"
+    assert not (root / "lost_rank_rank1.txt").exists()  # rank 1 died without one
+    last = root / "lost_rank" / "checkpoints" / "last.pt"
+    assert read_checkpoint(last)["step"] == 1
+    resumed = _fit(tmp_path / "resumed", {"strategy": "single"}, {}, {}, resume=last)
+    assert resumed.state.step == 4
 
 
 def test_rank_zero_alone_logs_and_evaluates(runs):
