@@ -123,8 +123,8 @@ def test_argument_errors():
         dynamic_weights(net, x6, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
         dynamic_weights(net, x6, torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="unknown dynamic_weights backend 'lrp'; available: autograd, sweep"):
-        dynamic_weights(net, x6, torch.tensor([0, 1]), backend="lrp")
+    with pytest.raises(ValueError, match="unknown dynamic_weights algorithm 'lrp'; available: autograd, sweep"):
+        dynamic_weights(net, x6, torch.tensor([0, 1]), algorithm="lrp")
     with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
         dynamic_weights(net, x6, torch.tensor([0, 1]))
 
