@@ -159,6 +159,7 @@ def test_every_config_file_loads_and_validates(path):
     if cfg.data.dataset != "folder":  # VOC / Waterbirds recipes: tests/test_voc_waterbirds.py
         return
     assert cfg.distill.gt_coef == 0.0 and cfg.data.val_per_class == 50 and cfg.data.val_seed == 42
+    assert cfg.data.subset_draw == "official"  # held-out and shots: the official images, index for index
     assert (cfg.data.image_size, cfg.data.eval_resize, cfg.data.crop_scale_min) == (224, 256, 0.08)
 
 
@@ -274,6 +275,7 @@ def test_none_is_accepted_only_where_the_type_allows_it():
         ("train", "precision", "fp16", "'fp32', 'bf16'"),
         ("train", "device", "gpu", "'auto', 'cpu', 'cuda'"),
         ("data", "dataset", "imagenet", "'folder', 'synthetic', 'voc', 'waterbirds'"),
+        ("data", "subset_draw", "bit", "'official', 'per_class'"),
     ],
 )
 def test_choices_name_the_field_and_the_allowed_values(section, key, value, allowed):

@@ -77,6 +77,7 @@ ScheduleName = Literal["cosine", "constant"]
 ScheduleUnit = Literal["epoch", "step"]
 DatasetKind = Literal["folder", "synthetic", "voc", "waterbirds"]
 LoaderName = Literal["torchvision", "dali", "auto"]
+SubsetDraw = Literal["official", "per_class"]  # e2kd_fast.data.splits
 Precision = Literal["fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 StrategyName = Literal["single", "ddp", "deepspeed"]
@@ -322,6 +323,9 @@ class DataConfig(Section):
         shot_seed: seed of the few-shot draw (taken after the held-out split is removed).
         val_per_class: images per class held out of the train split for validation; None = none.
         val_seed: seed of the held-out draw.
+        subset_draw: how ``val_per_class`` and ``shots`` pick their images: ``"official"`` (the images
+            the official GTE code picks for the same image list and seed, index for index; the paper
+            configs) or ``"per_class"`` (an independent seeded draw per class). See `e2kd_fast.data.splits`.
         mixup_alpha, cutmix_alpha: batch mixing strengths; 0 = off.
     """
 
@@ -342,6 +346,7 @@ class DataConfig(Section):
     shot_seed: int = 42
     val_per_class: int | None = None
     val_seed: int = 42
+    subset_draw: SubsetDraw = "per_class"
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
 

@@ -34,13 +34,14 @@ def split_indices(data, targets: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """(training indices, held-out validation indices) from ``data.val_per_class`` and ``data.shots``.
 
     ``val_per_class`` holds that many images per class out of the training split; ``shots`` then draws
-    that many training images per class from the rest. None where the option is not set.
+    that many training images per class from the rest; both the way ``data.subset_draw`` names. None
+    where the option is not set.
     """
     train_indices = held_out = None
     if data.val_per_class:
-        train_indices, held_out = held_out_split(targets, data.val_per_class, data.val_seed)
+        train_indices, held_out = held_out_split(targets, data.val_per_class, data.val_seed, draw=data.subset_draw)
     if data.shots:
-        train_indices = few_shot_indices(targets, data.shots, data.shot_seed, exclude=held_out)
+        train_indices = few_shot_indices(targets, data.shots, data.shot_seed, exclude=held_out, draw=data.subset_draw)
     return train_indices, held_out
 
 
