@@ -276,6 +276,7 @@ def test_none_is_accepted_only_where_the_type_allows_it():
         ("train", "device", "gpu", "'auto', 'cpu', 'cuda'"),
         ("data", "dataset", "imagenet", "'folder', 'synthetic', 'voc', 'waterbirds'"),
         ("data", "subset_draw", "bit", "'official', 'per_class'"),
+        ("distill", "guided_step_counter", "batch", "'epoch', 'run'"),
     ],
 )
 def test_choices_name_the_field_and_the_allowed_values(section, key, value, allowed):

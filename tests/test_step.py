@@ -95,3 +95,29 @@ def test_compiled_float64_step_matches_finite_differences():
         with torch.no_grad():
             param[index] -= sign * h
     assert param.grad[index].item() == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-6, abs=1e-9)
+
+
+def test_guided_step_counter_counts_the_step_in_its_epoch_or_in_the_run():
+    # Official (GTE distillation_trainstep): explain when batch_idx % K == 0, batch_idx counting from 0 in each
+    # epoch; with 3 steps per epoch and K = 2 that is steps 0, 2 | 3, 5 | 6, 8 of the run.
+    from e2kd_fast.config import config_from_dict
+    from e2kd_fast.engine.step import make_train_step
+
+    student = teacher = torch.nn.Identity()
+    per_epoch = TrainStep(student, teacher, guided_step_interval=2, guided_step_counter="epoch", steps_per_epoch=3)
+    assert [s for s in range(9) if per_epoch.explains_at(s)] == [0, 2, 3, 5, 6, 8]
+    per_run = TrainStep(student, teacher, guided_step_interval=2, guided_step_counter="run", steps_per_epoch=3)
+    assert [s for s in range(9) if per_run.explains_at(s)] == [0, 2, 4, 6, 8]
+    assert not TrainStep(student, teacher, lam=0.0, guided_step_counter="epoch").explains_at(0)
+    with pytest.raises(ValueError, match="guided_step_counter must be 'run' or 'epoch'; got 'batch'"):
+        TrainStep(student, teacher, guided_step_counter="batch")
+    cfg = config_from_dict(
+        {
+            "student": {"name": "bcos_resnet18"},
+            "teacher": {"name": "bcos_resnet34"},
+            "distill": {"guided_step_interval": 2},
+        }
+    )
+    assert cfg.distill.guided_step_counter == "epoch"  # the official counter is the default
+    step = make_train_step(student, teacher, cfg, steps_per_epoch=3)
+    assert (step.guided_step_counter, step.guided_step_interval, step.steps_per_epoch) == ("epoch", 2, 3)

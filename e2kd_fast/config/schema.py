@@ -72,6 +72,7 @@ BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "reviewkd": {"weight": 1.0, "warmup_epochs": 20, "max_mid_channels": 512},
 }
 ExplanationKind = Literal["bcos", "gradcam"]
+GuidedStepCounter = Literal["epoch", "run"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 ScheduleName = Literal["cosine", "constant"]
 ScheduleUnit = Literal["epoch", "step"]
@@ -176,6 +177,9 @@ class DistillConfig(Section):
         gt_coef: weight of the ground-truth label loss in KD / e²KD (every paper config uses 0).
         guided_step_interval: compute the explanation loss on every K-th step only (GTE's option of that name;
             its "efficient" configs use K = 16 for ResNets, 4 for ViTs).
+        guided_step_counter: the step count that ``guided_step_interval`` divides: ``"epoch"`` (the
+            optimiser step's index within its epoch, from 0: the official batch index, so every epoch
+            starts with an explained step) or ``"run"`` (the run's optimiser step count).
         multilabel: multi-label targets (PASCAL VOC): the KD term is the per-class sigmoid KL of
             `e2kd_fast.distill.multilabel.multilabel_kd` instead of the softmax KL; the explained class
             stays the teacher's top-1 logit. Must be set exactly when ``data.dataset == "voc"``.
@@ -194,6 +198,7 @@ class DistillConfig(Section):
     explanation: ExplanationKind = "bcos"
     gt_coef: float = 0.0
     guided_step_interval: int = 1
+    guided_step_counter: GuidedStepCounter = "epoch"
     multilabel: bool = False
     feature_weight: float | None = None
     kd_coef: float = 0.0

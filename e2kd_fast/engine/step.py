@@ -27,6 +27,9 @@ class TrainStep:
     Args:
         student, teacher: the models (teacher in eval mode, frozen; None with frozen outputs).
         tau, lam, explanation, gt_coef, guided_step_interval: as `e2kd_objective`.
+        guided_step_counter: what ``guided_step_interval`` counts: ``"run"`` (the ``step`` passed in,
+            the run's optimiser step) or ``"epoch"`` (``step % steps_per_epoch``: the step's index in its
+            epoch, the official batch index; the trainer's epochs all have ``steps_per_epoch`` steps).
         compile: compile the forward-to-loss function with ``fullgraph=True``.
         log: called with one line per compilation (what was compiled and how long it took).
         objective: a feature baseline (`e2kd_fast.distill.baselines`) computed instead of e²KD / KD;
@@ -44,6 +47,7 @@ class TrainStep:
         explanation: str = "bcos",
         gt_coef: float = 0.0,
         guided_step_interval: int = 1,
+        guided_step_counter: str = "run",
         compile: bool = False,
         log: Callable[[str], None] = print,
         multilabel: bool = False,
@@ -52,6 +56,9 @@ class TrainStep:
     ) -> None:
         self.student, self.teacher = student, teacher
         self.lam, self.guided_step_interval = lam, guided_step_interval
+        if guided_step_counter not in ("run", "epoch"):
+            raise ValueError(f"guided_step_counter must be 'run' or 'epoch'; got {guided_step_counter!r}")
+        self.guided_step_counter = guided_step_counter
         # multilabel (VOC): per-class sigmoid KD (e2kd_fast.distill.multilabel)
         self.common = {
             "tau": tau,
@@ -93,7 +100,9 @@ class TrainStep:
         return fn(images, labels, torch.tensor(ramp, device=images.device))
 
     def explains_at(self, step: int) -> bool:
-        return self.lam > 0 and step % self.guided_step_interval == 0
+        """Whether the run's optimiser step ``step`` has the explanation term (``guided_step_interval``)."""
+        counter = step % self.steps_per_epoch if self.guided_step_counter == "epoch" else step
+        return self.lam > 0 and counter % self.guided_step_interval == 0
 
     def __call__(
         self, images: Tensor, labels: Tensor | None, step: int, frozen: TeacherOutputs | None = None
@@ -145,6 +154,7 @@ def make_train_step(
         explanation=d.explanation,
         gt_coef=d.gt_coef,
         guided_step_interval=d.guided_step_interval,
+        guided_step_counter=d.guided_step_counter,
         compile=cfg.train.compile,
         log=log,
         multilabel=d.multilabel,
