@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench import common
+from bench import common, floor
 
 SUITE = "step"
 REFERENCE = "reference"
@@ -86,7 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="models and input in channels_last")
     parser.add_argument("--rounds", type=int, default=5, help="alternation rounds (each variant once per round)")
     parser.add_argument("--steps-per-round", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before the rounds")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="steps per variant before the rounds (at least 1; the first is timed on its own: first_step_s)",
+    )
     parser.add_argument("--tau", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument(
@@ -100,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="compile our variants' forward-to-loss graph (fullgraph); compile time is spent in the warm-up",
+    )
+    parser.add_argument(
+        "--warm-compile",
+        action="store_true",
+        help="with --compile: time the first step again in a fresh process with the compile caches populated",
     )
 
 
@@ -287,6 +297,81 @@ def _reference_step(setup: StepSetup) -> Callable[[], None]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Counters: FLOPs and bytes of the eager step, Inductor's kernels and bytes of the compiled one
+# --------------------------------------------------------------------------------------------------
+
+
+def _count(step: Callable[[], None]) -> floor.Traffic | None:
+    try:
+        return floor.count_traffic(step)
+    except Exception:  # a path the counter cannot see through: report no figure, not a wrong one
+        return None
+
+
+@contextlib.contextmanager
+def inductor_metrics():
+    """Kernels Inductor generates, and the bytes it estimates they move, while the block runs.
+
+    Yields a dict filled on exit: ``kernels`` (`torch._inductor.metrics.generated_kernel_count`) and
+    ``bytes`` (`num_bytes_accessed`: each scheduled kernel's buffer reads and writes, summed; Inductor
+    computes it only while its ``inductor_metrics`` log is enabled at INFO, which this does with a
+    silent handler). Both are counted at compile time: a block that compiles nothing counts 0, and
+    a hit in Inductor's FX-graph cache replays the counts stored with the cached graph.
+    """
+    import logging
+
+    from torch._inductor import metrics
+
+    logger = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
+    saved = (logger.level, logger.propagate)
+    handler = logging.NullHandler()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    counted: dict[str, int | None] = {"kernels": None, "bytes": None}
+    metrics.reset()
+    try:
+        yield counted
+    finally:
+        counted["kernels"] = metrics.generated_kernel_count
+        counted["bytes"] = metrics.num_bytes_accessed or None
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def warm_compile_probe(config: dict[str, Any], variant: str, device: torch.device) -> float:
+    """Seconds of the first step of ``variant`` in this process (call it in a fresh one, caches warm)."""
+    setup = build_setup(config, device, teacher=variant != "e2kd-frozen", frozen=variant == "e2kd-frozen")
+    return common.time_once(make_step(setup, variant), device) / 1e3
+
+
+def run_warm_compile_probe(config: dict[str, Any], variant: str, device: torch.device) -> float | None:
+    """`warm_compile_probe` in a fresh interpreter sharing this one's compile caches (None if it fails)."""
+    result = _run_probe("--warmprobe", config, variant, device)
+    return None if result is None else result["first_step_s"]
+
+
+def _run_probe(flag: str, config: dict[str, Any], variant: str, device: torch.device) -> dict[str, Any] | None:
+    payload = json.dumps(
+        {"config": config, "variant": variant, "device": str(device), "threads": torch.get_num_threads()}
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(common.REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_step", flag, payload],
+        cwd=common.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------
 # Memory probe (runs in a fresh interpreter)
 # --------------------------------------------------------------------------------------------------
 
@@ -371,8 +456,14 @@ def run(
 def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[str, Any]]:
     setup = build_setup(config, device, frozen="e2kd-frozen" in variants)
     steps = {v: make_step(setup, v) for v in variants}
-    for v in variants:  # warm-up (and, for future compiled variants, compilation) outside the rounds
-        for _ in range(args.warmup):
+    first_step_s: dict[str, float] = {}
+    inductor: dict[str, dict[str, int | None]] = {}
+    for v in variants:  # warm-up (and compilation) outside the rounds; the first step is timed on its own
+        with inductor_metrics() as counted:
+            first_step_s[v] = common.time_once(steps[v], device) / 1e3
+        if config["compile"] and v != REFERENCE:
+            inductor[v] = counted
+        for _ in range(args.warmup - 1):
             steps[v]()
     common.synchronize(device)
     samples: dict[str, list[float]] = {v: [] for v in variants}
@@ -381,15 +472,24 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
         for v in order:
             for _ in range(args.steps_per_round):
                 samples[v].append(common.time_once(steps[v], device))
-    # FLOPs are counted on eager steps: a compiled step hides its ops from the counter.
-    flops = {v: (None if args.no_flops else common.count_flops(make_step(setup, v, compile=False))) for v in variants}
+    # FLOPs and bytes are counted on eager steps: a compiled step hides its ops from the counter.
+    traffic = {v: (None if args.no_flops else _count(make_step(setup, v, compile=False))) for v in variants}
+    warm_s = {
+        v: run_warm_compile_probe(config, v, device)
+        for v in variants
+        if args.warm_compile and config["compile"] and v != REFERENCE
+    }
     del steps, setup
     records = []
     for v in variants:
         stats = common.summarize(samples[v])
         memory = run_memory_probe(config, v, device) if args.memory == "subprocess" else None
         seconds = stats["median"] / 1e3
-        achieved = flops[v] / seconds if flops[v] else None
+        t = traffic[v]
+        flops = t.flops if t else None
+        achieved = flops / seconds if flops else None
+        floors = {k: f["floor_ms"] for k, f in floor.floors(t, config["dtype"]).items()} if t else None
+        over = floor.over_floor(stats["median"], t, env["device_kind"], config["dtype"]) if t else None
         record = common.make_record(
             run_id=run_id,
             env=env,
@@ -400,15 +500,25 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
             time_ms=stats,
             samples_ms=samples[v],
             throughput={"value": config["batch"] / seconds, "unit": "img/s"},
-            flops=flops[v],
-            gflop_per_img=flops[v] / config["batch"] / 1e9 if flops[v] else None,
+            flops=flops,
+            gflop_per_img=flops / config["batch"] / 1e9 if flops else None,
             tflops=achieved / 1e12 if achieved else None,
             mfu=common.mfu(env["device_kind"], config["dtype"], achieved),
+            bytes=t.bytes if t else None,
+            floor_ms=floors,
+            time_over_floor=over,
+            first_step_s=first_step_s[v],
+            warm_first_step_s=warm_s.get(v),
+            inductor_kernels=inductor.get(v, {}).get("kernels"),
+            inductor_bytes=inductor.get(v, {}).get("bytes"),
             memory=memory,
             teacher_requires_grad=(v == REFERENCE),
         )
         log(
             f"  {v:12s} {stats['median']:9.1f} ms  {config['batch'] / seconds:8.1f} img/s"
+            f"  first step {first_step_s[v]:.1f} s"
+            + (f"  ÷ floor {over:.2f}" if over else "")
+            + (f"  kernels {inductor[v]['kernels']}" if v in inductor else "")
             + (f"  step mem {common.fmt_bytes(memory['step_bytes'])}" if memory else "")
         )
         records.append(record)
@@ -435,6 +545,9 @@ def table(records: list[dict[str, Any]]) -> str:
                 common.fmt_num(r.get("mem_ratio")) + "×" if r.get("mem_ratio") else "–",
                 common.fmt_num(r.get("gflop_per_img")),
                 common.fmt_num(100 * r["mfu"]) + " %" if r.get("mfu") else "–",
+                common.fmt_num(r.get("time_over_floor")) + "×" if r.get("time_over_floor") else "–",
+                common.fmt_num(r.get("first_step_s")),
+                str(r["inductor_kernels"]) if r.get("inductor_kernels") is not None else "–",
             ]
         )
     headers = [
@@ -449,6 +562,9 @@ def table(records: list[dict[str, Any]]) -> str:
         "step mem ÷ reference",
         "GFLOP/img",
         "MFU",
+        "time ÷ floor",
+        "first step s",
+        "kernels",
     ]
     return common.markdown_table(headers, rows)
 
@@ -460,8 +576,17 @@ def _memprobe_main(payload: str) -> None:
     print(json.dumps(result))
 
 
+def _warmprobe_main(payload: str) -> None:
+    spec = json.loads(payload)
+    torch.set_num_threads(int(spec["threads"]))
+    seconds = warm_compile_probe(spec["config"], spec["variant"], torch.device(spec["device"]))
+    print(json.dumps({"first_step_s": seconds}))
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--memprobe":
         _memprobe_main(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--warmprobe":
+        _warmprobe_main(sys.argv[2])
     else:
         raise SystemExit("internal entry point; run `python -m bench step` instead")

@@ -8,6 +8,11 @@ latest record of an entry wins. Both files must come from the same device kind.
 
 Lower ratios are better. An entry regresses when ``new > baseline × (1 + max_regression)``.
 
+With ``--metrics inductor_kernels,inductor_bytes`` it also gates the compiled step's CPU proxies of
+fusion: the kernels Inductor generated and the bytes it estimates they move. They are absolute
+counts, not ratios, and depend on the torch version: entries whose records name different torch
+versions are shown ("torch differs") but never fail the gate.
+
 Exit status: 0 no regression, 1 regression (or, with ``--fail-on-missing``, entries missing from
 NEW), 2 unusable input (device kinds differ, nothing to compare, unreadable file).
 """
@@ -23,7 +28,10 @@ from typing import Any
 
 from bench import common
 
-METRICS = ("ratio", "mem_ratio")
+# Lower is better for all: time and step memory ÷ the reference's (ratios inside one run), and the
+# compiled step's Inductor kernel count and estimated bytes (deterministic for one torch version and
+# device kind: CPU proxies of fusion that show a regression without a GPU).
+METRICS = ("ratio", "mem_ratio", "inductor_kernels", "inductor_bytes")
 EntryKey = tuple[str, str, str]
 
 
@@ -98,6 +106,12 @@ def compare(
                 rows.append([*key, metric, "–", common.fmt_num(n[metric]), "–", "new entry"])
                 continue
             change = n[metric] / b[metric] - 1
+            if metric.startswith("inductor_") and b.get("env", {}).get("torch") != n.get("env", {}).get("torch"):
+                rows.append(
+                    [*key, metric, common.fmt_num(b[metric]), common.fmt_num(n[metric]), f"{100 * change:+.1f} %"]
+                    + ["torch differs"]
+                )
+                continue
             regressed = n[metric] > b[metric] * (1 + max_regression)
             if regressed:
                 regressions.append(key)
@@ -132,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-regression", type=float, default=0.10, help="allowed relative worsening of a ratio (default 0.10)"
     )
-    parser.add_argument("--metrics", default="ratio", help="comma-separated: ratio (time), mem_ratio (step memory)")
+    parser.add_argument(
+        "--metrics",
+        default="ratio",
+        help="comma-separated: ratio (time), mem_ratio (step memory), inductor_kernels, inductor_bytes "
+        "(compiled step: generated kernels and Inductor's estimated bytes)",
+    )
     parser.add_argument("--device-kind", default=None, help="compare only records of this device kind")
     parser.add_argument(
         "--fail-on-missing", action="store_true", help="entries of the baseline missing in NEW fail the gate"

@@ -1,45 +1,124 @@
 #!/usr/bin/env bash
-# A GPU machine's whole run in one command: build the extension for sm_90, run the CUDA tests and the
-# benchmarks, and leave logs and JSON lines under $OUT (copy them to bench/results/ afterwards).
+# A GPU machine's whole run in one call, at most BUDGET_S (470 s) wall time, extension build
+# included. Each part runs under its own `timeout`, so one slow part cannot eat the others' time,
+# and leaves its log under $OUT (copy the logs and JSON lines to bench/results/ afterwards):
 #
-#   bash bench/gpu_session.sh build-test   # build + GPU tests + op/layer benchmarks
-#   bash bench/gpu_session.sh step         # whole-step benchmark (B-cos R18 <- D169, 224², bf16)
+#   env        versions, GPU, extension build config     env.log
+#   build      the extension for sm_90 (if not built)    build.log
+#   ceilings   measured copy bandwidth and bf16 matmul   ceilings.log
+#   tests      the requires_cuda tests                   tests.log
+#   step       compiled step, B-cos R18 <- D169, batch 128, 224², bf16, channels_last:
+#              reference, e2kd-live, kd, e2kd-frozen; time, time ÷ floor, first-step (cold
+#              compile) time, Inductor kernels                           step.log, step.jsonl
+#   profile    torch.profiler top kernels of the compiled e2kd-live step; its first step is the
+#              warm-compile time (a second process, Inductor cache populated by `step`)  profile.log
+#   layer      bench/bench_bcos_conv2d.py                                layer.log
+#
+#   OUT=/tmp/e2kd-gpu bash bench/gpu_session.sh
+#   OUT=/tmp/e2kd-dry bash bench/gpu_session.sh --dry-run   # CPU, tiny sizes: checks that it all runs
+#
+# The dry run uses the CPU, the tiny_bcos pair at batch 2 and 32², and skips what needs CUDA with a
+# line saying so. SESSION_COMPILE=0 runs the step and profile parts eagerly (compiling even the tiny
+# pair takes minutes on a 2-core CPU). Per-part limits: LIMIT_<PART> in seconds (the dry run's
+# defaults are 4× the GPU's); BUDGET_S caps the whole; $OUT/summary.txt has one line per part.
 set -u
+DRY=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "usage: OUT=DIR bash bench/gpu_session.sh [--dry-run]" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/e2kd-gpu}
 mkdir -p "$OUT"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} E2KD_CUDA_ARCHS=${E2KD_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+: >"$OUT/summary.txt"
 PY=${PY:-python3}
-git_commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+# Per-part limits (s) on the GPU; a dry run on a small, shared CPU gets 4× (its budget: 30 min).
+SCALE=1
+[ $DRY = 1 ] && SCALE=4
+BUDGET_S=${BUDGET_S:-$((DRY == 1 ? 1800 : 470))}
+COMPILE_FLAG=--compile
+[ "${SESSION_COMPILE:-1}" = 0 ] && COMPILE_FLAG=
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} E2KD_CUDA_ARCHS=${E2KD_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+# A fresh Inductor cache: the step part's first steps are cold compiles, the profile part's warm.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/e2kd-inductor.XXXXXX")}
+started=$(date +%s)
 
-build() {
-  if ! $PY -c "import e2kd_fast._C" 2>/dev/null; then
-    { time E2KD_REQUIRE_EXT=1 $PY -m pip install --no-deps --no-build-isolation -q -e . ; } >"$OUT/build.log" 2>&1
+say() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+# part NAME LIMIT_S CMD...: CMD under `timeout` (never past the budget), output in $OUT/NAME.log.
+part() {
+  local name=$1 limit=$2 left t0 rc status
+  shift 2
+  left=$((BUDGET_S - ($(date +%s) - started)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 5 ]; then
+    say "$name: skipped: the ${BUDGET_S} s budget is spent"
+    return
   fi
-  $PY - <<'PY' | tee "$OUT/env.txt"
-import torch, triton, e2kd_fast
-from e2kd_fast._ext import build_config, load_extension
-print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name())
-print("extension", build_config(), "loaded", load_extension() is not None)
-PY
-  echo "commit $git_commit" >>"$OUT/env.txt"
+  t0=$(date +%s)
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status="TIMED OUT at ${limit} s" ;;
+    *) status="failed (exit $rc)" ;;
+  esac
+  say "$name: $status, $(($(date +%s) - t0)) s, log $name.log"
 }
 
-case "${1:-build-test}" in
-  build-test)
-    build
-    $PY -m pytest -q -p no:cacheprovider -m requires_cuda tests --continue-on-collection-errors \
-      >"$OUT/gpu_tests.log" 2>&1
-    tail -5 "$OUT/gpu_tests.log"
-    $PY -m bench ops --device cuda --ops distill_loss --out "$OUT/ops.jsonl" >"$OUT/ops.log" 2>&1
-    tail -25 "$OUT/ops.log"
-    $PY -m bench.bench_bcos_conv2d --device cuda --channels-last >"$OUT/bcos_conv2d.log" 2>&1
-    tail -25 "$OUT/bcos_conv2d.log"
-    ;;
-  step)
-    build
-    $PY -m bench step --device cuda --pairs 'bcos_r18<-bcos_d169' --batch 128 --resolution 224 \
-      --dtype bfloat16 --channels-last ${STEP_FLAGS---compile} --rounds 2 --warmup 1 --memory none --no-flops \
-      --variants ${STEP_VARIANTS:-reference,kd,e2kd-live,e2kd-frozen} --out "$OUT/step.jsonl" >"$OUT/step.log" 2>&1
-    tail -25 "$OUT/step.log"
-    ;;
-esac
+if [ $DRY = 1 ]; then
+  DEVICE=cpu
+  STEP_SIZE=(--pairs tiny_bcos --batch 2 --resolution 32 --dtype float32 --rounds 1)
+  PROFILE_SIZE=(--pair tiny_bcos --batch 2 --resolution 32 --dtype float32 --warmup 1 --steps 1 --top 10)
+  CEILING_SIZE=(--copy-mib 16 --matmul-n 256)
+  LAYER_SIZE=(--models bcos_resnet18 --batch 1 --limit 2 --warmup 1 --repeats 1)
+else
+  DEVICE=cuda
+  STEP_SIZE=(--pairs 'bcos_r18<-bcos_d169' --batch 128 --resolution 224 --dtype bfloat16 --channels-last --rounds 2)
+  PROFILE_SIZE=(--pair 'bcos_r18<-bcos_d169' --batch 128 --resolution 224 --dtype bfloat16 --channels-last)
+  CEILING_SIZE=()
+  LAYER_SIZE=(--channels-last --repeats 5)
+fi
+say "gpu_session: $([ $DRY = 1 ] && echo 'dry run, CPU' || echo CUDA), budget ${BUDGET_S} s, commit $(git rev-parse HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+
+part env "${LIMIT_ENV:-$((30 * SCALE))}" bash -c '
+  nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
+  nproc; free -g 2>/dev/null | head -2
+  $0 -c "
+import torch, e2kd_fast
+from bench import common
+from e2kd_fast._ext import build_config
+env = common.environment(common.resolve_device(\"auto\"))
+print({k: env[k] for k in (\"device\", \"device_kind\", \"torch\", \"triton\", \"cuda\", \"cudnn\", \"driver\", \"git_commit\")})
+print(\"extension build config\", build_config())
+"' "$PY"
+
+if [ $DRY = 1 ]; then
+  say "build: skipped: the dry run uses the extension \`make venv\` built (sm_90 needs nvcc and a GPU run)"
+else
+  part build "${LIMIT_BUILD:-$((150 * SCALE))}" bash -c '
+    $0 -c "import e2kd_fast._C" 2>/dev/null && { echo "extension already built"; exit 0; }
+    time E2KD_REQUIRE_EXT=1 $0 -m pip install --no-deps --no-build-isolation -q -e . &&
+      $0 -c "from e2kd_fast._ext import build_config, load_extension as l; print(build_config(), l() is not None)"
+  ' "$PY"
+fi
+
+part ceilings "${LIMIT_CEILINGS:-$((20 * SCALE))}" "$PY" -m bench.floor --measure-ceilings --device "$DEVICE" "${CEILING_SIZE[@]}"
+
+if [ $DRY = 1 ]; then
+  say "tests: skipped: the requires_cuda tests need a CUDA device"
+else
+  part tests "${LIMIT_TESTS:-$((60 * SCALE))}" "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda tests \
+    --continue-on-collection-errors
+fi
+
+part step "${LIMIT_STEP:-$((150 * SCALE))}" "$PY" -m bench step --device "$DEVICE" "${STEP_SIZE[@]}" $COMPILE_FLAG \
+  --warmup 1 --memory none --variants "${STEP_VARIANTS:-reference,e2kd-live,kd,e2kd-frozen}" --out "$OUT/step.jsonl"
+
+part profile "${LIMIT_PROFILE:-$((40 * SCALE))}" "$PY" -m bench.profile_step --device "$DEVICE" "${PROFILE_SIZE[@]}" $COMPILE_FLAG
+
+part layer "${LIMIT_LAYER:-$((20 * SCALE))}" "$PY" -m bench.bench_bcos_conv2d --device "$DEVICE" "${LAYER_SIZE[@]}"
+
+say "gpu_session: done in $(($(date +%s) - started)) s"
