@@ -53,6 +53,20 @@ def _tiny_bcos(seed: int) -> torch.nn.Module:
     return net
 
 
+def _tiny_bcos_without_norms(seed: int) -> torch.nn.Module:
+    """`_tiny_bcos` without batch norm: a step's result does not depend on how it splits into micro-batches."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        BcosConv2d(6, 8, 3, padding=1),
+        BcosConv2d(8, 8, 3, stride=2, padding=1),
+        BcosConv2d(8, 4, 1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    net.num_classes = 4
+    return net
+
+
 def _config(tmp_path, **sections) -> dict:
     cfg = {
         "student": {"name": "bcos_resnet20_cifar", "num_classes": 4},
@@ -183,6 +197,35 @@ def test_models_are_built_from_the_config(tmp_path):
 def test_too_little_data_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match="fewer than one optimiser step needs"):
         _trainer(tmp_path, n_train=6)
+    assert _trainer(tmp_path, n_train=6, data={"drop_last": False}).steps_per_epoch == 1  # the partial step counts
+
+
+def test_drop_last_false_trains_the_partial_last_step_as_the_mean_over_its_images(tmp_path):
+    """data.drop_last false (the official loader): 20 images at batch 8 make steps of 8, 8 and 4 images."""
+    dropped = _trainer(tmp_path / "dropped", n_train=20, train={"epochs": 1})
+    assert dropped.fit()["steps"] == 2
+    assert [r["images"] for r in read_metrics(tmp_path / "dropped" / "run", "train")] == [8, 8]
+    runs = {}
+    # The same 8, 8, 4 epoch positions per step, as one micro-batch or as two of 4 (the last: 4 images and none).
+    # Without batch norm, whose batch statistics would differ between micro-batches of 4 and of 8.
+    for name, batch, accum in (("whole", 8, 1), ("split", 4, 2)):
+        cfg = config_from_dict(
+            _config(
+                tmp_path / name,
+                data={"batch_size": batch, "drop_last": False},
+                train={"epochs": 1, "grad_accum": accum},
+            )
+        )
+        student, teacher = (_tiny_bcos_without_norms(seed) for seed in (2, 1))
+        trainer = Trainer(cfg, ShapesSet(20, seed=0), None, student=student, teacher=teacher, show_progress=False)
+        assert trainer.steps_per_epoch == 3 and trainer.fit()["steps"] == 3
+        runs[name] = (trainer, read_metrics(tmp_path / name / "run", "train"))
+    (whole, whole_log), (split, split_log) = runs["whole"], runs["split"]
+    assert [r["images"] for r in whole_log] == [r["images"] for r in split_log] == [8, 8, 4]
+    for a, b in zip(whole_log, split_log, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    for a, b in zip(whole.student.state_dict().values(), split.student.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_epoch_sampler_is_deterministic_and_resumable():

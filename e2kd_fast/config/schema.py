@@ -319,6 +319,10 @@ class DataConfig(Section):
         eval_resize: evaluation Resize before the centre crop (>= ``image_size``).
         crop_scale_min: lower bound of the RandomResizedCrop area scale.
         batch_size: total training batch per optimiser micro-step (all devices together).
+        drop_last: leave out the epoch's last training step when it would be partial (fewer than
+            ``batch_size × train.grad_accum`` images); false trains on it, its loss and gradient the mean
+            over the images it has, as the official loaders (``drop_last=False``) do; the paper configs
+            set false.
         eval_batch_size: evaluation batch; None = ``batch_size``.
         num_workers: data-loader worker processes (DALI: pipeline threads).
         loader: input pipeline: ``"torchvision"`` (default), ``"dali"`` (NVIDIA DALI; GPU decoding on
@@ -344,6 +348,7 @@ class DataConfig(Section):
     eval_resize: int = 256
     crop_scale_min: float = 0.08
     batch_size: int = 64
+    drop_last: bool = True
     eval_batch_size: int | None = None
     num_workers: int = 8
     loader: LoaderName = "torchvision"

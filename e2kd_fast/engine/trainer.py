@@ -141,7 +141,9 @@ class Trainer:
         self.micro_batches = cfg.train.grad_accum
         # Images of a full micro-batch on one rank (data.batch_size is the global batch).
         self.micro_batch_images = cfg.data.batch_size // self.dist_env.world_size
-        self.steps_per_epoch = len(self.train_indices) // (cfg.data.batch_size * self.micro_batches)
+        # data.drop_last: the epoch's last, partial step is left out (floor) or kept (ceil, as the official loader).
+        images, step_images = len(self.train_indices), cfg.data.batch_size * self.micro_batches
+        self.steps_per_epoch = images // step_images if cfg.data.drop_last else -(-images // step_images)
         if self.steps_per_epoch == 0:
             raise TrainingError(
                 f"{len(self.train_indices)} training images are fewer than one optimiser step needs "
@@ -298,11 +300,12 @@ class Trainer:
             images = skipped = 0  # on this rank, in this step
             for micro in range(self.micro_batches):
                 self._last_micro = micro == self.micro_batches - 1  # DDP all-reduces on the last one only
-                batch = next(batches)
-                skipped += int(batch.get("skipped", 0))
-                n = int(batch["image"].shape[0])
+                # None: with data.drop_last false, this rank's share of the epoch's last step ran out.
+                batch = next(batches, None)
+                skipped += 0 if batch is None else int(batch.get("skipped", 0))
+                n = 0 if batch is None else int(batch["image"].shape[0])
                 images += n
-                if n == 0:  # no readable image here: this rank still joins every collective of the step
+                if n == 0:  # no (readable) image here: this rank still joins every collective of the step
                     self._backward_empty()
                     continue
                 weight = n / self.micro_batch_images  # 1.0 unless images were skipped; see _finish_step
@@ -378,7 +381,8 @@ class Trainer:
         gradients over ``data.batch_size · micro_batches``. One all-reduce (the one that gives the
         logged means) brings ``N``, the images used on all ranks, and the number skipped; the gradient
         and the logged values are then multiplied by ``data.batch_size · micro_batches / N``: means over
-        the images used, whichever rank lost images. With no image skipped every factor is exactly 1.0
+        the images used, whichever rank lost images. The epoch's last step with ``data.drop_last`` false
+        is weighted the same way: a mean over the images it has. With no image skipped every factor is exactly 1.0
         and nothing is multiplied, so such a step is bit-for-bit what it was without this weighting.
         A step without any image on any rank is not applied (`Strategy.skip_step`) and logs no loss.
         """
@@ -478,7 +482,7 @@ class Trainer:
             epoch=epoch,
             start=start,
             seed=self.cfg.train.seed if train else 0,
-            drop_last=train,
+            drop_last=train and data.drop_last,
             rank=self.dist_env.rank if train else 0,
             world_size=world,
         )
