@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="compile our variants' forward-to-loss graph (fullgraph); compile time is spent in the warm-up",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: variants whose first step would start later are not run (status error, with a note)",
     )
     parser.add_argument(
         "--warm-compile",
@@ -458,7 +465,11 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
     steps = {v: make_step(setup, v) for v in variants}
     first_step_s: dict[str, float] = {}
     inductor: dict[str, dict[str, int | None]] = {}
-    for v in variants:  # warm-up (and compilation) outside the rounds; the first step is timed on its own
+    started, all_variants, skipped = time.perf_counter(), variants, []
+    for v in all_variants:  # warm-up (and compilation) outside the rounds; the first step is timed on its own
+        if args.time_budget and time.perf_counter() - started > args.time_budget:
+            skipped.append(v)  # compiling the earlier variants spent the budget
+            continue
         with inductor_metrics() as counted:
             first_step_s[v] = common.time_once(steps[v], device) / 1e3
         if config["compile"] and v != REFERENCE:
@@ -466,6 +477,7 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
         for _ in range(args.warmup - 1):
             steps[v]()
     common.synchronize(device)
+    variants = [v for v in all_variants if v not in skipped]
     samples: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]  # ABCD DCBA: linear drift cancels
@@ -481,6 +493,21 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
     }
     del steps, setup
     records = []
+    for v in skipped:
+        note = f"not run: the --time-budget of {args.time_budget:g} s was spent before its first step"
+        log(f"  {v:12s} {note}")
+        records.append(
+            common.make_record(
+                run_id=run_id,
+                env=env,
+                suite=SUITE,
+                config=config,
+                variant=v,
+                reference=REFERENCE,
+                status="error",
+                note=note,
+            )
+        )
     for v in variants:
         stats = common.summarize(samples[v])
         memory = run_memory_probe(config, v, device) if args.memory == "subprocess" else None

@@ -171,6 +171,37 @@ def test_step_records_carry_bytes_floors_and_first_step_time(tmp_path):
         assert r["inductor_kernels"] is None  # not compiled
 
 
+def test_step_time_budget_skips_later_variants_with_a_note(tmp_path):
+    from bench.__main__ import main as bench_main
+
+    out = tmp_path / "step.jsonl"
+    args = ["step", "--device", "cpu", "--pairs", "tiny_bcos", "--batch", "2", "--resolution", "32", "--no-flops"]
+    bench_main([*args, "--variants", "kd,reference", "--time-budget", "0.001", "--rounds", "1", "--memory", "none"]
+               + ["--quiet", "--out", str(out)])  # fmt: skip
+    by = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert by["kd"]["status"] == "ok" and by["kd"]["first_step_s"] > 0
+    assert by["reference"]["status"] == "error" and "--time-budget" in by["reference"]["note"]
+
+
+def test_warm_compile_probe_times_a_first_step_in_a_fresh_process():
+    config = {
+        "pair": "tiny_bcos",
+        "student": "bcos_resnet20_cifar",
+        "teacher": "bcos_resnet32_cifar",
+        "explanation": "bcos",
+        "batch": 2,
+        "resolution": 32,
+        "dtype": "float32",
+        "channels_last": False,
+        "tau": 1.0,
+        "lam": 1.0,
+        "optimizer": "sgd",
+        "compile": False,  # the probe's mechanics; compiling here would take minutes
+    }
+    seconds = bench_step.run_warm_compile_probe(config, "kd", torch.device("cpu"))
+    assert seconds is not None and seconds > 0
+
+
 def test_profile_step_prints_top_kernels(capsys):
     argv = ["--device", "cpu", "--pair", "tiny_bcos", "--batch", "2", "--resolution", "32", "--variant", "kd"]
     assert profile_step.main([*argv, "--warmup", "1", "--steps", "1", "--top", "5"]) == 0
