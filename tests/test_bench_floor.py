@@ -30,6 +30,20 @@ def test_one_matmul_against_a_hand_count():
     assert t.bytes == (m * k + k * n + m * n) * 4
 
 
+def test_flops_agree_with_flop_counter_mode():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv, lin = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8 * 6 * 6, 5)
+    x = torch.randn(2, 3, 8, 8)
+
+    def step():
+        lin(conv(x).flatten(1)).sum().backward()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    assert floor.count_traffic(step).flops == counter.get_total_flops() > 0
+
+
 def test_each_storage_counts_once_views_and_in_place_add_nothing():
     x = torch.randn(100)
 
