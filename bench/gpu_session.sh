@@ -39,7 +39,7 @@ SCALE=1
 BUDGET_S=${BUDGET_S:-$((DRY == 1 ? 1800 : 470))}
 COMPILE_FLAG=--compile
 [ "${SESSION_COMPILE:-1}" = 0 ] && COMPILE_FLAG=
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 # a timed-out part keeps its log
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} E2KD_CUDA_ARCHS=${E2KD_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 # A fresh Inductor cache: the step part's first steps are cold compiles, the profile part's warm.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/e2kd-inductor.XXXXXX")}
@@ -98,7 +98,7 @@ print(\"extension build config\", build_config())
 if [ $DRY = 1 ]; then
   say "build: skipped: the dry run uses the extension \`make venv\` built (sm_90 needs nvcc and a GPU run)"
 else
-  part build "${LIMIT_BUILD:-$((150 * SCALE))}" bash -c '
+  part build "${LIMIT_BUILD:-$((140 * SCALE))}" bash -c '
     $0 -c "import e2kd_fast._C" 2>/dev/null && { echo "extension already built"; exit 0; }
     time E2KD_REQUIRE_EXT=1 $0 -m pip install --no-deps --no-build-isolation -q -e . &&
       $0 -c "from e2kd_fast._ext import build_config, load_extension as l; print(build_config(), l() is not None)"
@@ -110,7 +110,7 @@ part ceilings "${LIMIT_CEILINGS:-$((20 * SCALE))}" "$PY" -m bench.floor --measur
 if [ $DRY = 1 ]; then
   say "tests: skipped: the requires_cuda tests need a CUDA device"
 else
-  part tests "${LIMIT_TESTS:-$((60 * SCALE))}" "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda tests \
+  part tests "${LIMIT_TESTS:-$((50 * SCALE))}" "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda tests \
     --continue-on-collection-errors
 fi
 
@@ -121,7 +121,7 @@ part step "$STEP_LIMIT" "$PY" -m bench step --device "$DEVICE" "${STEP_SIZE[@]}"
   --warmup 1 --memory none --variants "${STEP_VARIANTS:-reference,e2kd-live,kd,e2kd-frozen}" \
   --time-budget $((STEP_LIMIT > 90 ? STEP_LIMIT - 45 : STEP_LIMIT / 2)) --out "$OUT/step.jsonl"
 
-part profile "${LIMIT_PROFILE:-$((40 * SCALE))}" "$PY" -m bench.profile_step --device "$DEVICE" "${PROFILE_SIZE[@]}" $COMPILE_FLAG
+part profile "${LIMIT_PROFILE:-$((60 * SCALE))}" "$PY" -m bench.profile_step --device "$DEVICE" "${PROFILE_SIZE[@]}" $COMPILE_FLAG
 
 part layer "${LIMIT_LAYER:-$((20 * SCALE))}" "$PY" -m bench.bench_bcos_conv2d --device "$DEVICE" "${LAYER_SIZE[@]}"
 
