@@ -261,6 +261,8 @@ def test_unsupported_models_and_options_are_clear_errors():
         ({"distill": {"method": "catkd", "feature_options": {"pool_size": 0}}}, "must be > 0"),
         ({"distill": {"method": "kd", "feature_weight": 1.0}}, "used only by the feature baselines"),
         ({"distill": {"method": "at", "feature_weight": -1.0}}, "feature_weight"),
+        ({"distill": {"method": "at", "logit_coef": 0.5}}, "weighs its KD term by distill.kd_coef"),
+        ({"distill": {"method": "kd", "logit_coef": 0.0}}, "distill.logit_coef"),
         ({"distill": {"method": "nst"}, "teacher": {"name": None}}, "requires teacher.name"),
     ]
     for sections, message in bad:

@@ -146,6 +146,27 @@ def test_ground_truth_term():
     torch.testing.assert_close(out["loss"].detach(), 0.5 * expected_gt + out["kd"] + out["exp"])
 
 
+@pytest.mark.parametrize(("lam", "step"), [(2.0, 0), (2.0, 1), (0.0, 0)])
+def test_logit_coef_weighs_the_kd_term_alone(lam, step):
+    """β·KD + λ·exp: its value and gradient are the β = 1 terms recombined (explained, KD-only and λ = 0 steps)."""
+    student, teacher, x6 = _pair()
+    kw = {"lam": lam, "step": step, "guided_step_interval": 2}
+    terms = e2kd_objective(student, teacher, x6, **kw)
+    # Each term's own gradient from the β = 1 objective: the loss at λ and at λ = 0 (the KD term alone).
+    kd_grads = torch.autograd.grad(
+        e2kd_objective(student, teacher, x6, **{**kw, "lam": 0.0})["loss"], student.parameters()
+    )
+    full_grads = torch.autograd.grad(terms["loss"], student.parameters())
+    weighted = e2kd_objective(student, teacher, x6, logit_coef=0.5, **kw)
+    torch.testing.assert_close(weighted["kd"], terms["kd"], rtol=0, atol=0)
+    torch.testing.assert_close(weighted["exp"], terms["exp"], rtol=0, atol=0)
+    torch.testing.assert_close(weighted["loss"].detach(), 0.5 * terms["kd"] + lam * terms["exp"], rtol=1e-14, atol=0)
+    for got, kd, full in zip(
+        torch.autograd.grad(weighted["loss"], student.parameters()), kd_grads, full_grads, strict=True
+    ):
+        torch.testing.assert_close(got, full - 0.5 * kd, rtol=1e-12, atol=1e-15)
+
+
 def test_metrics_of_the_objective():
     student, teacher, x6 = _pair()
     out = e2kd_objective(student, teacher, x6)
@@ -204,6 +225,7 @@ def test_gradcam_objective_gradient_equals_finite_differences():
     [
         ({"explanation": "lrp"}, "explanation must be one of"),
         ({"tau": 0.0}, "need tau > 0"),
+        ({"logit_coef": 0.0}, "logit_coef > 0"),
         ({"gt_coef": 1.0}, "needs the ground-truth labels"),
         ({"guided_step_interval": 0}, "guided_step_interval must be >= 1"),
     ],

@@ -323,6 +323,10 @@ def test_the_objective_uses_the_multilabel_kd_term():
     expected_gt = uniform_off_label_bce(s_net(x), labels)  # explanation="bcos": off-labels at 1/C
     assert torch.allclose(out["kd"], expected_kd) and torch.allclose(out["gt"], expected_gt)
     assert torch.allclose(out["loss"], expected_kd + 0.5 * expected_gt)
+    weighted = e2kd_objective(
+        s_net, t_net, x, tau=2.0, lam=0.0, labels=labels, gt_coef=0.5, logit_coef=0.25, multilabel=True
+    )
+    assert torch.allclose(weighted["loss"], 0.25 * expected_kd + 0.5 * expected_gt)
     assert torch.equal(out["target"], t_net(x).argmax(1))  # the explained class: the teacher's top-1
 
 

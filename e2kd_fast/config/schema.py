@@ -164,7 +164,7 @@ class TeacherConfig(Section):
 
 @dataclass(frozen=True)
 class DistillConfig(Section):
-    """The objective ``L = gt_coef·L_gt + τ²·KL(p_T ‖ p_S) + lam·(1 − cos(E_S, E_T))``.
+    """The objective ``L = gt_coef·L_gt + logit_coef·τ²·KL(p_T ‖ p_S) + lam·(1 − cos(E_S, E_T))``.
 
     As GTE's ``TeachersExplainCriterion`` (``m-parchami/GoodTeachersExplain``) computes it.
 
@@ -175,6 +175,8 @@ class DistillConfig(Section):
         lam: weight λ of the explanation loss (>= 0); λ = 0 turns e²KD into KD.
         explanation: ``"bcos"`` (dynamic weights, B-cos models) or ``"gradcam"`` (standard models).
         gt_coef: weight of the ground-truth label loss in KD / e²KD (every paper config uses 0).
+        logit_coef: weight β > 0 of the KD (teacher-logit) term in KD / e²KD: GTE's
+            ``teacher_logit_loss_coef``, 1 in every paper config; its standard-network sweep also tried 0.5.
         guided_step_interval: compute the explanation loss on every K-th step only (GTE's option of that name;
             its "efficient" configs use K = 16 for ResNets, 4 for ViTs).
         guided_step_counter: the step count that ``guided_step_interval`` divides: ``"epoch"`` (the
@@ -197,6 +199,7 @@ class DistillConfig(Section):
     lam: float = 1.0
     explanation: ExplanationKind = "bcos"
     gt_coef: float = 0.0
+    logit_coef: float = 1.0
     guided_step_interval: int = 1
     guided_step_counter: GuidedStepCounter = "epoch"
     multilabel: bool = False
@@ -205,7 +208,7 @@ class DistillConfig(Section):
     feature_options: dict = field(default_factory=dict, hash=False)
 
     def _validate(self) -> None:
-        self._positive("tau", "guided_step_interval")
+        self._positive("tau", "guided_step_interval", "logit_coef")
         self._positive("lam", "gt_coef", allow_zero=True)
         self._validate_baseline()
 
@@ -226,6 +229,11 @@ class DistillConfig(Section):
             raise ValueError(
                 f"distill.gt_coef is {self.gt_coef!r}, but baseline method {self.method!r} always weighs its label "
                 "loss by 1 (the papers' recipe); set distill.gt_coef to 0"
+            )
+        if self.logit_coef != 1:
+            raise ValueError(
+                f"distill.logit_coef is {self.logit_coef!r}, but baseline method {self.method!r} weighs its KD term "
+                "by distill.kd_coef; set distill.logit_coef to 1"
             )
         allowed = [k for k in defaults if k != "weight"]
         for key, value in self.feature_options.items():

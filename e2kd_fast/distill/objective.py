@@ -3,7 +3,11 @@
 The official implementation is ``m-parchami/GoodTeachersExplain`` ("GTE"),
 ``bcos/distillation_methods/TeachersExplain.py`` (``TeachersExplainCriterion``, ``explanation_aware_forward``):
 
-    L = gt_coef · L_gt + τ² · KL(p_T^τ ‖ p_S^τ) + λ · mean_i(1 − cos(E_S,i, E_T,i))
+    L = gt_coef · L_gt + β · τ² · KL(p_T^τ ‖ p_S^τ) + λ · mean_i(1 − cos(E_S,i, E_T,i))
+
+β is GTE's ``teacher_logit_loss_coef`` (1 in every paper config; its standard-network sweep also
+tried 0.5). The fused loss op computes ``kd + λ'·exp``; with β > 0 the objective is that op at
+λ' = λ/β times β, so the loss keeps one statement (the reference) and β = 1 changes no bit.
 
 Both explanations are taken for the teacher's top-1 class ĉ. B-cos models are explained by their
 dynamic weights W = ∂logit_ĉ/∂x6 ([N, 6, H, W]); standard models by ReLU-GradCAM of the last stage,
@@ -56,6 +60,7 @@ def e2kd_objective(
     explanation: str = "bcos",
     labels: Tensor | None = None,
     gt_coef: float = 0.0,
+    logit_coef: float = 1.0,
     step: int = 0,
     guided_step_interval: int = 1,
     frozen: TeacherOutputs | None = None,
@@ -75,6 +80,7 @@ def e2kd_objective(
         labels: [N] class indices or [N, C] dense (mixup) targets, for the ground-truth term.
         gt_coef: weight of the ground-truth term: BCE with uniform off-labels for B-cos, cross-entropy
             for GradCAM students (0 in every official configuration).
+        logit_coef: weight β > 0 of the KD (teacher-logit) term.
         step: the optimiser step index, for ``guided_step_interval``.
         guided_step_interval: compute the explanation term only on steps divisible by this (K = 16
             for ResNets, 4 for ViTs in the official "efficient" configs); other steps are KD only.
@@ -92,8 +98,11 @@ def e2kd_objective(
     """
     if explanation not in EXPLANATIONS:
         raise ValueError(f"explanation must be one of {EXPLANATIONS}, got {explanation!r}")
-    if tau <= 0 or lam < 0 or gt_coef < 0:
-        raise ValueError(f"need tau > 0, lam >= 0 and gt_coef >= 0; got tau={tau}, lam={lam}, gt_coef={gt_coef}")
+    if tau <= 0 or lam < 0 or gt_coef < 0 or logit_coef <= 0:
+        raise ValueError(
+            f"need tau > 0, lam >= 0, gt_coef >= 0 and logit_coef > 0; "
+            f"got tau={tau}, lam={lam}, gt_coef={gt_coef}, logit_coef={logit_coef}"
+        )
     if guided_step_interval < 1:
         raise ValueError(f"guided_step_interval must be >= 1, got {guided_step_interval}")
     if teacher is None and frozen is None:
@@ -117,7 +126,7 @@ def e2kd_objective(
         if multilabel:
             kd = multilabel_kd(student_logits, teacher_logits.to(student_logits.dtype), tau)
             exp = explanation_cosine_loss(student_map, teacher_map.to(student_map.dtype))
-            distill = kd + lam * exp
+            distill = logit_coef * kd + lam * exp
         else:
             distill, kd, exp = distill_loss(
                 student_logits,
@@ -125,13 +134,15 @@ def e2kd_objective(
                 student_map,
                 teacher_map.to(student_map.dtype),
                 tau,
-                lam,
+                lam / logit_coef,
             )
+            if logit_coef != 1:
+                distill = logit_coef * distill
         cosine = 1 - exp.detach()  # the batch mean of the cosines
     else:
         student_logits = student(x)
         kd = (multilabel_kd if multilabel else kd_kl)(student_logits, teacher_logits.to(student_logits.dtype), tau)
-        distill, exp = kd, student_logits.new_zeros(())
+        distill, exp = (kd if logit_coef == 1 else logit_coef * kd), student_logits.new_zeros(())
         cosine = student_logits.new_tensor(float("nan"))
 
     gt = student_logits.new_zeros(())

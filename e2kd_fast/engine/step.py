@@ -26,7 +26,7 @@ class TrainStep:
 
     Args:
         student, teacher: the models (teacher in eval mode, frozen; None with frozen outputs).
-        tau, lam, explanation, gt_coef, guided_step_interval: as `e2kd_objective`.
+        tau, lam, explanation, gt_coef, logit_coef, guided_step_interval: as `e2kd_objective`.
         guided_step_counter: what ``guided_step_interval`` counts: ``"run"`` (the ``step`` passed in,
             the run's optimiser step) or ``"epoch"`` (``step % steps_per_epoch``: the step's index in its
             epoch, the official batch index; the trainer's epochs all have ``steps_per_epoch`` steps).
@@ -46,6 +46,7 @@ class TrainStep:
         lam: float = 1.0,
         explanation: str = "bcos",
         gt_coef: float = 0.0,
+        logit_coef: float = 1.0,
         guided_step_interval: int = 1,
         guided_step_counter: str = "run",
         compile: bool = False,
@@ -64,6 +65,7 @@ class TrainStep:
             "tau": tau,
             "explanation": explanation,
             "gt_coef": gt_coef,
+            "logit_coef": logit_coef,
             "algorithm": "sweep",
             "multilabel": multilabel,
         }
@@ -153,6 +155,7 @@ def make_train_step(
         lam=d.lam if d.method == "e2kd" else 0.0,
         explanation=d.explanation,
         gt_coef=d.gt_coef,
+        logit_coef=d.logit_coef,
         guided_step_interval=d.guided_step_interval,
         guided_step_counter=d.guided_step_counter,
         compile=cfg.train.compile,
