@@ -3,6 +3,7 @@ baselines AT, NST, AB, CAT-KD and ReviewKD (`e2kd_fast.distill.baselines`)."""
 
 from e2kd_fast.distill.baselines import BASELINES, FeatureDistillation, build_baseline
 from e2kd_fast.distill.features import Stages, forward_stages
+from e2kd_fast.distill.ground_truth import ground_truth_loss
 from e2kd_fast.distill.objective import EXPLANATIONS, TeacherOutputs, e2kd_objective
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "build_baseline",
     "e2kd_objective",
     "forward_stages",
+    "ground_truth_loss",
 ]

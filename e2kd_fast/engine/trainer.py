@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -41,10 +40,10 @@ from e2kd_fast.data.dali import maybe_dali_loader
 from e2kd_fast.data.loaders import make_loader
 from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.distill import TeacherOutputs
-from e2kd_fast.distill.multilabel import multilabel_bce
+from e2kd_fast.distill.ground_truth import ground_truth_loss
 from e2kd_fast.engine.builders import INIT_OBJECTIVE, build_student, build_teacher, resolve_device, seeded_init
 from e2kd_fast.engine.distributed import make_strategy
-from e2kd_fast.engine.evaluate import evaluate
+from e2kd_fast.engine.evaluate import ValidationLoss, evaluate, topk_hits
 from e2kd_fast.engine.logging import MetricsLogger, NullMetricsLogger
 from e2kd_fast.engine.optim import build_optimizer, set_learning_rate, warmup_cosine_factor
 from e2kd_fast.engine.process_group import setup_distributed
@@ -53,7 +52,6 @@ from e2kd_fast.engine.signals import StopSignals
 from e2kd_fast.engine.step import make_train_step
 from e2kd_fast.engine.strategy import NonFiniteGradientError, StateDictView
 from e2kd_fast.models import CheckpointWriteError, load_checkpoint, read_checkpoint, save_checkpoint
-from e2kd_fast.reference.losses import uniform_off_label_bce
 
 # The loss terms logged per step (means over the images the step used on all ranks), when the objective
 # returns them.
@@ -89,6 +87,8 @@ class TrainState:
     # (val top-1, checkpoint path relative to the run folder), best first: a copied run folder is self-contained
     best: list[tuple[float, str]] = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)  # the latest evaluation's metrics (summary.json's final_eval)
+    # This epoch's training accuracy so far, on all ranks: [images, top-1 hits, top-5 hits]
+    train_hits: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     wall_seconds: float = 0.0  # training time up to this state, over all sessions of the run
 
 
@@ -261,7 +261,8 @@ class Trainer:
         return summary
 
     def evaluate(self) -> dict:
-        """Top-1/top-5, agreement and explanation similarity on the validation set."""
+        """Top-1/top-5, agreement, explanation similarity and the validation loss (`ValidationLoss`: the
+        training objective, with the teacher model run live on the validation images) on the validation set."""
         loader = self._loader(self.val_set, self.val_indices, shuffle=False, epoch=0, start=0, train=False)
         explanation = self.cfg.distill.explanation if self.teacher is not None else None
         return evaluate(
@@ -271,6 +272,7 @@ class Trainer:
             explanation=explanation,
             device=self.device,
             prepare=self._prepare,
+            loss=ValidationLoss.from_config(self.cfg, self.is_bcos),
         )
 
     # ------------------------------------------------------------------ training
@@ -284,6 +286,8 @@ class Trainer:
         )
         batches = iter(loader)
         self.student.train()
+        if state.step_in_epoch == 0:  # a resume mid-epoch keeps the counts of the epoch's earlier steps
+            state.train_hits = [0.0, 0.0, 0.0]
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=state.step_in_epoch,
@@ -298,6 +302,7 @@ class Trainer:
             lr = self._set_lr()
             totals: dict[str, float] = {}  # Σ value · weight / micro_batches over this rank's micro-batches
             images = skipped = 0  # on this rank, in this step
+            hits = [0.0, 0.0]  # the student's top-1 / top-5 hits on this rank's training images of this step
             for micro in range(self.micro_batches):
                 self._last_micro = micro == self.micro_batches - 1  # DDP all-reduces on the last one only
                 # None: with data.drop_last false, this rank's share of the epoch's last step ran out.
@@ -311,13 +316,17 @@ class Trainer:
                 weight = n / self.micro_batch_images  # 1.0 unless images were skipped; see _finish_step
                 out = self._objective(batch)
                 keys = [k for k in _LOGGED if k in out]  # "loss" first
-                values = torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()  # one sync
+                logged = [out[k].detach().float().reshape(()) for k in keys]
+                values = torch.stack([*logged, *_train_hits(out)]).tolist()  # one sync
+                values, hits = values[: len(keys)], [h + v for h, v in zip(hits, values[len(keys) :], strict=True)]
                 # A non-finite loss stops the run in _finish_step, before the update, on every rank at once.
                 loss = out["loss"] if weight == 1.0 else out["loss"] * weight
                 self.strategy.backward(loss, self.micro_batches)  # one device: (loss / micro_batches).backward()
                 for key, value in zip(keys, values, strict=True):
                     totals[key] = totals.get(key, 0.0) + value * weight / self.micro_batches
-            totals, used = self._finish_step(totals, images, skipped)  # the optimiser step, and the logged means
+            # the optimiser step, the logged means, and the hits summed over ranks in the same all-reduce
+            totals, used, step_hits = self._finish_step(totals, images, skipped, hits)
+            state.train_hits = [a + b for a, b in zip(state.train_hits, [used, *step_hits], strict=True)]
             state.step += 1
             state.step_in_epoch += 1
             bar.update(1)
@@ -329,8 +338,12 @@ class Trainer:
             eta = (self.total_steps - state.step) * elapsed / done if done else float("nan")
             bar.set_postfix(loss=f"{totals.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}", eta=_hms(eta))
             rate = None if math.isnan(rate) else round(rate, 1)
-            if state.step % cfg.train.log_every_steps == 0 or state.step_in_epoch == self.steps_per_epoch:
-                logger.log("train", state.step, epoch=state.epoch + 1, lr=lr, img_s=rate, images=used, **totals)
+            epoch_end = state.step_in_epoch == self.steps_per_epoch
+            if state.step % cfg.train.log_every_steps == 0 or epoch_end:
+                accuracy = self._epoch_accuracy() if epoch_end else {}
+                logger.log(
+                    "train", state.step, epoch=state.epoch + 1, lr=lr, img_s=rate, images=used, **totals, **accuracy
+                )
             self._checkpoint_if_due()
         bar.close()
 
@@ -372,8 +385,17 @@ class Trainer:
         out = self.strategy.forward(empty, None, self.state.step, None, last_micro=self._last_micro)
         self.strategy.backward(out["loss"], self.micro_batches)
 
-    def _finish_step(self, totals: dict[str, float], images: int, skipped: int) -> tuple[dict[str, float], int]:
-        """Weights the step by the images used on all ranks and applies it; returns (logged means, images used).
+    def _epoch_accuracy(self) -> dict[str, float]:
+        """``epoch_top1`` / ``epoch_top5``: the student's accuracy on the epoch's training images (all ranks),
+        from the logits of the training steps themselves (train mode, augmented images)."""
+        images, top1, top5 = self.state.train_hits
+        return {} if images == 0 else {"epoch_top1": top1 / images, "epoch_top5": top5 / images}
+
+    def _finish_step(
+        self, totals: dict[str, float], images: int, skipped: int, hits: list[float] | None = None
+    ) -> tuple[dict[str, float], int, list[float]]:
+        """Weights the step by the images used on all ranks and applies it; returns (logged means, images
+        used, top-1 / top-5 hits on all ranks).
 
         Before its backward, each micro-batch's mean loss was multiplied by ``n / micro_batch_images``
         (its images over those of a full micro-batch on one rank). After the mean over ranks (DDP,
@@ -385,11 +407,14 @@ class Trainer:
         is weighted the same way: a mean over the images it has. With no image skipped every factor is exactly 1.0
         and nothing is multiplied, so such a step is bit-for-bit what it was without this weighting.
         A step without any image on any rank is not applied (`Strategy.skip_step`) and logs no loss.
+        The training hits (``hits``: top-1, top-5 on this rank) travel in the same all-reduce.
         """
         k = len(_LOGGED)
         present = [1.0 if key in totals else 0.0 for key in _LOGGED]
+        hits = hits or [0.0, 0.0]
         # Same length and order on every rank (a rank without images has no keys of its own).
-        sums = self.strategy.reduce_sum([*(totals.get(key, 0.0) for key in _LOGGED), *present, images, skipped])
+        sums = self.strategy.reduce_sum([*(totals.get(key, 0.0) for key in _LOGGED), *present, images, skipped, *hits])
+        step_hits = sums[2 * k + 2 :]
         if not math.isfinite(sums[0]):  # "loss": one rank's non-finite loss reaches every rank in this sum
             s = self.state
             raise TrainingError(
@@ -400,14 +425,14 @@ class Trainer:
         self.state.skipped_images += int(sums[2 * k + 1])
         if used == 0:
             self.strategy.skip_step()
-            return {}, 0
+            return {}, 0, step_hits
         factor = self.cfg.data.batch_size * self.micro_batches / used
         if factor != 1.0:
             self.strategy.scale_gradients(factor)
         self._optimizer_step()
         world = self.strategy.world_size
         logged = zip(_LOGGED, sums[:k], sums[k : 2 * k], strict=True)
-        return {key: total / world * factor for key, total, seen in logged if seen}, used
+        return {key: total / world * factor for key, total, seen in logged if seen}, used, step_hits
 
     def _objective(self, batch: dict) -> dict[str, Tensor]:
         cfg = self.cfg
@@ -422,7 +447,11 @@ class Trainer:
         if self.mixing is not None:
             images, labels = self.mixing(images, labels)
         # Through the strategy's wrapped module, whose forward is `_forward_to_loss` (DDP / DeepSpeed hooks).
-        return self.strategy.forward(images, labels, self.state.step, frozen, last_micro=self._last_micro)
+        out = self.strategy.forward(images, labels, self.state.step, frozen, last_micro=self._last_micro)
+        # The labels the training accuracy is measured against; mixed (mixup / CutMix): their largest share,
+        # as the official trainer (and torchvision's reference scripts) do.
+        mixed = self.mixing is not None and labels.dim() == 2
+        return {**out, "accuracy_target": labels.argmax(1) if mixed else labels}
 
     def _forward_to_loss(
         self, images: Tensor, labels: Tensor, step: int, frozen: TeacherOutputs | None
@@ -431,13 +460,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if self.cfg.distill.method == "none":
                 logits = self.student(images)
-                if self.is_bcos:
-                    loss = uniform_off_label_bce(logits, labels)
-                elif self.cfg.distill.multilabel:  # multi-hot targets (VOC): per-class BCE, not softmax CE
-                    loss = multilabel_bce(logits, labels)
-                else:
-                    loss = F.cross_entropy(logits, labels)
-                return {"loss": loss, "gt": loss.detach()}
+                # B-cos: uniform off-label BCE; multi-hot targets (VOC): per-class BCE; else cross-entropy
+                loss = ground_truth_loss(logits, labels, bcos=self.is_bcos, multilabel=self.cfg.distill.multilabel)
+                return {"loss": loss, "gt": loss.detach(), "student_logits": logits.detach()}
             return self.step_fn(images, labels, step, frozen)
 
     def _optimizer_step(self) -> None:
@@ -531,6 +556,7 @@ class Trainer:
                         skipped_images=s.skipped_images,
                         best=[[m, p] for m, p in s.best],
                         last_eval=s.last_eval,
+                        train_hits=list(s.train_hits),
                         wall_seconds=s.wall_seconds,
                         config=config_to_dict(self.cfg),
                         **extra,
@@ -633,6 +659,8 @@ class Trainer:
             skipped_images=int(payload.get("skipped_images", 0)),
             best=[(float(m), _run_relative(str(p))) for m, p in payload.get("best", [])],
             last_eval=dict(payload.get("last_eval", {})),
+            # A checkpoint from before training accuracy was counted: the epoch's count starts at the resume.
+            train_hits=[float(v) for v in payload.get("train_hits", [0.0, 0.0, 0.0])],
             wall_seconds=float(payload.get("wall_seconds", 0.0)),
         )
         self._last_saved = (path, self.state.step)
@@ -712,6 +740,16 @@ class Trainer:
         where = f"could not write {err.filename}" if err.filename else "a file of the run could not be written"
         text = f"{where}: {err.strerror or err}"
         return f"{text} (at step {self.state.step}); {self._checkpoint_note()}" if note else text
+
+
+def _train_hits(out: dict[str, Tensor]) -> list[Tensor]:
+    """[top-1 hits, top-5 hits] of the step's student logits against its labels, as 0-dim float tensors on
+    the device (no sync); zeros when the objective returned no student logits."""
+    logits, target = out.get("student_logits"), out.get("accuracy_target")
+    if logits is None or target is None:
+        return [torch.zeros((), device=out["loss"].device)] * 2
+    hits = topk_hits(logits.detach().float(), target)
+    return [hits[1].float(), hits[5].float()]
 
 
 def _batch_mixing(cfg: Config, num_classes: int) -> Callable | None:
