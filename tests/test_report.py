@@ -12,7 +12,7 @@ from e2kd_fast.cli import main
 from e2kd_fast.config import config_from_dict
 from e2kd_fast.data import generate_waterbirds_like
 from e2kd_fast.data.build import build_datasets
-from e2kd_fast.engine import Trainer
+from e2kd_fast.engine import Trainer, read_metrics
 from e2kd_fast.models import create_model, save_checkpoint
 from e2kd_fast.report import make_report
 from e2kd_fast.report.build import load_run, unicam_scores
@@ -69,6 +69,13 @@ def test_report_renders_a_self_contained_page(two_runs):
         assert 0 <= rows[name]["top1"] <= 1 and 0 <= rows[name]["agreement"] <= 1
         assert -1 <= rows[name]["explanation_cosine"] <= 1 and rows[name]["images"] == 6
     assert rows["e2kd"]["fss"] == 0.5 and rows["e2kd"]["rs"] == 0.4 and "fss" not in rows["kd"]
+    # The run's last checkpoint is the model its only evaluation saw: the same validation loss; the
+    # train top-1 is the last epoch's from metrics.jsonl. Teacher rows have neither.
+    for name, run in zip(("kd", "e2kd"), runs, strict=True):
+        (evaluation,) = read_metrics(run, "eval")
+        assert rows[name]["loss"] == pytest.approx(evaluation["loss"], rel=1e-5)
+        assert rows[name]["train_top1"] == read_metrics(run, "train")[-1]["epoch_top1"]
+    assert "loss" not in rows["teacher (bcos_resnet20_cifar)"]
 
     page = (out / "report.html").read_text()
     # Self-contained: every image is an inlined PNG; no scripts, stylesheets or remote addresses.
@@ -76,7 +83,8 @@ def test_report_renders_a_self_contained_page(two_runs):
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert len(sources) == 1 + 2 * 4  # the curves, then 2 images × (image, teacher, kd, e2kd)
     assert not re.search(r"<script|<link|https?://|url\(", page)
-    for text in ("<th>top-1</th>", "<th>agreement</th>", "<th>expl. sim.</th>", "<th>FSS</th>", ">e2kd<"):
+    headers = ("top-1", "val loss", "train top-1", "agreement", "expl. sim.", "FSS")
+    for text in (*(f"<th>{h}</th>" for h in headers), ">e2kd<"):
         assert text in page
 
     markdown = (out / "report.md").read_text()

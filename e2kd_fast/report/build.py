@@ -42,7 +42,7 @@ from e2kd_fast.data.folders import class_folders
 from e2kd_fast.data.transforms import PairedResizeCenterCrop, PairedTransform
 from e2kd_fast.data.voc import VOCDataset
 from e2kd_fast.engine.builders import resolve_device
-from e2kd_fast.engine.evaluate import evaluate
+from e2kd_fast.engine.evaluate import ValidationLoss, evaluate
 from e2kd_fast.engine.logging import read_metrics
 from e2kd_fast.explain import contribution_map, dynamic_weights, gradcam
 from e2kd_fast.metrics import localisation
@@ -355,6 +355,8 @@ def make_report(
             teacher=None if teacher is None or not same_family else teacher.to(dev),
             explanation=kind,
             device=dev,
+            # A run's own objective (teacher rows and runs evaluated against another family's teacher: none)
+            loss=None if entry.run is None else ValidationLoss.from_config(entry.cfg, _family(entry.model) == "bcos"),
         )
         row: dict[str, Any] = {
             "model": entry.label,
@@ -362,6 +364,7 @@ def make_report(
             "architecture": getattr(entry.model, "e2kd_name", entry.cfg.student.name),
             "lam": entry.cfg.distill.lam if entry.run is not None and entry.cfg.distill.method == "e2kd" else None,
             **{k: v for k, v in metrics.items() if k != "skipped"},
+            "train_top1": None if entry.run is None else _last_train_top1(entry.run.records),
         }
         encoding = "bcos" if _family(entry.model) == "bcos" else "standard"
         loc = _localisation_data(entry.cfg, split, encoding, max_eval)
@@ -384,6 +387,12 @@ def make_report(
         md_path = render.write_markdown(out / markdown_name, title, rows, curves, grid, notes)
     (out / "report.json").write_text(json.dumps({"rows": _json_safe(rows)}, indent=2) + "\n")
     return {"rows": rows, "html": html_path, "markdown": md_path}
+
+
+def _last_train_top1(records: list[dict]) -> float | None:
+    """The ``epoch_top1`` of the run's last epoch that logged one (metrics.jsonl), or None."""
+    values = [r["epoch_top1"] for r in records if r.get("kind") == "train" and "epoch_top1" in r]
+    return float(values[-1]) if values else None
 
 
 def _notes(rows: list[dict], split: str | None, checkpoint: str, max_eval: int | None) -> list[str]:

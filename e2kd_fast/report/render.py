@@ -18,6 +18,8 @@ COLUMNS = (
     ("images", "images", "validation images evaluated"),
     ("top1", "top-1", "top-1 accuracy (multi-label: the top-1 class is present)"),
     ("top5", "top-5", "top-5 accuracy"),
+    ("loss", "val loss", "the run's training objective on the validation images (teacher run live; docs/report.md)"),
+    ("train_top1", "train top-1", "the student's top-1 on its training batches in the run's last logged epoch"),
     ("map", "mAP", "mean average precision over classes (VOC, all-point interpolated)"),
     ("agreement", "agreement", "share of images where the model's top-1 equals the teacher's"),
     ("explanation_cosine", "expl. sim.", "mean cosine between the model's and the teacher's explanations"),
