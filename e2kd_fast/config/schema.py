@@ -404,6 +404,11 @@ class TrainConfig(Section):
         activation_checkpointing: recompute the student's stages (ResNet layers, DenseNet blocks, ViT
             encoder blocks) in the backward instead of keeping their activations: less memory, same result.
         log_every_steps: log training metrics every N optimiser steps.
+        bn_group_size: images per batch-norm group in training: each device's micro-batch is
+            normalised in groups of this many images, dealt as data-parallel ranks are dealt them, so
+            one device at batch 256 with 64 computes the statistics of 4 GPUs × 64 without SyncBN
+            (the official full-ImageNet runs); running statistics follow the first group, as DDP
+            broadcasts rank 0's. None: the whole micro-batch (`e2kd_fast.nn.set_batch_norm_groups`).
     """
 
     _section = "train"
@@ -422,10 +427,11 @@ class TrainConfig(Section):
     compile: bool = True
     activation_checkpointing: bool = False
     log_every_steps: int = 50
+    bn_group_size: int | None = None
 
     def _validate(self) -> None:
         self._positive("epochs", "grad_accum", "eval_every_epochs", "log_every_steps")
-        self._positive("checkpoint_every_steps", "checkpoint_every_minutes", optional=True)
+        self._positive("checkpoint_every_steps", "checkpoint_every_minutes", "bn_group_size", optional=True)
         self._positive("seed", "keep_best", allow_zero=True)
         require(bool(self.out_dir.strip()), self._key("out_dir"), "must be a folder path", self.out_dir)
 
@@ -551,6 +557,12 @@ class Config:
                     f"student.num_classes ({student.num_classes}) != teacher.num_classes ({teacher.num_classes}): "
                     "distillation compares the two models' logits class by class"
                 )
+        group = self.train.bn_group_size
+        if group is not None and data.batch_size % group:
+            raise ValueError(
+                f"train.bn_group_size {group} does not divide data.batch_size {data.batch_size}: each device's "
+                "micro-batch is normalised in whole groups"
+            )
         self._validate_dataset()
         self._validate_explanation()
         self._validate_baseline()

@@ -11,6 +11,7 @@ from torch import nn
 from e2kd_fast.config import Config
 from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.models import ModelArgumentError, check_model_kwargs, create_model, load_checkpoint, model_entry
+from e2kd_fast.nn import set_batch_norm_groups
 from e2kd_fast.nn.activation_checkpointing import enable_activation_checkpointing
 
 # The random streams of initialisation, apart from the training step's (`mix_seed(seed, 7, step)`).
@@ -98,10 +99,33 @@ def build_teacher(cfg: Config) -> nn.Module | None:
     return teacher.eval().requires_grad_(False)
 
 
+def apply_batch_norm_groups(student: nn.Module, cfg: Config, world_size: int) -> str | None:
+    """Sets ``train.bn_group_size`` on the student's batch norms for a ``world_size``-process run.
+
+    Each process's micro-batch (``data.batch_size / world_size`` images) is normalised in groups of
+    ``bn_group_size``; returns the line to log, or None when the setting is off.
+    """
+    size = cfg.train.bn_group_size
+    if size is None:
+        return None
+    micro = cfg.data.batch_size // world_size
+    if micro % size:
+        raise ValueError(
+            f"train.bn_group_size {size} does not divide the {micro} images each of the {world_size} processes "
+            f"normalises (data.batch_size {cfg.data.batch_size} / {world_size})"
+        )
+    groups = micro // size
+    layers = set_batch_norm_groups(student, groups)
+    if layers == 0:
+        return f"train.bn_group_size {size}: the student has no batch norm; nothing to group"
+    return f"batch norm over {groups} group(s) of {size} images per process ({layers} layers)"
+
+
 __all__ = [
     "INIT_OBJECTIVE",
     "INIT_STUDENT",
     "INIT_TEACHER",
+    "apply_batch_norm_groups",
     "build_student",
     "build_teacher",
     "check_model_settings",

@@ -41,7 +41,14 @@ from e2kd_fast.data.loaders import make_loader
 from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.distill import TeacherOutputs
 from e2kd_fast.distill.ground_truth import ground_truth_loss
-from e2kd_fast.engine.builders import INIT_OBJECTIVE, build_student, build_teacher, resolve_device, seeded_init
+from e2kd_fast.engine.builders import (
+    INIT_OBJECTIVE,
+    apply_batch_norm_groups,
+    build_student,
+    build_teacher,
+    resolve_device,
+    seeded_init,
+)
 from e2kd_fast.engine.distributed import make_strategy
 from e2kd_fast.engine.evaluate import ValidationLoss, evaluate, topk_hits
 from e2kd_fast.engine.logging import MetricsLogger, NullMetricsLogger
@@ -128,6 +135,7 @@ class Trainer:
             None if val_set is None else (torch.arange(len(val_set)) if val_indices is None else val_indices)
         )
         self.student = (student or build_student(cfg)).to(self.device)
+        self._batch_norm_groups = apply_batch_norm_groups(self.student, cfg, self.dist_env.world_size)
         self.teacher = teacher if teacher is not None else build_teacher(cfg)
         if self.teacher is not None:
             self.teacher = self.teacher.to(self.device).eval().requires_grad_(False)
@@ -219,6 +227,8 @@ class Trainer:
             config_yaml = self.run_dir / "config.yaml"
             if self.strategy.is_main and (resume is None or not config_yaml.is_file()):
                 save_config(cfg, config_yaml)
+            if self._batch_norm_groups:
+                self._log(self._batch_norm_groups)
             if self.strategy.is_main:
                 # A resume re-runs what followed its checkpoint: those records go, TensorBoard's too.
                 logger = MetricsLogger(self.run_dir, purge_step=None if resume is None else self.state.step + 1)

@@ -9,7 +9,10 @@ from e2kd_fast.nn.norms import (
     DetachableGroupNorm2d,
     DetachableLayerNorm,
     DetachablePositionNorm2d,
+    GhostBatchNorm2d,
+    batch_norm_group_indices,
     make_norm2d,
+    set_batch_norm_groups,
 )
 
 __all__ = [
@@ -22,9 +25,12 @@ __all__ = [
     "DetachableLayerNorm",
     "DetachablePositionNorm2d",
     "DynamicLinearModule",
+    "GhostBatchNorm2d",
     "LogitLayer",
     "NormedConv2d",
     "NormedLinear",
+    "batch_norm_group_indices",
     "explanation_mode",
     "make_norm2d",
+    "set_batch_norm_groups",
 ]

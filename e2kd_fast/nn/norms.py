@@ -23,16 +23,107 @@ def _drop_bias(norm: nn.Module, bias: bool) -> None:
         norm.bias = None
 
 
+def batch_norm_group_indices(n: int, groups: int, device: torch.device | None = None) -> list[Tensor]:
+    """The images of each batch-norm group: image i belongs to group i mod k.
+
+    Data-parallel samplers deal a batch's images to the ranks in turn (rank r gets positions r,
+    r + W, r + 2W, ...), so group r holds the images rank r would normalise together; a smaller last
+    batch is dealt the same way. Groups that would be empty (n < k) are left out.
+
+    Args:
+        n: images in the batch.
+        groups: k >= 1.
+
+    Returns:
+        min(k, n) int64 index tensors; group g is [g, g + k, g + 2k, ...] below n.
+    """
+    return [torch.arange(g, n, groups, device=device) for g in range(min(groups, n))]
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` whose training statistics are those of ``batch_groups`` image groups.
+
+    Each group (`batch_norm_group_indices`) is normalised by its own mean and variance, as on its own
+    data-parallel rank without SyncBN; the running statistics follow group 0 alone, the rank whose
+    buffers DDP broadcasts. Eval mode, and ``batch_groups`` = 1, are plain batch norm. Built from a
+    batch norm by `set_batch_norm_groups` (same parameters, buffers and state-dict keys).
+
+    Shapes:
+        input [N, C, H, W] → output [N, C, H, W].
+    """
+
+    batch_groups: int = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.batch_groups > 1 and x.shape[0] > 1):
+            return super().forward(x)
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.momentum is None and self.track_running_stats:
+            momentum = 1.0 / float(self.num_batches_tracked)  # cumulative average, as nn.BatchNorm2d
+        out = torch.empty_like(x)
+        for g, index in enumerate(batch_norm_group_indices(x.shape[0], self.batch_groups, x.device)):
+            track = g == 0 and self.track_running_stats
+            out[index] = F.batch_norm(
+                x[index],
+                self.running_mean if track else None,
+                self.running_var if track else None,
+                self.weight,
+                self.bias,
+                True,
+                momentum,
+                self.eps,
+            )
+        return out
+
+
+def set_batch_norm_groups(model: nn.Module, groups: int) -> int:
+    """Normalises every batch norm of ``model`` over ``groups`` image groups in training (k = 1: over the batch).
+
+    `BatchNormUncentered2d` takes the setting as it is; a plain `nn.BatchNorm2d` (torchvision models)
+    is replaced by a `GhostBatchNorm2d` holding the same parameters and buffers.
+
+    Returns:
+        the number of batch-norm layers set.
+    """
+    if groups < 1:
+        raise ValueError(f"batch-norm groups must be >= 1, got {groups}")
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BatchNormUncentered2d | GhostBatchNorm2d):
+                child.batch_groups = groups
+            elif type(child) is nn.BatchNorm2d:
+                ghost = GhostBatchNorm2d(
+                    child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+                )
+                ghost.weight, ghost.bias = child.weight, child.bias
+                for key, buffer in child.named_buffers(recurse=False):
+                    setattr(ghost, key, buffer)
+                ghost.train(child.training)
+                ghost.batch_groups = groups
+                setattr(parent, name, ghost)
+            else:
+                continue
+            count += 1
+    return count
+
+
 class BatchNormUncentered2d(DynamicLinearModule, nn.BatchNorm2d):
     """Uncentred batch norm ("bnu-linear", the official ImageNet default): y = γ · x / sqrt(var + eps).
 
     The input is not mean-subtracted. In training, var is the biased batch variance over
     (N, H, W) (computed centred) and ``running_var`` follows it with ``momentum``; in eval mode the
     running variance is used. ``running_mean`` exists for state-dict compatibility and is unused.
+    With ``batch_groups`` = k > 1 (`set_batch_norm_groups`), training uses each of k image groups'
+    own variance, as k data-parallel ranks without SyncBN would (`batch_norm_group_indices`).
 
     Shapes:
         input [N, C, H, W] → output [N, C, H, W].
     """
+
+    batch_groups: int = 1
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, bias: bool = False, **kw):
         super().__init__(num_features, eps=eps, momentum=momentum, **kw)
@@ -42,18 +133,26 @@ class BatchNormUncentered2d(DynamicLinearModule, nn.BatchNorm2d):
         return self.normalise(x)[0]
 
     def normalise(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(output, 1/std [1, C, 1, 1]); updates the running variance in training. The explanation
-        sweep records the 1/std from here, so the statistics are computed once."""
+        """(output, 1/std [1, C, 1, 1], or [N, C, 1, 1] with batch groups); updates the running
+        variance in training. The explanation sweep records the 1/std from here, so the statistics
+        are computed once."""
         if x.dim() != 4:
             raise ValueError(f"BatchNormUncentered2d expects [N, C, H, W] input, got shape {tuple(x.shape)}")
         use_batch_stats = self.training or self.running_var is None
-        if use_batch_stats:
+        if use_batch_stats and self.training and self.batch_groups > 1 and x.shape[0] > 1:
+            groups = batch_norm_group_indices(x.shape[0], self.batch_groups, x.device)
+            per_group = torch.stack([x[g].var(dim=(0, 2, 3), unbiased=False) for g in groups])  # [k, C]
+            if self.track_running_stats and self.running_var is not None:
+                self._update_running_var(per_group[0].detach())  # rank 0's statistics, as DDP broadcasts them
+            var = per_group[torch.arange(x.shape[0], device=x.device) % len(groups)]  # [N, C]: each image's group
+        elif use_batch_stats:
             var = x.var(dim=(0, 2, 3), unbiased=False)
             if self.training and self.track_running_stats and self.running_var is not None:
                 self._update_running_var(var.detach())
         else:
             var = self.running_var
-        inv_std = (var + self.eps).rsqrt()[None, :, None, None]
+        inv_std = (var + self.eps).rsqrt()
+        inv_std = inv_std[:, :, None, None] if inv_std.dim() == 2 else inv_std[None, :, None, None]
         y = self.dyn_mul(inv_std, x)
         if self.weight is not None:
             y = self.weight[None, :, None, None] * y
