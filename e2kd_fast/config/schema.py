@@ -79,7 +79,7 @@ ScheduleUnit = Literal["epoch", "step"]
 DatasetKind = Literal["folder", "synthetic", "voc", "waterbirds"]
 LoaderName = Literal["torchvision", "dali", "auto"]
 SubsetDraw = Literal["official", "per_class"]  # e2kd_fast.data.splits
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 StrategyName = Literal["single", "ddp", "deepspeed"]
 ProcessGroupName = Literal["auto", "nccl", "gloo"]
@@ -344,6 +344,11 @@ class DataConfig(Section):
             the official GTE code picks for the same image list and seed, index for index; the paper
             configs) or ``"per_class"`` (an independent seeded draw per class). See `e2kd_fast.data.splits`.
         mixup_alpha, cutmix_alpha: batch mixing strengths; 0 = off.
+        rand_augment_ops: RandAugment operations per training image (torchvision's ``RandAugment``,
+            bilinear, after the crop and flip and before the input encoding, as the official ViT
+            recipe); 0 = off (default), 2 in the ViT configs. Not with a frozen teacher; DALI falls back
+            to torchvision for the training loader (`e2kd_fast.data.transforms.train_transform`).
+        rand_augment_magnitude: its magnitude, 0..30 (torchvision's 31 bins); 10 in the ViT configs.
     """
 
     _section = "data"
@@ -367,9 +372,18 @@ class DataConfig(Section):
     subset_draw: SubsetDraw = "per_class"
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    rand_augment_ops: int = 0
+    rand_augment_magnitude: int = 9
 
     def _validate(self) -> None:
         self._positive("image_size", "eval_resize", "batch_size")
+        self._positive("rand_augment_ops", allow_zero=True)
+        require(
+            0 <= self.rand_augment_magnitude <= 30,
+            self._key("rand_augment_magnitude"),
+            "must be in 0..30 (torchvision RandAugment's 31 magnitude bins)",
+            self.rand_augment_magnitude,
+        )
         self._positive("eval_batch_size", "shots", "val_per_class", optional=True)
         self._positive("num_workers", "shot_seed", "val_seed", "mixup_alpha", "cutmix_alpha", allow_zero=True)
         require(0 < self.crop_scale_min <= 1, self._key("crop_scale_min"), "must be in (0, 1]", self.crop_scale_min)
@@ -388,7 +402,9 @@ class TrainConfig(Section):
     Attributes:
         epochs: training epochs.
         grad_accum: micro-batches per optimiser step.
-        precision: ``"fp32"`` or ``"bf16"`` autocast.
+        precision: ``"fp32"``, ``"bf16"`` autocast (CUDA), or ``"fp16"`` autocast with a dynamic loss
+            scale (`torch.amp.GradScaler`, the official ``--amp``): a step whose gradient overflows is
+            skipped and the scale halved; not under DeepSpeed.
         channels_last: run convolutions in channels-last memory format.
         seed: global seed.
         out_dir: run folder (checkpoints, logs, the resolved config).
@@ -551,12 +567,24 @@ class Config:
                 f"(got {data.mixup_alpha} / {data.cutmix_alpha}): mixup/cutmix cannot be applied consistently to "
                 "stored explanations, which exist once per unmixed image"
             )
+        if teacher.mode == "frozen" and distill.method != "none" and data.rand_augment_ops > 0:
+            raise ValueError(
+                "teacher.mode 'frozen' cannot be combined with data.rand_augment_ops > 0 "
+                f"(got {data.rand_augment_ops}): a stored explanation follows only its image's crop and flip, "
+                "not RandAugment's rotations, shears, translations and colour changes; set "
+                "data.rand_augment_ops: 0 or use teacher.mode 'live'"
+            )
         if distill.method != "none" and None not in (student.num_classes, teacher.num_classes):
             if student.num_classes != teacher.num_classes:
                 raise ValueError(
                     f"student.num_classes ({student.num_classes}) != teacher.num_classes ({teacher.num_classes}): "
                     "distillation compares the two models' logits class by class"
                 )
+        if self.train.precision == "fp16" and self.engine.strategy == "deepspeed":
+            raise ValueError(
+                "train.precision 'fp16' is not available with engine.strategy 'deepspeed' (its own fp16 mode and "
+                "loss scale are not wired to the B-cos ops); use engine.strategy 'ddp' or train.precision 'bf16'"
+            )
         group = self.train.bn_group_size
         if group is not None and data.batch_size % group:
             raise ValueError(

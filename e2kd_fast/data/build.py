@@ -28,9 +28,14 @@ def build_datasets(cfg, train: bool = True) -> DataBundle:
         raise ValueError("data.root is not set: point it at a folder with <train_split>/<class>/<images>")
     encoding = input_encoding(cfg.student.name)
     scale = (data.crop_scale_min, 1.0)
-    train_base = ImageFolderDataset(
-        data.root, data.train_split, transform=train_transform(data.image_size, scale, encoding)
+    train_tf = train_transform(
+        data.image_size,
+        scale,
+        encoding,
+        rand_augment_ops=data.rand_augment_ops,
+        rand_augment_magnitude=data.rand_augment_magnitude,
     )
+    train_base = ImageFolderDataset(data.root, data.train_split, transform=train_tf)
     n = len(train_base.classes)
     check_num_classes(cfg, n, f"{data.root}/{data.train_split} has {n} class folders")
     eval_tf = eval_transform(data.image_size, data.eval_resize, encoding)

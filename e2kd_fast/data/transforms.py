@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.transforms import v2
+from torchvision.transforms import RandAugment, v2
 from torchvision.transforms.v2 import functional as TF
 
 from e2kd_fast.nn.layers import AddInverse
@@ -70,23 +70,48 @@ def _to_float_image(image: Image.Image | Tensor) -> Tensor:
 
 
 def train_transform(
-    size: int | Sequence[int] = 224, scale: tuple[float, float] = (0.08, 1.0), encoding: str = "bcos"
+    size: int | Sequence[int] = 224,
+    scale: tuple[float, float] = (0.08, 1.0),
+    encoding: str = "bcos",
+    *,
+    rand_augment_ops: int = 0,
+    rand_augment_magnitude: int = 9,
 ) -> v2.Compose:
-    """The zoo's training preset: RandomResizedCrop (bilinear, antialias) + horizontal flip + encoding.
+    """The zoo's training preset: RandomResizedCrop (bilinear, antialias) + horizontal flip
+    [+ RandAugment] + encoding.
+
+    RandAugment is torchvision's (``torchvision.transforms.RandAugment``, the class the official ViT
+    recipe uses, bilinear) at the official position: on the cropped, flipped RGB image, before the
+    conversion to float and the input encoding, so that B-cos models see [r, g, b, 1 − r, 1 − g, 1 − b]
+    of the augmented image. Its draws come from the torch RNG, which the loaders seed per sample
+    (`e2kd_fast.data.sampling`).
 
     Args:
         size: output side (or (height, width)).
         scale: range of the crop's area as a fraction of the image's area.
         encoding: see `encoding_transform`.
+        rand_augment_ops: RandAugment operations per image; 0 leaves it out.
+        rand_augment_magnitude: RandAugment magnitude, 0..30.
 
     Returns:
-        A transform mapping a PIL image (or an image tensor [3, H, W]) to a float32 tensor [6 or 3, *size].
+        A transform mapping a PIL image (or an image tensor [3, H, W], uint8 with RandAugment) to a float32
+        tensor [6 or 3, *size].
     """
     encode = encoding_transform(encoding)  # validates before anything is built
+    if rand_augment_ops < 0 or not 0 <= rand_augment_magnitude <= 30:
+        raise ValueError(
+            f"need rand_augment_ops >= 0 and rand_augment_magnitude in 0..30; "
+            f"got {rand_augment_ops} and {rand_augment_magnitude}"
+        )
+    augment = []
+    if rand_augment_ops > 0:
+        bilinear = v2.InterpolationMode.BILINEAR
+        augment.append(RandAugment(num_ops=rand_augment_ops, magnitude=rand_augment_magnitude, interpolation=bilinear))
     return v2.Compose(
         [
             v2.RandomResizedCrop(_pair(size), scale=scale, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
             v2.RandomHorizontalFlip(),
+            *augment,
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.ToPureTensor(),

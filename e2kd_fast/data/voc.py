@@ -307,7 +307,8 @@ def build_bundle(cfg, train: bool = True):
         val = VOCDataset(data.root, data.val_split, eval_transform(data.image_size, data.eval_resize, encoding))
     train_set = None
     if train:
-        tf = train_transform(data.image_size, (data.crop_scale_min, 1.0), encoding)
+        augment = {"rand_augment_ops": data.rand_augment_ops, "rand_augment_magnitude": data.rand_augment_magnitude}
+        tf = train_transform(data.image_size, (data.crop_scale_min, 1.0), encoding, **augment)
         train_set = VOCDataset(data.root, data.train_split, tf)
     return DataBundle(train_set, val, None, None, list(VOC_CLASSES))
 

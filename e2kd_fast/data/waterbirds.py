@@ -196,7 +196,8 @@ def build_bundle(cfg, train: bool = True):
     check_dataset_config(cfg, "waterbirds", len(WATERBIRDS_LABELS))
     encoding = input_encoding(cfg.student.name)
     eval_tf = eval_transform(data.image_size, data.eval_resize, encoding)
-    train_tf = train_transform(data.image_size, (data.crop_scale_min, 1.0), encoding)
+    augment = {"rand_augment_ops": data.rand_augment_ops, "rand_augment_magnitude": data.rand_augment_magnitude}
+    train_tf = train_transform(data.image_size, (data.crop_scale_min, 1.0), encoding, **augment)
     train_base = WaterbirdsDataset(data.root, data.train_split, train_tf)
     train_indices, held_out = split_indices(data, train_base.targets)
     val = WaterbirdsDataset(data.root, data.train_split if held_out is not None else data.val_split, eval_tf)
