@@ -10,7 +10,7 @@ from e2kd_fast.distill import e2kd_objective
 from e2kd_fast.engine import Trainer, read_metrics
 from e2kd_fast.engine.evaluate import ValidationLoss
 from e2kd_fast.reference.losses import uniform_off_label_bce
-from tests.test_trainer import ShapesSet, _config, _fit_until_interrupted, _tiny_bcos
+from tests.test_trainer import ShapesSet, _config, _fit_until_interrupted, _tiny_bcos, _tiny_bcos_without_norms
 
 
 class FixedShapes(ShapesSet):
@@ -112,3 +112,57 @@ def test_resume_mid_epoch_keeps_the_epochs_training_accuracy(tmp_path):
     make().fit(resume="auto")
     resumed = read_metrics(tmp_path / "b" / "run", "train")[-1]
     assert resumed["epoch_top1"] == reference["epoch_top1"]
+
+
+def _ddp_config(out_dir) -> dict:
+    """2 steps of 8 images (4 per rank under DDP), no batch norm (per-rank statistics would differ)."""
+    return {
+        "student": {"name": "bcos_resnet20_cifar", "num_classes": 4},
+        "teacher": {"name": "bcos_resnet20_cifar", "num_classes": 4},
+        "distill": {"method": "e2kd", "lam": 1.0},
+        "optim": {"lr": 1e-2, "schedule": "constant"},
+        "data": {"batch_size": 8, "num_workers": 0},
+        "train": {"epochs": 1, "out_dir": str(out_dir), "log_every_steps": 1, "device": "cpu", "compile": False},
+        "engine": {"strategy": "ddp" if "ddp" in str(out_dir) else "single"},
+    }
+
+
+def _fit_ddp_config(out_dir) -> None:
+    student, teacher = _tiny_bcos_without_norms(2), _tiny_bcos_without_norms(1)
+    cfg = config_from_dict(_ddp_config(out_dir))
+    Trainer(
+        cfg, ShapesSet(16, seed=0), FixedShapes(6, seed=9), student=student, teacher=teacher, show_progress=False
+    ).fit()
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    _fit_ddp_config(out_dir)
+    dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_log_the_accuracy_and_validation_loss_of_one_process(tmp_path, monkeypatch):
+    """The hits of both ranks are summed (in the step's all-reduce): 2 ranks × 4 images = 1 process × 8."""
+    import torch.multiprocessing as mp
+
+    from e2kd_fast.engine.process_group import find_free_port
+
+    monkeypatch.setenv("E2KD_BACKEND", "reference")
+    _fit_ddp_config(tmp_path / "single")
+    mp.spawn(_ddp_worker, args=(find_free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    single, ddp = (read_metrics(tmp_path / name) for name in ("single", "ddp"))
+    (single_train, ddp_train) = ([r for r in log if r["kind"] == "train"][-1] for log in (single, ddp))
+    assert ddp_train["images"] == single_train["images"] == 8
+    assert ddp_train["epoch_top1"] == single_train["epoch_top1"]
+    assert ddp_train["epoch_top5"] == single_train["epoch_top5"]
+    (single_eval, ddp_eval) = ([r for r in log if r["kind"] == "eval"][0] for log in (single, ddp))
+    assert ddp_eval["loss"] == pytest.approx(single_eval["loss"], rel=1e-5)
