@@ -273,7 +273,7 @@ def test_none_is_accepted_only_where_the_type_allows_it():
         ("distill", "explanation", "lrp", "'bcos', 'gradcam'"),
         ("teacher", "mode", "cached", "'live', 'frozen'"),
         ("optim", "schedule_unit", "iter", "'epoch', 'step'"),
-        ("train", "precision", "fp16", "'fp32', 'bf16'"),
+        ("train", "precision", "fp8", "'fp32', 'bf16', 'fp16'"),
         ("train", "device", "gpu", "'auto', 'cpu', 'cuda'"),
         ("data", "dataset", "imagenet", "'folder', 'synthetic', 'voc', 'waterbirds'"),
         ("data", "subset_draw", "bit", "'official', 'per_class'"),

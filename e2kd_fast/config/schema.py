@@ -79,7 +79,7 @@ ScheduleUnit = Literal["epoch", "step"]
 DatasetKind = Literal["folder", "synthetic", "voc", "waterbirds"]
 LoaderName = Literal["torchvision", "dali", "auto"]
 SubsetDraw = Literal["official", "per_class"]  # e2kd_fast.data.splits
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 StrategyName = Literal["single", "ddp", "deepspeed"]
 ProcessGroupName = Literal["auto", "nccl", "gloo"]
@@ -402,7 +402,9 @@ class TrainConfig(Section):
     Attributes:
         epochs: training epochs.
         grad_accum: micro-batches per optimiser step.
-        precision: ``"fp32"`` or ``"bf16"`` autocast.
+        precision: ``"fp32"``, ``"bf16"`` autocast (CUDA), or ``"fp16"`` autocast with a dynamic loss
+            scale (`torch.amp.GradScaler`, the official ``--amp``): a step whose gradient overflows is
+            skipped and the scale halved; not under DeepSpeed.
         channels_last: run convolutions in channels-last memory format.
         seed: global seed.
         out_dir: run folder (checkpoints, logs, the resolved config).
@@ -578,6 +580,11 @@ class Config:
                     f"student.num_classes ({student.num_classes}) != teacher.num_classes ({teacher.num_classes}): "
                     "distillation compares the two models' logits class by class"
                 )
+        if self.train.precision == "fp16" and self.engine.strategy == "deepspeed":
+            raise ValueError(
+                "train.precision 'fp16' is not available with engine.strategy 'deepspeed' (its own fp16 mode and "
+                "loss scale are not wired to the B-cos ops); use engine.strategy 'ddp' or train.precision 'bf16'"
+            )
         group = self.train.bn_group_size
         if group is not None and data.batch_size % group:
             raise ValueError(

@@ -18,8 +18,10 @@ class DDPStrategy(Strategy):
 
     name = "ddp"
 
-    def __init__(self, env, module, optimizer, clipping, *, device: torch.device, find_unused_parameters=False):
-        super().__init__(env, module, optimizer, clipping)
+    def __init__(
+        self, env, module, optimizer, clipping, scaler=None, *, device: torch.device, find_unused_parameters=False
+    ):
+        super().__init__(env, module, optimizer, clipping, scaler)
         self.wrapped = DistributedDataParallel(
             module,
             device_ids=[device.index] if device.type == "cuda" else None,

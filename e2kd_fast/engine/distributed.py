@@ -67,11 +67,19 @@ def make_strategy(
         )
     clipping = GradClipping(agc, cfg.optim.agc_clip, cfg.optim.agc_eps, cfg.optim.grad_clip_norm)
     module = ObjectiveModule(student, forward_to_loss, extra)
+    # fp16: a dynamic loss scale (the config refuses fp16 under DeepSpeed, which has its own).
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     if engine.strategy == "single":
-        return SingleProcessStrategy(env, module, optimizer, clipping)
+        return SingleProcessStrategy(env, module, optimizer, clipping, scaler)
     if engine.strategy == "ddp":
         return DDPStrategy(
-            env, module, optimizer, clipping, device=device, find_unused_parameters=engine.find_unused_parameters
+            env,
+            module,
+            optimizer,
+            clipping,
+            scaler,
+            device=device,
+            find_unused_parameters=engine.find_unused_parameters,
         )
     return DeepSpeedStrategy(
         env,

@@ -93,14 +93,21 @@ class Strategy:
         module: the `ObjectiveModule` to train.
         optimizer: the optimiser over the student's trainable parameters.
         clipping: gradient clipping applied before each optimiser step.
+        scaler: the dynamic loss scale of fp16 training (``train.precision: fp16``), or None.
     """
 
     name = "single"
 
     def __init__(
-        self, env: DistEnv, module: ObjectiveModule, optimizer: torch.optim.Optimizer, clipping: GradClipping
+        self,
+        env: DistEnv,
+        module: ObjectiveModule,
+        optimizer: torch.optim.Optimizer,
+        clipping: GradClipping,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.env, self.module, self.optimizer, self.clipping = env, module, optimizer, clipping
+        self.scaler = scaler
         self.wrapped: nn.Module = module
 
     @property
@@ -116,28 +123,48 @@ class Strategy:
         return self.wrapped(images, labels, step, frozen)
 
     def backward(self, loss: Tensor, micro_batches: int) -> None:
-        """Accumulates the gradient of ``loss / micro_batches`` (the step's mean over micro-batches)."""
-        (loss / micro_batches).backward()
+        """Accumulates the gradient of ``loss / micro_batches`` (the step's mean over micro-batches);
+        with fp16, of that times the loss scale."""
+        loss = loss / micro_batches
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def step(self) -> None:
+    def step(self) -> bool:
         """Clips the accumulated gradient, applies the optimiser, clears the gradient.
 
         AGC applies to the student's parameters; the global-norm clip also covers the objective's own
-        (``module.extra``: a feature baseline's connectors).
+        (``module.extra``: a feature baseline's connectors). With a loss scale (fp16) the gradient is
+        unscaled first, and a gradient with inf or NaN skips the update and halves the scale, as
+        `torch.amp.GradScaler` does: fp16 gradients overflow now and then by design.
+
+        Returns:
+            whether the update was applied (False only for a skipped fp16 step).
+
+        Raises:
+            NonFiniteGradientError: without a loss scale, the gradient holds inf or NaN (nothing applied).
         """
         params = [p for p in self.module.student.parameters() if p.grad is not None]
         extra_grads = [] if self.module.extra is None else [p.grad for p in self.module.extra.parameters()]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if not gradients_are_finite([p.grad for p in params] + [g for g in extra_grads if g is not None]):
-            # Under DDP every rank holds the same averaged gradient, so all of them stop here together.
+            # Under DDP every rank holds the same averaged gradient, so all of them decide alike.
             self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()  # unscale_ recorded the overflow: the scale is lowered
+                return False
             raise NonFiniteGradientError("the accumulated gradient holds inf or NaN; the optimiser was not applied")
         if self.clipping.agc:
             adaptive_clip_grad_(params, self.clipping.agc_clip, self.clipping.agc_eps)
         if self.clipping.max_norm is not None:
             extra = [] if self.module.extra is None else list(self.module.extra.parameters())
             torch.nn.utils.clip_grad_norm_(params + [p for p in extra if p.grad is not None], self.clipping.max_norm)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)  # already unscaled and checked: applies the update
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def scale_gradients(self, factor: float) -> None:
         """Multiplies the accumulated gradient by ``factor``; call after the last backward of a step, before `step`.
@@ -210,6 +237,15 @@ class Strategy:
         ``model_state``: the weights just loaded (fp32), for strategies that keep separate master copies.
         """
         self.optimizer.load_state_dict(state)
+
+    def scaler_state(self) -> dict | None:
+        """The fp16 loss scale's state (`torch.amp.GradScaler.state_dict`), or None without one."""
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        """Restores `scaler_state`; None (a checkpoint from a run without fp16) starts a fresh scale."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
     def _comm_device(self) -> torch.device:
         return (

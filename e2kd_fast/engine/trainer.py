@@ -91,6 +91,7 @@ class TrainState:
     epoch: int = 0  # current epoch
     step_in_epoch: int = 0  # optimiser steps done in the current epoch
     skipped_images: int = 0  # unreadable training images left out so far, on all ranks
+    overflow_steps: int = 0  # fp16 steps whose gradient overflowed: not applied, the loss scale halved
     # (val top-1, checkpoint path relative to the run folder), best first: a copied run folder is self-contained
     best: list[tuple[float, str]] = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)  # the latest evaluation's metrics (summary.json's final_eval)
@@ -145,7 +146,10 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.student.parameters(), cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum
         )
-        self.autocast = cfg.train.precision == "bf16" and self.device.type == "cuda"
+        # bf16 autocast on CUDA; fp16 autocast (with the strategy's loss scale) on any device.
+        self.autocast = {"bf16": torch.bfloat16 if self.device.type == "cuda" else None, "fp16": torch.float16}.get(
+            cfg.train.precision
+        )
         self.micro_batches = cfg.train.grad_accum
         # Images of a full micro-batch on one rank (data.batch_size is the global batch).
         self.micro_batch_images = cfg.data.batch_size // self.dist_env.world_size
@@ -351,8 +355,20 @@ class Trainer:
             epoch_end = state.step_in_epoch == self.steps_per_epoch
             if state.step % cfg.train.log_every_steps == 0 or epoch_end:
                 accuracy = self._epoch_accuracy() if epoch_end else {}
+                scaler = self.strategy.scaler  # fp16: the loss scale and the steps skipped so far
+                scale = (
+                    {} if scaler is None else {"loss_scale": scaler.get_scale(), "overflow_steps": state.overflow_steps}
+                )
                 logger.log(
-                    "train", state.step, epoch=state.epoch + 1, lr=lr, img_s=rate, images=used, **totals, **accuracy
+                    "train",
+                    state.step,
+                    epoch=state.epoch + 1,
+                    lr=lr,
+                    img_s=rate,
+                    images=used,
+                    **totals,
+                    **accuracy,
+                    **scale,
                 )
             self._checkpoint_if_due()
         bar.close()
@@ -467,7 +483,7 @@ class Trainer:
         self, images: Tensor, labels: Tensor, step: int, frozen: TeacherOutputs | None
     ) -> dict[str, Tensor]:
         """Batch → loss dict: the forward of the module the strategy wraps (explanations included)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             if self.cfg.distill.method == "none":
                 logits = self.student(images)
                 # B-cos: uniform off-label BCE; multi-hot targets (VOC): per-class BCE; else cross-entropy
@@ -482,7 +498,8 @@ class Trainer:
         applies nothing when it finds one: a finite loss can still have a non-finite gradient.
         """
         try:
-            self.strategy.step()
+            if not self.strategy.step():
+                self.state.overflow_steps += 1
         except NonFiniteGradientError:
             s = self.state
             raise TrainingError(
@@ -564,6 +581,8 @@ class Trainer:
                         epoch=s.epoch,
                         step_in_epoch=s.step_in_epoch,
                         skipped_images=s.skipped_images,
+                        overflow_steps=s.overflow_steps,
+                        grad_scaler=self.strategy.scaler_state(),
                         best=[[m, p] for m, p in s.best],
                         last_eval=s.last_eval,
                         train_hits=list(s.train_hits),
@@ -662,11 +681,13 @@ class Trainer:
                 group["weight_decay"] = self.cfg.optim.weight_decay
                 if "momentum" in group:
                     group["momentum"] = self.cfg.optim.momentum
+        self.strategy.load_scaler_state(payload.get("grad_scaler"))  # fp16's loss scale, for an exact resume
         self.state = TrainState(
             step=int(payload["step"]),
             epoch=int(payload["epoch"]),
             step_in_epoch=int(payload["step_in_epoch"]),
             skipped_images=int(payload.get("skipped_images", 0)),
+            overflow_steps=int(payload.get("overflow_steps", 0)),
             best=[(float(m), _run_relative(str(p))) for m, p in payload.get("best", [])],
             last_eval=dict(payload.get("last_eval", {})),
             # A checkpoint from before training accuracy was counted: the epoch's count starts at the resume.
@@ -718,6 +739,7 @@ class Trainer:
             "steps": s.step,
             "epochs": s.epoch,
             "skipped_train_images": s.skipped_images,
+            "overflow_steps": s.overflow_steps,
             "wall_seconds": round(self._wall_base + time.perf_counter() - self._started, 1),
             "final_eval": s.last_eval,
             "best": [{"top1": m, "checkpoint": p} for m, p in s.best],  # paths relative to the run folder

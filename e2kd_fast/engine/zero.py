@@ -190,7 +190,7 @@ class DeepSpeedStrategy(Strategy):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # bookkeeping only; the optimiser runs at the boundary
 
-    def step(self) -> None:
+    def step(self) -> bool:
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed is not at its accumulation boundary: a micro-batch was skipped on this rank")
         try:
@@ -201,6 +201,7 @@ class DeepSpeedStrategy(Strategy):
         # update with no more than a log line: the same verdict on every rank, raised here.
         if getattr(self.zero_opt, "overflow", False):
             raise NonFiniteGradientError("the accumulated gradient holds inf or NaN; ZeRO did not apply the optimiser")
+        return True
 
     def scale_gradients(self, factor: float) -> None:
         # The gradient lives in ZeRO's partitions only inside engine.step: scaled there (clip_then_unscale).
