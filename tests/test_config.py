@@ -161,6 +161,7 @@ def test_every_config_file_loads_and_validates(path):
     assert cfg.distill.gt_coef == 0.0 and cfg.data.val_per_class == 50 and cfg.data.val_seed == 42
     assert cfg.data.subset_draw == "official"  # held-out and shots: the official images, index for index
     assert not cfg.data.drop_last  # the official train loader keeps the last, partial batch
+    assert cfg.distill.guided_step_counter == "epoch"  # the official batch_idx % K
     assert (cfg.data.image_size, cfg.data.eval_resize, cfg.data.crop_scale_min) == (224, 256, 0.08)
 
 

@@ -115,9 +115,8 @@ def test_guided_step_counter_counts_the_step_in_its_epoch_or_in_the_run():
         {
             "student": {"name": "bcos_resnet18"},
             "teacher": {"name": "bcos_resnet34"},
-            "distill": {"guided_step_interval": 2},
+            "distill": {"guided_step_interval": 2, "guided_step_counter": "epoch"},
         }
     )
-    assert cfg.distill.guided_step_counter == "epoch"  # the official counter is the default
     step = make_train_step(student, teacher, cfg, steps_per_epoch=3)
     assert (step.guided_step_counter, step.guided_step_interval, step.steps_per_epoch) == ("epoch", 2, 3)

@@ -179,9 +179,10 @@ class DistillConfig(Section):
             ``teacher_logit_loss_coef``, 1 in every paper config; its standard-network sweep also tried 0.5.
         guided_step_interval: compute the explanation loss on every K-th step only (GTE's option of that name;
             its "efficient" configs use K = 16 for ResNets, 4 for ViTs).
-        guided_step_counter: the step count that ``guided_step_interval`` divides: ``"epoch"`` (the
-            optimiser step's index within its epoch, from 0: the official batch index, so every epoch
-            starts with an explained step) or ``"run"`` (the run's optimiser step count).
+        guided_step_counter: the step count that ``guided_step_interval`` divides: ``"run"`` (the
+            run's optimiser step count) or ``"epoch"`` (the optimiser step's index within its epoch,
+            from 0: the official batch index, so every epoch starts with an explained step; set in the
+            ImageNet paper configs).
         multilabel: multi-label targets (PASCAL VOC): the KD term is the per-class sigmoid KL of
             `e2kd_fast.distill.multilabel.multilabel_kd` instead of the softmax KL; the explained class
             stays the teacher's top-1 logit. Must be set exactly when ``data.dataset == "voc"``.
@@ -201,7 +202,7 @@ class DistillConfig(Section):
     gt_coef: float = 0.0
     logit_coef: float = 1.0
     guided_step_interval: int = 1
-    guided_step_counter: GuidedStepCounter = "epoch"
+    guided_step_counter: GuidedStepCounter = "run"
     multilabel: bool = False
     feature_weight: float | None = None
     kd_coef: float = 0.0

@@ -503,7 +503,7 @@ def maybe_dali_loader(
     if resolve_loader(kind, folder=folder) != "dali":
         return None
     data = cfg.data
-    if train and getattr(data, "rand_augment_ops", 0) > 0:
+    if train and data.rand_augment_ops > 0:
         # Torchvision's RandAugment has no DALI twin that draws the same operations (DALI's auto_aug differs).
         notice(
             f"data.loader={kind} with data.rand_augment_ops={data.rand_augment_ops}: DALI does not apply "

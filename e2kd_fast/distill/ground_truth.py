@@ -13,8 +13,8 @@ def ground_truth_loss(logits: Tensor, labels: Tensor, *, bcos: bool, multilabel:
     """The loss of supervised training (``distill.method none``) and the validation loss's ``gt`` term.
 
     B-cos models: BCE with uniform off-labels at 1/C (`uniform_off_label_bce`, single- or multi-label);
-    standard models: multi-hot BCE (`multilabel_bce`) with ``multilabel``, else cross-entropy. The same
-    choice as the ground-truth term of `e2kd_fast.distill.e2kd_objective`.
+    standard models: multi-hot BCE (`multilabel_bce`) with ``multilabel``, else cross-entropy. Also the
+    ground-truth term of `e2kd_fast.distill.e2kd_objective`.
 
     Args:
         logits: [N, C] the model's logits.

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from e2kd_fast.distill.multilabel import multilabel_bce, multilabel_kd
+from e2kd_fast.distill.ground_truth import ground_truth_loss
+from e2kd_fast.distill.multilabel import multilabel_kd
 from e2kd_fast.explain import dynamic_weights, gradcam
 from e2kd_fast.ops import distill_loss
-from e2kd_fast.reference.losses import explanation_cosine_loss, kd_kl, uniform_off_label_bce
+from e2kd_fast.reference.losses import explanation_cosine_loss, kd_kl
 
 EXPLANATIONS = ("bcos", "gradcam")
 
@@ -146,15 +146,8 @@ def e2kd_objective(
         cosine = student_logits.new_tensor(float("nan"))
 
     gt = student_logits.new_zeros(())
-    if gt_coef > 0 and multilabel:
-        bce = uniform_off_label_bce if explanation == "bcos" else multilabel_bce  # B-cos: off-labels at 1/C
-        gt = bce(student_logits, labels)
-    elif gt_coef > 0:
-        gt = (
-            uniform_off_label_bce(student_logits, labels)
-            if explanation == "bcos"
-            else F.cross_entropy(student_logits, labels)
-        )
+    if gt_coef > 0:
+        gt = ground_truth_loss(student_logits, labels, bcos=explanation == "bcos", multilabel=multilabel)
     loss = distill + gt_coef * gt if gt_coef > 0 else distill
     return {
         "loss": loss,

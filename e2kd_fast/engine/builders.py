@@ -103,7 +103,18 @@ def apply_batch_norm_groups(student: nn.Module, cfg: Config, world_size: int) ->
     """Sets ``train.bn_group_size`` on the student's batch norms for a ``world_size``-process run.
 
     Each process's micro-batch (``data.batch_size / world_size`` images) is normalised in groups of
-    ``bn_group_size``; returns the line to log, or None when the setting is off.
+    ``bn_group_size`` (`e2kd_fast.nn.set_batch_norm_groups`).
+
+    Args:
+        student: the model to train, before its optimiser and strategy wrap it.
+        cfg: the run's config.
+        world_size: processes of the launch.
+
+    Returns:
+        The line to log, or None when ``train.bn_group_size`` is not set.
+
+    Raises:
+        ValueError: the group size does not divide a process's share of the batch (names both).
     """
     size = cfg.train.bn_group_size
     if size is None:

@@ -14,7 +14,7 @@ from e2kd_fast.distill.ground_truth import ground_truth_loss
 from e2kd_fast.distill.multilabel import multilabel_kd
 from e2kd_fast.explain import dynamic_weights, gradcam
 from e2kd_fast.metrics.scores import EvalExtras
-from e2kd_fast.reference.losses import explanation_cosine, kd_kl
+from e2kd_fast.reference.losses import explanation_cosine, explanation_cosine_loss, kd_kl
 
 # The validation loss terms `evaluate` reports (batch means weighted by the batch's images).
 LOSS_KEYS = ("loss", "kd", "exp", "gt")
@@ -76,8 +76,9 @@ class ValidationLoss:
             return None
         bcos = bcos_student if d.method == "none" else d.explanation == "bcos"
         lam = d.lam if d.method == "e2kd" else 0.0
-        beta = float(getattr(d, "logit_coef", 1.0))
-        return cls(d.method, tau=d.tau, lam=lam, gt_coef=d.gt_coef, logit_coef=beta, bcos=bcos, multilabel=d.multilabel)
+        return cls(
+            d.method, tau=d.tau, lam=lam, gt_coef=d.gt_coef, logit_coef=d.logit_coef, bcos=bcos, multilabel=d.multilabel
+        )
 
     def __call__(
         self,
@@ -105,7 +106,7 @@ class ValidationLoss:
         out = {"kd": kd, "gt": gt}
         loss = kd if self.logit_coef == 1 else self.logit_coef * kd
         if self.lam > 0:
-            out["exp"] = (1 - explanation_cosine(student_map.float(), teacher_map.float())).mean()
+            out["exp"] = explanation_cosine_loss(student_map.float(), teacher_map.float())
             loss = loss + self.lam * out["exp"]
         out["loss"] = loss + self.gt_coef * gt if self.gt_coef > 0 else loss
         return out

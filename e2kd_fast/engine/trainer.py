@@ -476,7 +476,8 @@ class Trainer:
         out = self.strategy.forward(images, labels, self.state.step, frozen, last_micro=self._last_micro)
         # The labels the training accuracy is measured against; mixed (mixup / CutMix): their largest share,
         # as the official trainer (and torchvision's reference scripts) do.
-        mixed = self.mixing is not None and labels.dim() == 2
+        # Multi-hot labels (VOC) stay as they are: a top-k class counts when its share is positive.
+        mixed = self.mixing is not None and labels.dim() == 2 and not self.cfg.distill.multilabel
         return {**out, "accuracy_target": labels.argmax(1) if mixed else labels}
 
     def _forward_to_loss(

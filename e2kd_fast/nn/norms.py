@@ -84,6 +84,11 @@ def set_batch_norm_groups(model: nn.Module, groups: int) -> int:
     `BatchNormUncentered2d` takes the setting as it is; a plain `nn.BatchNorm2d` (torchvision models)
     is replaced by a `GhostBatchNorm2d` holding the same parameters and buffers.
 
+    Args:
+        model: changed in place; call before an optimiser or DDP wraps it (parameters stay the same
+            objects, so an existing optimiser keeps working).
+        groups: k >= 1 groups per training batch (`batch_norm_group_indices`).
+
     Returns:
         the number of batch-norm layers set.
     """
@@ -140,11 +145,16 @@ class BatchNormUncentered2d(DynamicLinearModule, nn.BatchNorm2d):
             raise ValueError(f"BatchNormUncentered2d expects [N, C, H, W] input, got shape {tuple(x.shape)}")
         use_batch_stats = self.training or self.running_var is None
         if use_batch_stats and self.training and self.batch_groups > 1 and x.shape[0] > 1:
-            groups = batch_norm_group_indices(x.shape[0], self.batch_groups, x.device)
-            per_group = torch.stack([x[g].var(dim=(0, 2, 3), unbiased=False) for g in groups])  # [k, C]
+            n, k = x.shape[0], min(self.batch_groups, x.shape[0])
+            if n % k == 0:  # one reduction: image a·k + g is row a of group g
+                per_group = x.unflatten(0, (n // k, k)).var(dim=(0, 3, 4), unbiased=False)  # [k, C]
+                var = per_group.repeat(n // k, 1)  # [N, C]: row i is group i mod k
+            else:  # a smaller last batch: groups of unequal size
+                groups = batch_norm_group_indices(n, k, x.device)
+                per_group = torch.stack([x[g].var(dim=(0, 2, 3), unbiased=False) for g in groups])
+                var = per_group[torch.arange(n, device=x.device) % k]
             if self.track_running_stats and self.running_var is not None:
                 self._update_running_var(per_group[0].detach())  # rank 0's statistics, as DDP broadcasts them
-            var = per_group[torch.arange(x.shape[0], device=x.device) % len(groups)]  # [N, C]: each image's group
         elif use_batch_stats:
             var = x.var(dim=(0, 2, 3), unbiased=False)
             if self.training and self.track_running_stats and self.running_var is not None:
