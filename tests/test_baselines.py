@@ -308,6 +308,7 @@ def test_baseline_config_starts(path, tiny_folder, tmp_path):
         "data.image_size=32",
         "data.eval_resize=32",
         "data.batch_size=8",
+        "train.bn_group_size=2",  # the recipe's groups of 64, scaled to the batch of 8
         "data.num_workers=0",
         "data.val_per_class=1",
         "train.epochs=1",
