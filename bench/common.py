@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from bench import floor
+
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -280,32 +282,13 @@ def _do_bench(fn: Callable[[], Any], repeats: int) -> list[float] | None:
 
 
 def count_flops(fn: Callable[[], Any]) -> int | None:
-    """FLOPs of one call (matmuls, convs and attention, with `torch.utils.flop_counter`'s formulas).
-
-    `FlopCounterMode` itself cannot be used: its module tracker fails inside ``autograd.grad`` ("A
-    leaf node was passed to _will_engine_execute_node ..."), which every e²KD step calls. This mode
-    applies the same per-op formulas without the module tracking. None if counting fails.
-    """
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    class _Counter(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                self.total += int(formula(*args, **kwargs, out_val=out))
-            return out
-
+    """FLOPs of one call (matmuls, convs and attention, with `torch.utils.flop_counter`'s formulas),
+    counted by `bench.floor.count_traffic`; None if counting fails (a provider the counter cannot see
+    through: no figure rather than a wrong one)."""
     try:
-        with _Counter() as counter:
-            fn()
-    except Exception:  # a provider the counter cannot see through: report no figure, not a wrong one
+        return floor.count_traffic(fn).flops
+    except Exception:
         return None
-    return counter.total
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:

@@ -18,7 +18,7 @@
 #   OUT=/tmp/e2kd-dry bash bench/gpu_session.sh --dry-run   # CPU, tiny sizes: checks that it all runs
 #
 # The dry run uses the CPU, the tiny_bcos pair at batch 2 and 32², and skips what needs CUDA with a
-# line saying so. SESSION_COMPILE=0 runs the step and profile parts eagerly (compiling even the tiny
+# line saying so. STEP_COMPILE=0 runs the step and profile parts eagerly (compiling even the tiny
 # pair takes minutes on a 2-core CPU). Per-part limits: LIMIT_<PART> in seconds (the dry run's
 # defaults are 4× the GPU's); BUDGET_S caps the whole; $OUT/summary.txt has one line per part.
 set -u
@@ -38,7 +38,7 @@ SCALE=1
 [ $DRY = 1 ] && SCALE=4
 BUDGET_S=${BUDGET_S:-$((DRY == 1 ? 1800 : 470))}
 COMPILE_FLAG=--compile
-[ "${SESSION_COMPILE:-1}" = 0 ] && COMPILE_FLAG=
+[ "${STEP_COMPILE:-1}" = 0 ] && COMPILE_FLAG=
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 # a timed-out part keeps its log
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} E2KD_CUDA_ARCHS=${E2KD_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 # A fresh Inductor cache: the step part's first steps are cold compiles, the profile part's warm.
