@@ -90,9 +90,16 @@ def _n_train(train: dict) -> int:
 
 
 def _fit(
-    out_dir: Path, engine: dict, train: dict, optim: dict, resume=None, val: bool = False, unreadable=()
+    out_dir: Path,
+    engine: dict,
+    train: dict,
+    optim: dict,
+    resume=None,
+    val: bool = False,
+    unreadable=(),
+    data: dict | None = None,
 ) -> Trainer:
-    cfg = _config(out_dir, engine, train, optim)
+    cfg = _config(out_dir, engine, train, optim, data)
     trainer = Trainer(
         cfg,
         ShapesSet(_n_train(train), seed=0, unreadable=tuple(unreadable)),
@@ -104,6 +111,8 @@ def _fit(
     trainer.fit(resume=resume)
     return trainer
 
+
+KEEP_TAIL = {"drop_last": False}  # the paper configs' setting
 
 # Runs where ranks go without images: global batch 8 in 2 micro-batches of 4 per rank; rank r reads
 # the epoch's positions r, r + 2, ... (ShardedEpochSampler).
@@ -165,6 +174,12 @@ def _worker(rank: int, port: int, root: str, single_root: str) -> None:
         trainer = _fit(root / name, engine, train, optim, val=name == "ddp")
         state = {k: v.detach().float().clone() for k, v in trainer.student.state_dict().items()}
         torch.save(state, root / f"{name}_rank{rank}.pt")
+    # The epoch's last, partial step kept (data.drop_last false): 3 images, 2 on rank 0 and 1 on rank 1.
+    trainer = _fit(root / "ddp_tail", {"strategy": "ddp"}, {}, {}, data=KEEP_TAIL)
+    torch.save(
+        {k: v.detach().float().clone() for k, v in trainer.student.state_dict().items()},
+        root / f"ddp_tail_rank{rank}.pt",
+    )
     # A ZeRO-2 run resumed from the single-process checkpoint after epoch 1.
     _fit(root / "zero2_from_single", RUNS[2][1], {}, {}, resume=single_root / "checkpoints" / "epoch_0001.pt")
     try:  # recorded, not raised: ranks out of step must fail their own test, not the runs above
@@ -253,6 +268,16 @@ def _assert_close(a: dict, b: dict, atol: float = 2e-6) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=0, msg=k)
+
+
+def test_the_partial_last_step_is_the_mean_over_its_images_on_two_ranks_as_on_one(runs, tmp_path):
+    root, _ = runs
+    reference = _fit(tmp_path / "single", {"strategy": "single"}, {}, {}, data=KEEP_TAIL)
+    expected = {k: v.detach() for k, v in reference.student.state_dict().items()}
+    _assert_close(_weights(root / "ddp_tail" / "checkpoints" / "last.pt"), expected)
+    for rank in range(WORLD):
+        _assert_close(torch.load(root / f"ddp_tail_rank{rank}.pt"), expected)
+    assert read_checkpoint(root / "ddp_tail" / "checkpoints" / "last.pt")["step"] == 6  # 2 + the tail, per epoch
 
 
 @pytest.mark.parametrize("name", [r[0] for r in RUNS])
