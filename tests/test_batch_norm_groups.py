@@ -20,10 +20,11 @@ from torch import nn
 
 from e2kd_fast import AddInverse, explanation_mode
 from e2kd_fast.config import config_from_dict, load_config
+from e2kd_fast.distill import e2kd_objective
 from e2kd_fast.engine import Trainer
 from e2kd_fast.engine.process_group import find_free_port
 from e2kd_fast.explain import dynamic_weights
-from e2kd_fast.models import read_checkpoint
+from e2kd_fast.models import create_model, read_checkpoint
 from e2kd_fast.nn import (
     BatchNormUncentered2d,
     BcosConv2d,
@@ -176,3 +177,24 @@ def test_the_paper_configs_group_as_their_official_runs():
         assert load_config(path).train.bn_group_size == 64, path.name
     for path in configs.glob("imagenet*shot_*.yaml"):  # one GPU: the whole batch
         assert load_config(path).train.bn_group_size is None, path.name
+
+
+@pytest.mark.parametrize("n", [8, 6])  # groups of equal size, and a smaller last batch (unequal groups)
+def test_a_grouped_student_step_is_one_graph_and_equals_eager(n):
+    """The e²KD step of a B-cos ResNet whose batch norms are grouped, traced whole (fullgraph, aot_eager)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    student = create_model("bcos_resnet20_cifar", num_classes=4).double().train()
+    teacher = create_model("bcos_resnet20_cifar", num_classes=4).double().eval().requires_grad_(False)
+    set_batch_norm_groups(student, 4)
+    x = AddInverse()(torch.rand(n, 3, 8, 8, dtype=torch.float64))
+
+    def loss(images):
+        return e2kd_objective(student, teacher, images, lam=1.0, algorithm="sweep")["loss"]
+
+    eager = loss(x)
+    (eager_grad,) = torch.autograd.grad(eager, [student.conv1.linear.weight])
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(x)
+    (compiled_grad,) = torch.autograd.grad(compiled, [student.conv1.linear.weight])
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-10, atol=1e-14)
