@@ -123,6 +123,8 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "matplotlib",  # the report's curves and the demo's pictures
+        "scikit-image",  # XDistillation's superpixels
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

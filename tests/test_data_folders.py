@@ -200,3 +200,14 @@ def test_images_of_other_pixel_formats_are_refused_by_name(tmp_path):
     ds = ImageFolderDataset(tmp_path, "train", extensions=(".tif",))
     with pytest.warns(UserWarning, match=rf"skipping unreadable image file {path}: .*pixel format 'F'"):
         assert ds[0] is None
+
+
+@pytest.mark.parametrize("fmt", ["bmp", "ppm", "tif", "webp"])
+def test_every_extension_torchvision_takes_is_listed_and_read(tmp_path, fmt):
+    options = {"lossless": True} if fmt == "webp" else {}
+    pixels = torch.randint(0, 256, (10, 12, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    (tmp_path / "train" / "c").mkdir(parents=True)
+    Image.fromarray(pixels.numpy()).save(tmp_path / "train" / "c" / f"a.{fmt}", **options)
+    ds = ImageFolderDataset(tmp_path, "train")
+    assert [p.name for p, _ in ds.samples] == [f"a.{fmt}"]
+    torch.testing.assert_close(ds[0]["image"], pixels.permute(2, 0, 1).float() / 255, rtol=0, atol=0)

@@ -23,9 +23,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# The extensions torchvision's ImageFolder takes (jpg, jpeg, png, ppm, bmp, pgm, tif, tiff, webp).
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(IMG_EXTENSIONS)
 # PIL modes whose conversion to 8-bit RGB gives the values DALI's decoder gives (1/2/4-bit gray and
 # palettes open as "1", "L" or "P"; 16-bit RGB(A) and gray+alpha PNGs open as 8-bit "RGB(A)").
 _EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
