@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from e2kd_fast import __version__
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="YAML configuration file")
@@ -33,6 +35,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2kd-fast", description="Explanation-enhanced knowledge distillation.")
+    parser.add_argument("--version", action="version", version=f"e2kd-fast {__version__}")
     # The `deepspeed` launcher puts --local_rank=N before the sub-command; LOCAL_RANK (env) is what is used.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)

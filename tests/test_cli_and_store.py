@@ -10,6 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
+from e2kd_fast import __version__
 from e2kd_fast.cli import main
 from e2kd_fast.config import config_from_dict
 from e2kd_fast.data import paired_train_transform
@@ -177,3 +178,10 @@ def test_incomplete_store_is_refused(folder, tmp_path):
         FrozenTeacherDataset(base, store, paired_train_transform(16, encoding="bcos"))
     with pytest.raises(FileNotFoundError, match="run e2kd-fast precompute"):
         FrozenStore.open(tmp_path / "nowhere")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"e2kd-fast {__version__}"
