@@ -35,14 +35,34 @@ __all__ = [
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats: PyYAML (YAML 1.1) reads ``3e-4`` as a string, which no one means."""
+    """SafeLoader with YAML 1.2 floats and booleans, refusing duplicate keys.
+
+    PyYAML (YAML 1.1) reads ``3e-4`` as a string and ``yes``/``no``/``on``/``off`` as booleans; here
+    ``3e-4`` is a float, only ``true``/``false`` are booleans (so ``compile: yes`` is a string that the
+    schema refuses by key), and a key given twice in one mapping is an error instead of the last one
+    silently winning.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, resolved by the constructor below
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each key once per mapping)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT_TAG, _BOOL_TAG = "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_FLOAT_TAG, _BOOL_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     _FLOAT_TAG,
     re.compile(
