@@ -357,10 +357,12 @@ def warm_compile_probe(config: dict[str, Any], variant: str, device: torch.devic
 def run_warm_compile_probe(config: dict[str, Any], variant: str, device: torch.device) -> float | None:
     """`warm_compile_probe` in a fresh interpreter sharing this one's compile caches (None if it fails)."""
     result = _run_probe("--warmprobe", config, variant, device)
-    return None if result is None else result["first_step_s"]
+    return result["first_step_s"] if isinstance(result, dict) else None
 
 
-def _run_probe(flag: str, config: dict[str, Any], variant: str, device: torch.device) -> dict[str, Any] | None:
+def _run_probe(flag: str, config: dict[str, Any], variant: str, device: torch.device) -> dict[str, Any] | str:
+    """Runs ``python -m bench.bench_step FLAG payload`` in a fresh interpreter: its JSON result, or on
+    failure the last lines of its output."""
     payload = json.dumps(
         {"config": config, "variant": variant, "device": str(device), "threads": torch.get_num_threads()}
     )
@@ -375,7 +377,7 @@ def _run_probe(flag: str, config: dict[str, Any], variant: str, device: torch.de
         timeout=1800,
     )
     if proc.returncode != 0:
-        return None
+        return " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -420,23 +422,10 @@ def memory_probe(config: dict[str, Any], variant: str, device: torch.device) -> 
 
 def run_memory_probe(config: dict[str, Any], variant: str, device: torch.device) -> dict[str, Any]:
     """Runs `memory_probe` in a fresh interpreter (so one variant's peak cannot hide another's)."""
-    payload = json.dumps(
-        {"config": config, "variant": variant, "device": str(device), "threads": torch.get_num_threads()}
-    )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(common.REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_step", "--memprobe", payload],
-        cwd=common.REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"peak_bytes": None, "step_bytes": None, "method": "failed: " + " | ".join(tail)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _run_probe("--memprobe", config, variant, device)
+    if isinstance(result, str):
+        return {"peak_bytes": None, "step_bytes": None, "method": "failed: " + result}
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

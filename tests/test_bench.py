@@ -244,21 +244,24 @@ def test_step_suite_smoke(tmp_path, capsys):
     assert compare.main([str(out), str(out)]) == 0
 
 
+# One configuration of the step suite at tiny sizes, for the probes that run in a fresh process.
+TINY_STEP_CONFIG = {
+    "pair": "tiny_bcos",
+    "student": "bcos_resnet20_cifar",
+    "teacher": "bcos_resnet32_cifar",
+    "explanation": "bcos",
+    "batch": 2,
+    "resolution": 32,
+    "dtype": "float32",
+    "channels_last": False,
+    "tau": 1.0,
+    "lam": 1.0,
+    "optimizer": "sgd",
+}
+
+
 def test_step_memory_probe_in_a_fresh_process():
-    config = {
-        "pair": "tiny_bcos",
-        "student": "bcos_resnet20_cifar",
-        "teacher": "bcos_resnet32_cifar",
-        "explanation": "bcos",
-        "batch": 2,
-        "resolution": 32,
-        "dtype": "float32",
-        "channels_last": False,
-        "tau": 1.0,
-        "lam": 1.0,
-        "optimizer": "sgd",
-    }
-    memory = bench_step.run_memory_probe(config, "reference", torch.device("cpu"))
+    memory = bench_step.run_memory_probe(TINY_STEP_CONFIG, "reference", torch.device("cpu"))
     assert memory["step_bytes"] > 0 and memory["peak_bytes"] > memory["step_bytes"], memory
     assert "fresh process" in memory["method"]
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bench import bench_step, compare, floor, profile_step
+from tests.test_bench import TINY_STEP_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -202,20 +203,8 @@ def test_step_time_budget_skips_later_variants_with_a_note(tmp_path):
 
 
 def test_warm_compile_probe_times_a_first_step_in_a_fresh_process():
-    config = {
-        "pair": "tiny_bcos",
-        "student": "bcos_resnet20_cifar",
-        "teacher": "bcos_resnet32_cifar",
-        "explanation": "bcos",
-        "batch": 2,
-        "resolution": 32,
-        "dtype": "float32",
-        "channels_last": False,
-        "tau": 1.0,
-        "lam": 1.0,
-        "optimizer": "sgd",
-        "compile": False,  # the probe's mechanics; compiling here would take minutes
-    }
+    # compile off: the probe's mechanics; compiling here would take minutes
+    config = {**TINY_STEP_CONFIG, "compile": False}
     seconds = bench_step.run_warm_compile_probe(config, "kd", torch.device("cpu"))
     assert seconds is not None and seconds > 0
 
