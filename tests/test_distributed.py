@@ -27,8 +27,8 @@ from e2kd_fast.engine.distributed import make_strategy
 from e2kd_fast.engine.process_group import DistEnv, dist_env, find_free_port, setup_distributed
 from e2kd_fast.engine.zero import deepspeed_config
 from e2kd_fast.models import read_checkpoint
-from e2kd_fast.nn import BcosConv2d
 from tests.test_trainer import ShapesSet
+from tests.test_trainer import _tiny_bcos_without_norms as _tiny_bcos  # batch statistics are per rank
 
 WORLD = 2
 KERNELS = "reference"  # the layer kernels are not under test here; both sides of a comparison use the same
@@ -37,20 +37,6 @@ KERNELS = "reference"  # the layer kernels are not under test here; both sides o
 @pytest.fixture(autouse=True)
 def _reference_kernels(monkeypatch):
     monkeypatch.setenv("E2KD_BACKEND", KERNELS)
-
-
-def _tiny_bcos(seed: int) -> torch.nn.Module:
-    """A B-cos CNN without batch statistics (those are per rank under DDP, by design)."""
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        BcosConv2d(6, 8, 3, padding=1),
-        BcosConv2d(8, 8, 3, stride=2, padding=1),
-        BcosConv2d(8, 4, 1),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-    )
-    net.num_classes = 4
-    return net
 
 
 # Each run: (name, engine section, train overrides, optim overrides). 2 epochs of 2 optimiser steps.
