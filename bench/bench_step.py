@@ -174,7 +174,7 @@ def build_setup(
     """Models (student in train mode, teacher in eval mode), a seeded batch and, if asked, frozen outputs."""
     from e2kd_fast import create_model
     from e2kd_fast.data import IMAGENET_MEAN, IMAGENET_STD
-    from e2kd_fast.distill import TeacherOutputs
+    from e2kd_fast.distill import teacher_outputs
     from e2kd_fast.nn import AddInverse
 
     pair = PAIRS[config["pair"]]
@@ -194,19 +194,9 @@ def build_setup(
     x = x.to(device).contiguous(memory_format=memory_format)
     outputs = None
     if frozen:
-        outputs = _teacher_outputs(teacher_model, x, pair.explanation)
-        outputs = TeacherOutputs(outputs[0], outputs[1])
+        outputs = teacher_outputs(teacher_model, x, explanation=pair.explanation)
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9)
     return StepSetup(config, device, student, teacher_model if teacher else None, optimizer, x, outputs)
-
-
-def _teacher_outputs(teacher: nn.Module, x: Tensor, explanation: str) -> tuple[Tensor, Tensor]:
-    """What a frozen-teacher store holds for this batch: logits and the top-1 explanation."""
-    from e2kd_fast.explain import dynamic_weights, gradcam
-
-    explain = dynamic_weights if explanation == "bcos" else gradcam
-    maps, logits = explain(teacher, x, None, create_graph=False, return_logits=True)
-    return logits.detach(), maps.detach()
 
 
 def make_step(setup: StepSetup, variant: str, compile: bool | None = None) -> Callable[[], None]:

@@ -4,7 +4,7 @@ baselines AT, NST, AB, CAT-KD and ReviewKD (`e2kd_fast.distill.baselines`)."""
 from e2kd_fast.distill.baselines import BASELINES, FeatureDistillation, build_baseline
 from e2kd_fast.distill.features import Stages, forward_stages
 from e2kd_fast.distill.ground_truth import ground_truth_loss
-from e2kd_fast.distill.objective import EXPLANATIONS, TeacherOutputs, e2kd_objective
+from e2kd_fast.distill.objective import EXPLANATIONS, TeacherOutputs, e2kd_objective, teacher_outputs
 
 __all__ = [
     "BASELINES",
@@ -16,4 +16,5 @@ __all__ = [
     "e2kd_objective",
     "forward_stages",
     "ground_truth_loss",
+    "teacher_outputs",
 ]

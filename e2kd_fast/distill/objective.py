@@ -112,7 +112,9 @@ def e2kd_objective(
     explain_now = lam > 0 and step % guided_step_interval == 0
     explain = partial(dynamic_weights, algorithm=algorithm) if explanation == "bcos" else gradcam
 
-    teacher_logits, teacher_map = _teacher_outputs(teacher, x, frozen, explain if explain_now else None)
+    if frozen is None:
+        frozen = teacher_outputs(teacher, x, explanation=explanation, explain=explain_now, algorithm=algorithm)
+    teacher_logits, teacher_map = _stored_outputs(frozen, x, explain_now)
     target = teacher_logits.argmax(1)
     if explain_now:
         student_map, student_logits = explain(student, x, target, create_graph=True, return_logits=True)
@@ -162,21 +164,30 @@ def e2kd_objective(
     }
 
 
-def _teacher_outputs(teacher, x, frozen, explain) -> tuple[Tensor, Tensor | None]:
-    """(logits [N, C], explanation or None), both without any autograd graph."""
-    if frozen is not None:
-        if frozen.logits.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"frozen teacher logits cover {frozen.logits.shape[0]} samples, the batch has {x.shape[0]}"
-            )
-        explanation = None if frozen.explanation is None or explain is None else frozen.explanation.detach()
-        return frozen.logits.detach(), explanation
-    if explain is None:
+def teacher_outputs(
+    teacher: nn.Module, x: Tensor, *, explanation: str = "bcos", explain: bool = True, algorithm: str = "sweep"
+) -> TeacherOutputs:
+    """A live teacher's outputs for the batch ``x``, without any autograd graph.
+
+    The logits [N, C] and, with ``explain``, the explanation for the teacher's own top-1 (the class
+    the student explains too) from the same forward. `e2kd_objective` calls it for a live teacher;
+    the training step runs it as the teacher's own inference graph and hands the result to the
+    objective as if it were stored.
+    """
+    if not explain:
         # Leave the no_grad block before returning: a return inside it loses the student's graph
         # under torch.compile (torch 2.14; the grad mode is not restored in the traced graph).
         with torch.no_grad():
             logits = teacher(x)
-        return logits, None
-    # One forward: the teacher explains its own top-1, which is the class the student explains too.
-    teacher_map, logits = explain(teacher, x, None, create_graph=False, return_logits=True)
-    return logits.detach(), teacher_map.detach()
+        return TeacherOutputs(logits)
+    method = partial(dynamic_weights, algorithm=algorithm) if explanation == "bcos" else gradcam
+    teacher_map, logits = method(teacher, x, None, create_graph=False, return_logits=True)
+    return TeacherOutputs(logits.detach(), teacher_map.detach())
+
+
+def _stored_outputs(frozen: TeacherOutputs, x: Tensor, explain_now: bool) -> tuple[Tensor, Tensor | None]:
+    """(logits [N, C], explanation or None) of stored teacher outputs, detached."""
+    if frozen.logits.shape[0] != x.shape[0]:
+        raise ValueError(f"frozen teacher logits cover {frozen.logits.shape[0]} samples, the batch has {x.shape[0]}")
+    explanation = None if frozen.explanation is None or not explain_now else frozen.explanation.detach()
+    return frozen.logits.detach(), explanation

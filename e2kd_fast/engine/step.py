@@ -1,11 +1,14 @@
-"""The e²KD training step with its forward-to-loss part captured whole by ``torch.compile``.
+"""The e²KD training step as two graphs: the teacher's inference and the student's forward to the loss.
 
 With the explanation computed by the explicit sweep (`e2kd_fast.explain.sweep`; GradCAM in closed
-form), everything from the batch to the loss is ordinary first-order autograd: the teacher's
-forward and sweep under ``no_grad``, the student's forward and sweep, the KD and cosine terms. That
-function is compiled with ``fullgraph=True`` (no graph breaks; one graph for steps with the
-explanation term and one for steps without it, so ``guided_step_interval`` causes no recompiles);
-``loss.backward()`` then runs the compiled backward.
+form), everything from the batch to the loss is ordinary first-order autograd. A live teacher's
+forward and sweep run under ``no_grad`` as their own graph (`teacher_outputs`): an inference graph,
+compiled without a joint forward-backward trace or partitioning, so the teacher's depth costs the
+step's compile the least it can. Its outputs enter the student's graph exactly as stored ("frozen")
+outputs do, so a live and a frozen teacher share the student's graph. Each is compiled with
+``fullgraph=True`` (no graph breaks), once for steps with the explanation term and once for steps
+without it, so ``guided_step_interval`` causes no recompiles; ``loss.backward()`` then runs the
+student graph's compiled backward.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from e2kd_fast.config import BASELINE_DEFAULTS
-from e2kd_fast.distill import TeacherOutputs, build_baseline, e2kd_objective
+from e2kd_fast.distill import TeacherOutputs, build_baseline, e2kd_objective, teacher_outputs
 
 
 class TrainStep:
@@ -70,7 +73,7 @@ class TrainStep:
             "multilabel": multilabel,
         }
         self.compile, self.log = compile, log
-        self._fns: dict[tuple[bool, bool], Callable] = {}
+        self._fns: dict[tuple, Callable] = {}
         self.compile_seconds: dict[str, float] = {}
         self.objective, self.steps_per_epoch = objective, max(int(steps_per_epoch), 1)
 
@@ -112,28 +115,48 @@ class TrainStep:
         if self.objective is not None:
             return self._feature_call(images, labels, step, frozen)
         explain = self.explains_at(step)
-        key = (explain, frozen is not None)
-        if key not in self._fns:
-            self._fns[key] = self._build(explain, frozen is not None)
-            started = time.perf_counter()
-            out = self._fns[key](images, labels, frozen)
-            if self.compile:
-                name = f"{'e2kd' if explain else 'kd'} step ({'frozen' if frozen is not None else 'live'} teacher)"
-                self.compile_seconds[name] = time.perf_counter() - started
-                self.log(
-                    f"compiled the {name} forward-to-loss graph in {self.compile_seconds[name]:.1f} s "
-                    "(its backward compiles during the first backward)"
-                )
-            return out
-        return self._fns[key](images, labels, frozen)
+        if frozen is None:
+            if self.teacher is None:
+                raise ValueError("the step needs a teacher model or its frozen outputs")
+            frozen = self._compiled(("teacher", explain), partial(self._teacher_graph, explain), images)
+        return self._compiled(("student", explain), partial(self._student_graph, explain), images, labels, frozen)
 
-    def _build(self, explain: bool, frozen: bool) -> Callable:
-        lam = self.lam if explain else 0.0
-        objective = partial(e2kd_objective, lam=lam, **self.common)
-        teacher = None if frozen else self.teacher
+    def _compiled(self, key: tuple[str, bool], build: Callable[[], Callable], *args):
+        """Calls the graph ``key`` (built on first use); the first call's time is logged as its compile."""
+        fn = self._fns.get(key)
+        if fn is not None:
+            return fn(*args)
+        fn = self._fns[key] = build()
+        started = time.perf_counter()
+        out = fn(*args)
+        if self.compile:
+            part, explain = key
+            name = f"{part} {'e2kd' if explain else 'kd'}"
+            self.compile_seconds[name] = time.perf_counter() - started
+            backward = " (its backward compiles during the first backward)" if part == "student" else ""
+            self.log(f"compiled the {name} graph in {self.compile_seconds[name]:.1f} s{backward}")
+        return out
 
-        def forward_to_loss(images: Tensor, labels: Tensor | None, outputs: TeacherOutputs | None):
-            return objective(self.student, teacher, images, labels=labels, frozen=outputs)
+    def _teacher_graph(self, explain: bool) -> Callable:
+        """The live teacher's inference graph: logits and, with ``explain``, its top-1 explanation."""
+        outputs = partial(
+            teacher_outputs,
+            explanation=self.common["explanation"],
+            explain=explain,
+            algorithm=self.common["algorithm"],
+        )
+
+        def teacher_forward(images: Tensor) -> TeacherOutputs:
+            return outputs(self.teacher, images)
+
+        return torch.compile(teacher_forward, fullgraph=True) if self.compile else teacher_forward
+
+    def _student_graph(self, explain: bool) -> Callable:
+        """The student's forward to the loss given the teacher's outputs (live or stored)."""
+        objective = partial(e2kd_objective, lam=self.lam if explain else 0.0, **self.common)
+
+        def forward_to_loss(images: Tensor, labels: Tensor | None, outputs: TeacherOutputs):
+            return objective(self.student, None, images, labels=labels, frozen=outputs)
 
         return torch.compile(forward_to_loss, fullgraph=True) if self.compile else forward_to_loss
 

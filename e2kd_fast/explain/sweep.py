@@ -21,6 +21,7 @@ pops those records in reverse and returns ∂⟨g, m(x)⟩/∂x with the dynamic
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -101,6 +102,54 @@ def taped_forward(module: nn.Module, x: Tensor, tape: Tape) -> Tensor:
 def adjoint(module: nn.Module, g: Tensor, tape: Tape) -> Tensor:
     """The adjoint of ``module``'s dynamic-linear map applied to ``g`` (pops the module's records)."""
     return _lookup(module)[1](module, g, tape)
+
+
+# Repeated blocks (residual blocks, the second half of dense layers, ViT encoder blocks) run their
+# taped forward and their adjoint as nested compile regions: under torch.compile each distinct block
+# shape is traced and compiled once and reused by every block like it, so the step's compile time
+# grows with the number of distinct blocks, not with the depth. Eagerly a region is a plain call.
+# Regions need `nested_compile_region` with an adjustable reuse limit (each distinct shape is one
+# entry; the default of 8 is an error past eight); without it the blocks are inlined as before.
+_REGION_ENTRIES = 256
+_regions_supported = "max_reuse_entries" in inspect.signature(torch.compiler.nested_compile_region).parameters
+compile_regions = _regions_supported
+"""Whether compiled sweeps use regions (set False to inline every block: one flat graph, as a baseline)."""
+
+
+def _draws_random_numbers(m: nn.Module) -> bool:
+    """Whether the block's forward draws random numbers (stochastic depth in training): it is inlined,
+    since a reused region would replay one draw."""
+    depth = getattr(m, "stochastic_depth", None)
+    return depth is not None and depth.training and depth.p > 0
+
+
+def _region(forward: TapedForward, backward: Adjoint) -> tuple[TapedForward, Adjoint]:
+    """``(forward, backward)`` as nested compile regions; the block's records travel as one tape entry."""
+    if not _regions_supported:
+        return forward, backward
+
+    @torch.compiler.nested_compile_region(max_reuse_entries=_REGION_ENTRIES)
+    def forward_region(m: nn.Module, x: Tensor) -> tuple[Tensor, tuple]:
+        records: Tape = []
+        return forward(m, x, records), tuple(records)
+
+    @torch.compiler.nested_compile_region(max_reuse_entries=_REGION_ENTRIES)
+    def backward_region(m: nn.Module, g: Tensor, records: tuple) -> Tensor:
+        return backward(m, g, list(records))
+
+    def regional_forward(m: nn.Module, x: Tensor, tape: Tape) -> Tensor:
+        if not compile_regions or _draws_random_numbers(m):
+            return forward(m, x, tape)
+        out, records = forward_region(m, x)
+        tape.append(records)
+        return out
+
+    def regional_backward(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
+        if not compile_regions or _draws_random_numbers(m):
+            return backward(m, g, tape)
+        return backward_region(m, g, tape.pop())
+
+    return regional_forward, regional_backward
 
 
 def dynamic_weights_sweep(
@@ -384,8 +433,8 @@ def _block_adj(m: BasicBlock | Bottleneck, g: Tensor, tape: Tape) -> Tensor:
     return g_main + g_identity
 
 
-register_sweep(BasicBlock)((_block_fwd, _block_adj))
-register_sweep(Bottleneck)((_block_fwd, _block_adj))
+register_sweep(BasicBlock)(_region(_block_fwd, _block_adj))
+register_sweep(Bottleneck)(_region(_block_fwd, _block_adj))
 
 
 def _resnet_stages(m: BcosResNet) -> list[nn.Module]:
@@ -416,15 +465,29 @@ def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape) -> Tenso
         raise NotImplementedError("the sweep does not support dropout in dense layers during training")
     tape.append([f.shape[1] for f in features])
     out = torch.cat(features, 1)
-    for child in (m.norm1, m.conv1, m.norm2, m.conv2):
+    # The bottleneck half reads the growing concatenation, a new shape in every layer; the rest has
+    # one shape per dense block and is a compile region.
+    for child in (m.norm1, m.conv1):
         out = taped_forward(child, out, tape)
-    return out
+    return _dense_tail_fwd(m, out, tape)
 
 
 def _dense_layer_adj(m: DenseLayer, g: Tensor, tape: Tape) -> list[Tensor]:
-    for child in (m.conv2, m.norm2, m.conv1, m.norm1):
+    g = _dense_tail_adj(m, g, tape)
+    for child in (m.conv1, m.norm1):
         g = adjoint(child, g, tape)
     return list(g.split(tape.pop(), dim=1))
+
+
+def _dense_tail_fwd_inline(m: DenseLayer, x: Tensor, tape: Tape) -> Tensor:
+    return taped_forward(m.conv2, taped_forward(m.norm2, x, tape), tape)
+
+
+def _dense_tail_adj_inline(m: DenseLayer, g: Tensor, tape: Tape) -> Tensor:
+    return adjoint(m.norm2, adjoint(m.conv2, g, tape), tape)
+
+
+_dense_tail_fwd, _dense_tail_adj = _region(_dense_tail_fwd_inline, _dense_tail_adj_inline)
 
 
 def _dense_block_fwd(m: DenseBlock, x: Tensor, tape: Tape) -> Tensor:
@@ -495,7 +558,7 @@ def _encoder_adj(m: Encoder, g: Tensor, tape: Tape) -> Tensor:
     return adjoint(m.attn, g, tape) + g
 
 
-register_sweep(Encoder)((_encoder_fwd, _encoder_adj))
+register_sweep(Encoder)(_region(_encoder_fwd, _encoder_adj))
 
 
 def _patch_fwd(m: PatchEmbedding, x: Tensor, tape: Tape) -> Tensor:
