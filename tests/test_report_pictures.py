@@ -17,7 +17,16 @@ from matplotlib import colormaps
 from e2kd_fast.demo import explanation_grid
 from e2kd_fast.explain import GRADCAM_COLORMAP, gradcam_heat, gradcam_overlay
 from e2kd_fast.models import create_model
-from e2kd_fast.report.plots import GRADCAM_KEY, ExplanationGrid, curves_figure, explanation_picture, grid_figure
+from e2kd_fast.report.plots import (
+    EXPLAIN_ROWS_PER_GRID,
+    GRADCAM_KEY,
+    ExplanationGrid,
+    curves_figure,
+    explain_grid,
+    explain_grids,
+    explanation_picture,
+    grid_figure,
+)
 from e2kd_fast.report.render import labelled_grid, write_html, write_markdown
 
 
@@ -145,3 +154,21 @@ def test_demo_grid_labels_rows_and_columns():
     with torch.no_grad():
         teacher_top1 = models["teacher"](ood["image"][[1, 0]]).argmax(1).tolist()
     assert grid.row_wrong == [t != c for t, c in zip(teacher_top1, [0, 1], strict=True)]
+
+
+def test_explain_grid_names_the_predicted_and_explained_classes_and_pages_many_inputs(tmp_path):
+    picture = np.zeros((4, 4, 3))
+    rows = [
+        (f"img{i}.png", picture, picture, torch.tensor([0.1, 0.7, 0.2]), 2) for i in range(EXPLAIN_ROWS_PER_GRID + 1)
+    ]
+    fig = grid_figure(explain_grid(rows[:2], ["cat", "dog", "bird"]))
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["image", "explanation"]
+    assert [ax.get_ylabel() for ax in fig.axes[::2]] == ["img0.png", "img1.png"]
+    assert [ax.get_xlabel() for ax in fig.axes[:2]] == ["predicted: dog (1), 70%", "explained: bird (2)"]
+    assert len(grid_figure(explain_grid(rows[:1], gradcam=True)).axes) == 3  # with the GradCAM colour bar
+    assert explain_grid(rows[:1]).captions == [["predicted: class 1, 70%", "explained: class 2"]]
+    with pytest.raises(ValueError, match="2 class names given .* of 3 classes"):
+        explain_grid(rows, ["cat", "dog"])
+    written = explain_grids(rows, tmp_path)
+    assert [p.name for p in written] == ["explanations_1.png", "explanations_2.png"]
+    assert [p.name for p in explain_grids(rows[:3], tmp_path / ".")] == ["explanations.png"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -138,7 +140,7 @@ def grid_figure(grid: ExplanationGrid, cell_inches: float = 1.7):
 
 def figure_png(fig, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # no label cut off
     return buffer.getvalue()
 
 
@@ -160,6 +162,54 @@ def colour_key_png(label: str = GRADCAM_KEY) -> bytes:
     ax.set_xlabel(label, fontsize=8)
     ax.tick_params(labelsize=7)
     return figure_png(fig)
+
+
+EXPLAIN_ROWS_PER_GRID = 16  # `e2kd-fast explain`: more inputs are spread over several grid files
+
+
+ExplainRow = tuple[str, np.ndarray, np.ndarray, Tensor, int]
+"""One input of `e2kd-fast explain`: (file name, image [H, W, 3], explanation picture [H, W, 3], class
+probabilities [C], explained class)."""
+
+
+def explain_grid(
+    rows: Sequence[ExplainRow], class_names: Sequence[str] | None = None, gradcam: bool = False
+) -> ExplanationGrid:
+    """The labelled grid of `e2kd-fast explain`: per input its image and explanation, the predicted class
+    (with its probability) and the explained one, named by ``class_names`` (None: "class k"); GradCAM
+    overlays (``gradcam``) get their colour bar."""
+    num_classes = len(rows[0][3]) if rows else 0
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names given (--class-names) for a model of {num_classes} classes")
+
+    def name(k: int) -> str:
+        return f"{class_names[k]} ({k})" if class_names is not None else f"class {k}"
+
+    predicted = [int(row[3].argmax()) for row in rows]
+    return ExplanationGrid(
+        columns=["image", "explanation"],
+        cells=[[row[1], row[2]] for row in rows],
+        row_labels=[row[0] for row in rows],
+        captions=[
+            [f"predicted: {name(p)}, {float(row[3][p]):.0%}", f"explained: {name(row[4])}"]
+            for p, row in zip(predicted, rows, strict=True)
+        ],
+        colour_key=GRADCAM_KEY if gradcam else None,
+    )
+
+
+def explain_grids(
+    rows: Sequence[ExplainRow], out: Path, class_names: Sequence[str] | None = None, gradcam: bool = False
+) -> list[Path]:
+    """Writes `explain_grid` pictures into ``out``: ``explanations.png``, or ``explanations_1.png``,
+    ``_2``, ... for more than `EXPLAIN_ROWS_PER_GRID` inputs; returns their paths."""
+    pages = [rows[i : i + EXPLAIN_ROWS_PER_GRID] for i in range(0, len(rows), EXPLAIN_ROWS_PER_GRID)]
+    written = []
+    for number, page in enumerate(pages, start=1):
+        path = out / ("explanations.png" if len(pages) == 1 else f"explanations_{number}.png")
+        path.write_bytes(grid_png(explain_grid(page, class_names, gradcam)))
+        written.append(path)
+    return written
 
 
 # Curves worth plotting, in this order: (record kind, key, title, runs). ``runs``: "distilled" (runs
@@ -262,12 +312,16 @@ def curves_png(curves: dict[str, list[dict]], methods: dict[str, str] | None = N
 
 __all__ = [
     "ABSENT_TERMS",
+    "EXPLAIN_ROWS_PER_GRID",
+    "ExplainRow",
     "CURVES",
     "GRADCAM_KEY",
     "ExplanationGrid",
     "colour_key_png",
     "curves_figure",
     "curves_png",
+    "explain_grid",
+    "explain_grids",
     "explanation_picture",
     "figure_png",
     "grid_figure",
