@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate)
     evaluate.add_argument("--checkpoint", required=True, type=Path, help="student checkpoint to evaluate")
 
-    explain = commands.add_parser("explain", help="write PNG explanations of images for a model")
+    explain = commands.add_parser(
+        "explain", help="write PNG explanations of images for a model and one labelled grid of them"
+    )
     explain.add_argument("images", nargs="+", type=Path, help="image files")
     explain.add_argument("--model", required=True, help="registered model name (e2kd_fast.models.list_models())")
     explain.add_argument("--checkpoint", type=Path, default=None, help="weights to load (default: random init)")
@@ -64,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--image-size", type=int, default=224, help="center crop size (default 224)")
     explain.add_argument("--resize", type=int, default=256, help="resize before cropping (default 256)")
     explain.add_argument("--out", type=Path, default=Path("explanations"), help="output folder")
+    explain.add_argument(
+        "--class-names",
+        default=None,
+        help="class names for the labelled grid: a text file (one per line) or a comma-separated list",
+    )
 
     precompute = commands.add_parser("precompute", help="store a frozen teacher's logits and explanations")
     _add_config_args(precompute)
@@ -188,8 +195,9 @@ def _explain(args: argparse.Namespace) -> int:
 
     from e2kd_fast.data.folders import read_image
     from e2kd_fast.data.transforms import eval_transform
-    from e2kd_fast.explain import contribution_map, dynamic_weights, explanation_to_rgba, gradcam
+    from e2kd_fast.explain import contribution_map, dynamic_weights, gradcam
     from e2kd_fast.models import create_model, load_checkpoint, model_entry
+    from e2kd_fast.report.plots import explain_grids, explanation_picture
 
     family = model_entry(args.model).family
     model = create_model(args.model, num_classes=args.num_classes)
@@ -199,6 +207,7 @@ def _explain(args: argparse.Namespace) -> int:
     transform = eval_transform(args.image_size, args.resize, encoding="bcos" if family == "bcos" else "standard")
     plain = eval_transform(args.image_size, args.resize, encoding="none")
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
     for path in args.images:
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
@@ -206,21 +215,33 @@ def _explain(args: argparse.Namespace) -> int:
         x = transform(image)[None]
         target = None if args.target is None else torch.tensor([args.target])
         if family == "bcos":
-            weights, logits = dynamic_weights(model, x, target, return_logits=True)
-            picture = explanation_to_rgba(x[0], weights[0])
-            rgb = picture[..., :3] * picture[..., 3:]
-            contributions = contribution_map(x, weights)[0]
+            explanation, logits = dynamic_weights(model, x, target, return_logits=True)
+            contributions = contribution_map(x, explanation)[0]
             np.save(args.out / f"{path.stem}_contributions.npy", contributions.detach().numpy())
         else:
-            cam, logits = gradcam(model, x, target, return_logits=True)
-            heat = (cam[0, 0] / cam.max().clamp_min(1e-12)).detach().numpy()
-            rgb = 0.5 * plain(image).permute(1, 2, 0).numpy() + 0.5 * np.stack([heat, 0 * heat, 1 - heat], -1)
+            explanation, logits = gradcam(model, x, target, return_logits=True)
+        shown = plain(image)
+        rgb = explanation_picture(x[0], explanation[0])
         explained = int(logits.argmax(1)) if target is None else int(target)
-        side_by_side = np.concatenate([plain(image).permute(1, 2, 0).numpy(), rgb], axis=1)
+        side_by_side = np.concatenate([shown.permute(1, 2, 0).numpy(), rgb], axis=1)
         out_path = args.out / f"{path.stem}_class{explained}.png"
         Image.fromarray((side_by_side.clip(0, 1) * 255).round().astype(np.uint8)).save(out_path)
         print(f"{path} -> {out_path} (class {explained}, logit {float(logits[0, explained].detach()):.3f})")
+        probabilities = torch.softmax(logits[0].detach().float(), 0)
+        rows.append((path.name, shown.permute(1, 2, 0).numpy(), rgb, probabilities, explained))
+    for grid_path in explain_grids(rows, args.out, _class_names(args.class_names), gradcam=family != "bcos"):
+        print(f"labelled grid: {grid_path}")
     return 0
+
+
+def _class_names(value: str | None) -> list[str] | None:
+    """``--class-names``: a text file with one name per line, or a comma-separated list."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [name.strip() for name in value.split(",")]
 
 
 def _precompute(args: argparse.Namespace) -> int:

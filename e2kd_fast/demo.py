@@ -27,20 +27,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from e2kd_fast.config import config_from_dict
 from e2kd_fast.data import ImageFolderDataset, collate_skipping, generate_waterbirds_like
 from e2kd_fast.data.build import build_datasets
+from e2kd_fast.data.folders import class_folders
 from e2kd_fast.data.transforms import PairedResizeCenterCrop, PairedTransform
 from e2kd_fast.engine import Trainer
 from e2kd_fast.engine.builders import resolve_device
 from e2kd_fast.engine.evaluate import evaluate
-from e2kd_fast.explain import dynamic_weights, explanation_to_rgba
+from e2kd_fast.explain import dynamic_weights
 from e2kd_fast.models import create_model, load_checkpoint
 from e2kd_fast.report import make_report
+from e2kd_fast.report.plots import ExplanationGrid, explanation_picture, grid_png, input_picture
 
 
 @dataclass(frozen=True)
@@ -195,19 +195,50 @@ def evaluate_demo(
     return results
 
 
+def explanation_grid(models: dict[str, torch.nn.Module], ood: dict, classes: list[str], num_classes: int):
+    """The labelled grid of ``explanations_ood.png``: one OOD image per class, explained by every model.
+
+    ``models`` maps names to B-cos models and holds a ``"teacher"``; ``ood`` is a collated batch with
+    at least one image of each of the ``num_classes`` classes named by ``classes``.
+
+    Each row is explained for the teacher's top-1; its header gives the true class and that class
+    (red when the teacher is wrong), and each model's top-1 is written under its picture.
+    """
+    picks = [int(torch.nonzero(ood["target"] == c)[0]) for c in range(num_classes)]
+    x6, truth = ood["image"][picks], ood["target"][picks].tolist()
+    with torch.no_grad():
+        top1 = {name: model(x6).argmax(1).tolist() for name, model in models.items()}
+    teacher_top1 = torch.tensor(top1["teacher"])
+    columns = [[input_picture(x) for x in x6]]
+    for name in models:
+        weights = dynamic_weights(models[name], x6, teacher_top1, create_graph=False)
+        columns.append([explanation_picture(x, w) for x, w in zip(x6, weights, strict=True)])
+    wrong = [[False] + [top1[name][r] != truth[r] for name in models] for r in range(len(picks))]
+    teacher_wrong = [top1["teacher"][r] != truth[r] for r in range(len(picks))]
+    return ExplanationGrid(
+        columns=["image", *(_DISPLAY_NAMES.get(name, name) for name in models)],
+        cells=[list(row) for row in zip(*columns, strict=True)],
+        row_labels=[
+            f"true: {classes[truth[r]]}\nexplained: {classes[top1['teacher'][r]]}"
+            + ("\n✗ teacher wrong" if teacher_wrong[r] else "")
+            for r in range(len(picks))
+        ],
+        captions=[[""] + [f"top-1: {classes[top1[name][r]]}" for name in models] for r in range(len(picks))],
+        wrong=wrong,
+        row_wrong=teacher_wrong,
+    )
+
+
+_DISPLAY_NAMES = {"kd": "KD", "e2kd": "e²KD"}
+
+
 def _write_report(out: Path, models: dict, settings: DemoSettings, metrics: dict, seconds: float) -> None:
     ood = _split_batch(out / "data", "test_ood", settings)
-    picks = [int(torch.nonzero(ood["target"] == c)[0]) for c in range(settings.num_classes)]
-    x6 = ood["image"][picks]
-    teacher_top1 = models["teacher"](x6).argmax(1)
-    columns = [x6[:, :3].permute(0, 2, 3, 1).numpy()]
-    for name in ("teacher", "kd", "e2kd"):
-        rgba = explanation_to_rgba(x6, dynamic_weights(models[name], x6, teacher_top1, create_graph=False))
-        columns.append(rgba[..., :3] * rgba[..., 3:])
-    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in zip(*columns, strict=True)], axis=0)
-    scale = max(1, 128 // settings.image_size)
-    picture = Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8))
-    picture.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(out / "explanations_ood.png")
+    classes = class_folders(out / "data", "test_ood")
+    grid = explanation_grid(
+        {name: models[name] for name in ("teacher", "kd", "e2kd")}, ood, classes, settings.num_classes
+    )
+    (out / "explanations_ood.png").write_bytes(grid_png(grid))
 
     rows = "\n".join(
         f"| {name} | {m['id_acc']:.3f} | {m['ood_acc']:.3f} | {m['agreement']:.3f} | "
@@ -237,8 +268,9 @@ with probability {settings.bias}) for {settings.student_epochs} epochs, KD (λ =
 - *agreement*: the student's top-1 equals the teacher's; *explanation similarity*: cosine between the
   model's and the teacher's dynamic weights for the teacher's top-1; *EPG*: share of the positive
   contribution (for the true class) inside the bird's mask.
-- `explanations_ood.png`: one OOD image per class; columns: image, teacher, KD, e²KD explanations
-  (for the teacher's top-1 class).
+- `explanations_ood.png`: one OOD image per class (rows: its true class and the class explained, the
+  teacher's top-1); columns: image, teacher, KD, e²KD explanations, each model's top-1 under its
+  picture (red, ✗: wrong).
 - Training logs: `teacher/`, `kd/`, `e2kd/` (`metrics.jsonl`, TensorBoard in `tb/`, checkpoints).
 """
     )

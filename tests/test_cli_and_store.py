@@ -89,10 +89,13 @@ def test_cli_explain_writes_pictures(tmp_path, capsys):
     assert main(args) == 0
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert any(name.startswith("bird_class") and name.endswith(".png") for name in written)
-    assert "bird_contributions.npy" in written
+    assert "bird_contributions.npy" in written and "explanations.png" in written  # the labelled grid
     standard = ["explain", str(image), "--model", "resnet18", "--num-classes", "3", "--image-size", "32"]
-    assert main([*standard, "--resize", "32", "--target", "1", "--out", str(tmp_path / "std")]) == 0
-    assert (tmp_path / "std" / "bird_class1.png").is_file()
+    names = ["--class-names", "cat,dog,bird"]
+    assert main([*standard, "--resize", "32", "--target", "1", "--out", str(tmp_path / "std"), *names]) == 0
+    assert (tmp_path / "std" / "bird_class1.png").is_file() and (tmp_path / "std" / "explanations.png").is_file()
+    assert main([*standard, "--resize", "32", "--out", str(tmp_path / "x"), "--class-names", "cat"]) == 2
+    assert "1 class names given (--class-names) for a model of 3 classes" in capsys.readouterr().err
 
 
 def test_cli_explain_reads_a_16_bit_gray_image_as_its_8_bit_twin(tmp_path, capsys):

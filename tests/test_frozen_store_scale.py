@@ -238,3 +238,24 @@ def test_a_store_without_fingerprints_is_read_with_a_warning(folder, teacher_ckp
     with pytest.warns(UserWarning, match="records no fingerprints of its image files"):
         train = build_datasets(cfg).train
     assert train[0]["teacher_map"].shape == (6, 16, 16)
+
+
+def test_fidelity_leaves_unreadable_images_out_and_counts_them(teacher_ckpt, tmp_path):
+    """An unreadable image's zero map would read as cosine 0 for every option; it is excluded and counted."""
+    folder = write_image_folder(tmp_path / "d", classes=3, per_split={"train": 1}, size=(20, 20))
+    ImageFolderDataset(folder, "train").samples[1][0].write_bytes(b"not an image")
+    logged = []
+    with pytest.warns(UserWarning, match="skipping unreadable image file"):
+        precompute(
+            _cfg(folder, tmp_path / "s", teacher_ckpt),
+            shard_size=3,
+            show_progress=False,
+            report_fidelity=True,
+            log=logged.append,
+        )
+    assert "fidelity of the storage options on shard 0 (2 images; 1 unreadable image(s) left out):" in logged
+    table = logged[
+        logged.index("fidelity of the storage options on shard 0 (2 images; 1 unreadable image(s) left out):") + 1
+    ]
+    fp32 = next(line for line in table.splitlines() if line.startswith("| fp32 | 1/1 |"))
+    assert fp32.split("|")[4:6] == [" 1.000000 ", " 1.000000 "]  # cosine mean and min: exact

@@ -39,6 +39,23 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return rank, world_size
 
 
+def _log_fidelity(log, shard: int, maps: torch.Tensor, files: torch.Tensor, store: FrozenStore) -> bool:
+    """Logs `fidelity_report` on the shard's readable images; False when it has none (try the next shard).
+
+    An unreadable image is stored as a zero map that training never uses: counting it would report a
+    cosine of 0 that no option causes, so it is left out and counted.
+    """
+    readable = torch.as_tensor(files)[:, 3] == 1  # the fingerprint's "readable" flag
+    unreadable = int((~readable).sum())
+    left_out = f"; {unreadable} unreadable image(s) left out" if unreadable else ""
+    if not readable.any():
+        log(f"fidelity: shard {shard} has no readable image{left_out}; measuring on the next shard")
+        return False
+    log(f"fidelity of the storage options on shard {shard} ({int(readable.sum())} images{left_out}):")
+    log(format_fidelity(fidelity_report(maps[readable], num_classes=store.num_classes), store.num_images))
+    return True
+
+
 def precompute(
     cfg,
     chunk: int | None = None,
@@ -66,8 +83,8 @@ def precompute(
         map_dtype, map_scale: storage option (`MAP_DTYPES`; resolution divisor).
         max_shards: stop after writing this many shards (a time-limited job; the next call continues).
             0 computes nothing (and creates no store); negative values are refused.
-        report_fidelity: log `fidelity_report` for every option, measured on the first shard this rank
-            computes.
+        report_fidelity: log `fidelity_report` for every option, measured on the readable images of the
+            first shard this rank computes (unreadable ones are left out and counted).
 
     Logs what it did: the shards written by this rank and what the store now holds.
 
@@ -178,9 +195,7 @@ def precompute(
         logits, maps, files = first[1] if reuse else compute(start, stop)
         store.write_shard(k, logits, maps, files)
         if report_fidelity and not reported:
-            log(f"fidelity of the storage options on shard {k} ({stop - start} images):")
-            log(format_fidelity(fidelity_report(maps, num_classes=store.num_classes), store.num_images))
-            reported = True
+            reported = _log_fidelity(log, k, maps, files, store)
         bar.update(1)
     bar.close()
     images = sum(stop - start for start, stop in map(store.shard_range, mine))

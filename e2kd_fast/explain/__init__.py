@@ -6,7 +6,13 @@ from torch import Tensor, nn
 
 from e2kd_fast.explain.gradcam import gradcam
 from e2kd_fast.explain.sweep import dynamic_weights_sweep
-from e2kd_fast.explain.visualize import contribution_map, explanation_to_rgba
+from e2kd_fast.explain.visualize import (
+    GRADCAM_COLORMAP,
+    contribution_map,
+    explanation_to_rgba,
+    gradcam_heat,
+    gradcam_overlay,
+)
 from e2kd_fast.reference.explain import dynamic_weights_autograd
 
 ALGORITHMS = ("autograd", "sweep")
@@ -45,4 +51,13 @@ def dynamic_weights(
     return dynamic_weights_autograd(model, x6, target, create_graph=create_graph, return_logits=return_logits)
 
 
-__all__ = ["ALGORITHMS", "contribution_map", "dynamic_weights", "explanation_to_rgba", "gradcam"]
+__all__ = [
+    "ALGORITHMS",
+    "GRADCAM_COLORMAP",
+    "contribution_map",
+    "dynamic_weights",
+    "explanation_to_rgba",
+    "gradcam",
+    "gradcam_heat",
+    "gradcam_overlay",
+]

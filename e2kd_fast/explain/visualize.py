@@ -1,4 +1,4 @@
-"""Contribution maps and RGBA pictures of B-cos explanations."""
+"""Contribution maps, RGBA pictures of B-cos explanations and colour-mapped GradCAM overlays."""
 
 from __future__ import annotations
 
@@ -62,3 +62,47 @@ def explanation_to_rgba(x6: Tensor, weights: Tensor, smooth: int = 0, alpha_perc
         alpha = F.avg_pool2d(alpha, smooth, stride=1, padding=(smooth - 1) // 2)
     alpha = (alpha / torch.quantile(alpha, alpha_percentile / 100)).clip(0, 1)
     return torch.cat([rgb, alpha], 0).permute(1, 2, 0).cpu().numpy()
+
+
+# GradCAM heat is drawn with this matplotlib colormap (0 = blue, the map's maximum = red); pictures
+# that show it carry a colour bar of the same name.
+GRADCAM_COLORMAP = "jet"
+GRADCAM_OPACITY = 0.5
+
+
+def gradcam_heat(cam: Tensor) -> np.ndarray:
+    """A GradCAM map ([1, H, W] or [H, W]) as float [H, W] in [0, 1]: negatives clamped, divided by its maximum."""
+    cam = cam.detach().float().cpu()
+    if cam.dim() == 3:
+        cam = cam[0]
+    if cam.dim() != 2:
+        raise ValueError(f"expected a GradCAM map of shape [1, H, W] or [H, W], got {tuple(cam.shape)}")
+    cam = cam.clamp(min=0)
+    return (cam / cam.max().clamp_min(1e-12)).numpy()
+
+
+def gradcam_overlay(
+    image: np.ndarray, cam: Tensor, colormap: str = GRADCAM_COLORMAP, opacity: float = GRADCAM_OPACITY
+) -> np.ndarray:
+    """GradCAM drawn over the image: the heat (`gradcam_heat`) through a matplotlib colormap, alpha-blended.
+
+    Args:
+        image: float [H, W, 3] in [0, 1], the picture the model saw.
+        cam: [1, H, W] or [H, W] GradCAM map of the same size.
+        colormap: a matplotlib colormap name; a colour bar of it is the picture's key.
+        opacity: weight of the colour-mapped heat over the image, in [0, 1].
+
+    Returns:
+        float [H, W, 3] in [0, 1].
+    """
+    from matplotlib import colormaps  # lazily: matplotlib is only needed for pictures
+
+    if colormap not in colormaps:
+        raise ValueError(f"unknown matplotlib colormap {colormap!r}")
+    if not 0 <= opacity <= 1:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    heat = gradcam_heat(cam)
+    if heat.shape != image.shape[:2]:
+        raise ValueError(f"GradCAM map {heat.shape} and image {image.shape[:2]} must have the same size")
+    coloured = colormaps[colormap](heat)[..., :3]
+    return ((1 - opacity) * image + opacity * coloured).clip(0, 1)

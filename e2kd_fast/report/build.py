@@ -414,8 +414,19 @@ def _json_safe(rows: list[dict]) -> list[dict]:
     return [{k: fix(v) for k, v in row.items()} for row in rows]
 
 
+def _class_name(names, index: int) -> str:
+    return names[index] if names is not None and 0 <= index < len(names) else str(index)
+
+
 def _explanation_grid(entries, teachers, reference, split, images, device):
-    """Rows of pictures: one validation image, then each model's explanation of the same class."""
+    """One validation image per row, then each model's explanation of the same class (see render).
+
+    Returns a dict: ``columns`` ("image", then the models), ``cells`` (rows × columns pictures),
+    ``indices`` (dataset indices), ``labels`` (true class names; multi-label: the present ones joined
+    by "+"), ``classes`` (the explained class), ``explained_correct`` (the explained class is a true
+    one; None without a teacher, where it is the label), ``predictions`` / ``correct`` (rows × models:
+    each model's top-1 and whether it is a true class) and ``gradcam`` (some cell is a GradCAM overlay).
+    """
     first = entries[0]
     dataset, indices = _val_data(first.cfg, split, None)
     if len(indices) == 0:
@@ -423,31 +434,45 @@ def _explanation_grid(entries, teachers, reference, split, images, device):
     picks = indices[torch.linspace(0, len(indices) - 1, min(images, len(indices))).round().long()]
     ref_teacher = teachers.get(reference) if reference is not None else None
     columns = ["image"] + [e.label for e in entries]
-    cells: list[list] = []
-    targets = None
     per_entry = []
     for entry in entries:
         ds, _ = _val_data(entry.cfg, split, None) if entry.cfg is not first.cfg else (dataset, indices)
         batch = next(_batches(ds, picks, len(picks)))
         per_entry.append(batch)
     base = per_entry[0]
+    labels = base["target"]
+    present = [set(row.nonzero()[:, 0].tolist()) for row in labels] if labels.dim() == 2 else None
+    truths = present or [{int(t)} for t in labels]
+    by_teacher = ref_teacher is not None and _family(ref_teacher) == _family(entries[0].model)
     with torch.no_grad():
-        if ref_teacher is not None and _family(ref_teacher) == _family(entries[0].model):
+        if by_teacher:
             targets = ref_teacher.to(device)(base["image"].to(device)).argmax(1)
         else:
-            labels = base["target"]
             targets = (labels.argmax(1) if labels.dim() == 2 else labels).to(device)
-    pictures = []
+    pictures, predictions = [], []
+    gradcam_drawn = False
     for entry, batch in zip(entries, per_entry, strict=True):
         x = batch["image"].to(device)
         model = entry.model.to(device)
         maps = explanation(model, x, targets)
+        gradcam_drawn |= maps.shape[1] != 6
         pictures.append([explanation_picture(x[i], maps[i]) for i in range(x.shape[0])])
-    for i in range(len(picks)):
-        cells.append([input_picture(base["image"][i])] + [p[i] for p in pictures])
+        with torch.no_grad():
+            predictions.append(model(x).argmax(1).cpu().tolist())
     names = getattr(dataset, "classes", None)
-    classes = [names[int(t)] if names is not None and int(t) < len(names) else str(int(t)) for t in targets.cpu()]
-    return {"columns": columns, "cells": cells, "classes": classes, "indices": [int(i) for i in picks]}
+    cells = [[input_picture(base["image"][i])] + [p[i] for p in pictures] for i in range(len(picks))]
+    explained = [int(t) for t in targets.cpu()]
+    return {
+        "columns": columns,
+        "cells": cells,
+        "indices": [int(i) for i in picks],
+        "labels": ["+".join(_class_name(names, c) for c in sorted(truth)) for truth in truths],
+        "classes": [_class_name(names, t) for t in explained],
+        "explained_correct": [t in truth for t, truth in zip(explained, truths, strict=True)] if by_teacher else None,
+        "predictions": [[_class_name(names, p[i]) for p in predictions] for i in range(len(picks))],
+        "correct": [[p[i] in truths[i] for p in predictions] for i in range(len(picks))],
+        "gradcam": gradcam_drawn,
+    }
 
 
 __all__ = [

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from e2kd_fast.report.plots import curves_png, grid_png, png_bytes
+from e2kd_fast.report.plots import GRADCAM_KEY, ExplanationGrid, colour_key_png, curves_png, grid_png, png_bytes
 
 # Table columns in display order: (row key, header, description used in the legend).
 COLUMNS = (
@@ -61,9 +61,54 @@ th { background: #f3f3f3; }
 td.name, th.name { text-align: left; }
 table.grid td { text-align: center; border: none; padding: 2px; }
 table.grid th { background: none; border: none; font-weight: 600; }
-img.cell { image-rendering: pixelated; display: block; }
+img.cell { image-rendering: pixelated; display: block; margin: auto; border: 3px solid transparent; }
+img.cell.wrong { border-color: #c62828; }
+table.grid th.row { text-align: left; font-weight: normal; font-size: 0.85em; padding-right: 1em; }
+table.grid tr.misclassified th.row { border-left: 4px solid #c62828; }
+.wrong { color: #c62828; font-weight: 600; }
+div.pred { font-size: 0.8em; }
 dl { font-size: 0.85em; } dt { font-weight: 600; float: left; width: 9em; } dd { margin-left: 10em; }
 """
+
+
+_EXPLAINED_AS = "the reference teacher's top-1"
+_EXPLAINED_AS_LABEL = "the label: no run has a teacher"
+
+
+def _methods(rows: list[dict]) -> dict[str, str]:
+    """Run name → distill.method, from the table (curves are keyed by the same names)."""
+    return {str(r["model"]): r["method"] for r in rows if r.get("method")}
+
+
+def _caption(grid: dict, row: int, column: int) -> tuple[str, bool]:
+    """The text under a grid cell (a model's top-1; none under the image) and whether it is wrong."""
+    if column == 0 or "predictions" not in grid:
+        return "", False
+    return f"top-1: {grid['predictions'][row][column - 1]}", not grid["correct"][row][column - 1]
+
+
+def _row_wrong(grid: dict, row: int) -> bool:
+    flags = grid.get("explained_correct")
+    return flags is not None and not flags[row]
+
+
+def labelled_grid(grid: dict) -> ExplanationGrid:
+    """The report's grid dict (`e2kd_fast.report.build`) as a labelled `ExplanationGrid` picture."""
+    rows = range(len(grid["cells"]))
+    captions = [[_caption(grid, r, c) for c in range(len(grid["columns"]))] for r in rows]
+    return ExplanationGrid(
+        columns=list(grid["columns"]),
+        cells=grid["cells"],
+        row_labels=[
+            f"#{grid['indices'][r]}\ntrue: {grid['labels'][r]}\nexplained: {grid['classes'][r]}"
+            + ("\n✗ misclassified" if _row_wrong(grid, r) else "")
+            for r in rows
+        ],
+        captions=[[text for text, _ in row] for row in captions],
+        wrong=[[wrong for _, wrong in row] for row in captions],
+        row_wrong=[_row_wrong(grid, r) for r in rows],
+        colour_key=GRADCAM_KEY if grid.get("gradcam") else None,
+    )
 
 
 def write_html(
@@ -90,7 +135,7 @@ def write_html(
         f"<dl>{legend}</dl>",
         "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>",
     ]
-    curves_image = curves_png(curves)
+    curves_image = curves_png(curves, _methods(rows))
     parts.append("<h2>Training curves</h2>")
     if curves_image is None:
         parts.append("<p>No run has training records (metrics.jsonl).</p>")
@@ -99,19 +144,35 @@ def write_html(
     if grid is not None:
         parts.append("<h2>Explanations</h2>")
         parts.append(
-            "<p>The same validation images for every model, each explained for the class in the first column "
-            "(the teacher's top-1; the label without a teacher). B-cos: colour from the dynamic weights, opacity "
-            "from their norm where the contribution is positive; standard nets: GradCAM.</p>"
+            "<p>The same validation images for every model, each explained for the class its row names "
+            f"({_EXPLAINED_AS if grid.get('explained_correct') is not None else _EXPLAINED_AS_LABEL}). "
+            "Under each picture: that model's top-1; a wrong one is red and framed (✗), and a row whose "
+            "explained class is not the image's label is marked red. B-cos: colour from the dynamic weights, "
+            "opacity from their norm where the contribution is positive; standard nets: GradCAM over the image"
+            f"{' (colour key below)' if grid.get('gradcam') else ''}.</p>"
         )
         header = "".join(f"<th>{esc(c)}</th>" for c in grid["columns"])
         grid_rows = []
-        for cells, cls, index in zip(grid["cells"], grid["classes"], grid["indices"], strict=True):
-            tds = "".join(
-                f"<td><img class='cell' alt='{esc(col)}' src='{_data_uri(png_bytes(cell))}'></td>"
-                for col, cell in zip(grid["columns"], cells, strict=True)
-            )
-            grid_rows.append(f"<tr><th>#{index}<br>{esc(cls)}</th>{tds}</tr>")
-        parts.append(f"<table class='grid'><tr><th>image, class</th>{header}</tr>{''.join(grid_rows)}</table>")
+        for r, cells in enumerate(grid["cells"]):
+            tds = []
+            for c, (col, cell) in enumerate(zip(grid["columns"], cells, strict=True)):
+                caption, wrong = _caption(grid, r, c)
+                tds.append(
+                    f"<td><img class='cell{' wrong' if wrong else ''}' alt='{esc(col)}' "
+                    f"src='{_data_uri(png_bytes(cell))}'>"
+                    + (f"<div class='pred{' wrong' if wrong else ''}'>{esc(caption)}</div>" if caption else "")
+                    + "</td>"
+                )
+            misclassified = _row_wrong(grid, r)
+            head = [f"#{grid['indices'][r]}", f"true: {grid['labels'][r]}", f"explained: {grid['classes'][r]}"]
+            if misclassified:
+                head.append("<span class='wrong'>✗ misclassified</span>")
+            row_class = " class='misclassified'" if misclassified else ""
+            header_cell = "<br>".join(h if h.startswith("<span") else esc(h) for h in head)
+            grid_rows.append(f"<tr{row_class}><th class='row'>{header_cell}</th>{''.join(tds)}</tr>")
+        parts.append(f"<table class='grid'><tr><th>image, label</th>{header}</tr>{''.join(grid_rows)}</table>")
+        if grid.get("gradcam"):
+            parts.append(f"<p><img alt='colour key: {esc(GRADCAM_KEY)}' src='{_data_uri(colour_key_png())}'></p>")
     parts.append("</body></html>")
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return path
@@ -129,21 +190,25 @@ def write_markdown(
     lines.append("")
     lines += [f"- *{h}*: {d}" for k, h, d in COLUMNS if k in dict(columns)]
     lines += [f"- {n}" for n in notes]
-    curves_image = curves_png(curves)
+    curves_image = curves_png(curves, _methods(rows))
     if curves_image is not None:
         files.mkdir(parents=True, exist_ok=True)
         (files / "curves.png").write_bytes(curves_image)
         lines += ["", "## Training curves", "", f"![training curves]({files.name}/curves.png)"]
     if grid is not None:
         files.mkdir(parents=True, exist_ok=True)
-        (files / "explanations.png").write_bytes(grid_png(grid["cells"]))
-        described = ", ".join(f"#{i} ({c})" for i, c in zip(grid["indices"], grid["classes"], strict=True))
+        (files / "explanations.png").write_bytes(grid_png(labelled_grid(grid)))
+        described = ", ".join(
+            f"#{i} ({label}, explained as {cls}{', misclassified' if _row_wrong(grid, r) else ''})"
+            for r, (i, label, cls) in enumerate(zip(grid["indices"], grid["labels"], grid["classes"], strict=True))
+        )
+        explained_as = _EXPLAINED_AS if grid.get("explained_correct") is not None else _EXPLAINED_AS_LABEL
         lines += [
             "",
             "## Explanations",
             "",
             f"Columns: {', '.join(grid['columns'])}. Rows: validation images {described}, each explained for "
-            "that class (the teacher's top-1; the label without a teacher).",
+            f"the class its row names ({explained_as}). Under each picture: that model's top-1 (red, ✗: wrong).",
             "",
             f"![explanations]({files.name}/explanations.png)",
         ]
@@ -151,4 +216,4 @@ def write_markdown(
     return path
 
 
-__all__ = ["COLUMNS", "table_columns", "write_html", "write_markdown"]
+__all__ = ["COLUMNS", "labelled_grid", "table_columns", "write_html", "write_markdown"]
