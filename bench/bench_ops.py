@@ -204,17 +204,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def trace_layer_shapes(model_name: str, resolution: int = 224) -> list[tuple]:
-    """Distinct geometries of the B-cos layers of ``model_name``, from forward hooks (batch 1).
+def trace_layer_shapes(model_name: str, resolution: int = 224, distinct: bool = True) -> list[tuple]:
+    """The geometries of the B-cos layers of ``model_name``, from forward hooks (batch 1).
 
     Returns tuples ``("conv", C_in, H, W, C_out, k, stride, padding, groups, b, max_out)`` or
-    ``("linear", tokens, in_features, out_features, b, max_out)``, in first-use order.
+    ``("linear", tokens, in_features, out_features, b, max_out)``, in first-use order; with
+    ``distinct=False`` one tuple per layer call, repeats included (what a forward pass runs).
     """
     from e2kd_fast import create_model
     from e2kd_fast.nn import BcosConv2d, BcosLinear
 
     model = create_model(model_name).eval()
-    found: dict[tuple, None] = {}
+    found: list[tuple] = []
 
     def conv_hook(mod: BcosConv2d, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
         _, c, h, w = inputs[0].shape
@@ -231,11 +232,11 @@ def trace_layer_shapes(model_name: str, resolution: int = 224) -> list[tuple]:
             float(mod.b),
             mod.max_out,
         )
-        found.setdefault(key, None)
+        found.append(key)
 
     def linear_hook(mod: BcosLinear, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
         tokens = inputs[0].numel() // inputs[0].shape[-1]
-        found.setdefault(("linear", tokens, mod.in_features, mod.out_features, float(mod.b), mod.max_out), None)
+        found.append(("linear", tokens, mod.in_features, mod.out_features, float(mod.b), mod.max_out))
 
     handles = []
     for m in model.modules():
@@ -247,7 +248,7 @@ def trace_layer_shapes(model_name: str, resolution: int = 224) -> list[tuple]:
         model(torch.zeros(1, 6, resolution, resolution))
     for h in handles:
         h.remove()
-    return list(found)
+    return list(dict.fromkeys(found)) if distinct else found
 
 
 def real_shapes(models: list[str], batch: int, loss_batch: int) -> list[OpShape]:
