@@ -111,8 +111,40 @@ def _jit_function(value: Any) -> Any:
     except ImportError:
         return None
     if isinstance(value, InterpretedFunction):
-        return JITFunction(value.fn, **value.kwargs)
+        if value not in _JIT_OF_INTERPRETED:
+            _JIT_OF_INTERPRETED[value] = JITFunction(value.fn, **value.kwargs)
+        return _JIT_OF_INTERPRETED[value]
     return None
+
+
+_JIT_OF_INTERPRETED: dict[Any, Any] = {}  # one JITFunction per interpreted kernel or helper
+
+
+def _kernel_modules() -> list[Any]:
+    import importlib
+
+    return [importlib.import_module(f"e2kd_fast.kernels.{name}") for name in KERNEL_MODULES]
+
+
+@contextlib.contextmanager
+def compilable() -> Iterator[None]:
+    """Lets Triton's compiler see JITFunctions where ``TRITON_INTERPRET=1`` left interpreted ones.
+
+    A kernel that calls a ``@triton.jit`` helper finds it in its module's globals; the compiler
+    cannot call an interpreted function, so the modules hold the helpers' JITFunctions meanwhile.
+    """
+    swapped: list[tuple[Any, str, Any]] = []
+    try:
+        for module in _kernel_modules():
+            for attr, value in list(vars(module).items()):
+                fn = _jit_function(value)
+                if fn is not None and fn is not value:
+                    swapped.append((module, attr, value))
+                    setattr(module, attr, fn)
+        yield
+    finally:
+        for module, attr, value in swapped:
+            setattr(module, attr, value)
 
 
 @contextlib.contextmanager
@@ -121,14 +153,11 @@ def recording() -> Iterator[tuple[list[Launch], Callable[[str], None]]]:
 
     Yields the list the launches go to and a function that sets the origin label of the next ones.
     """
-    import importlib
-
     sink: list[Launch] = []
     label = [""]
     swapped: list[tuple[Any, str, Any]] = []
     try:
-        for name in KERNEL_MODULES:
-            module = importlib.import_module(f"e2kd_fast.kernels.{name}")
+        for module in _kernel_modules():
             for attr, value in list(vars(module).items()):
                 fn = _jit_function(value)
                 if fn is not None:
@@ -154,7 +183,6 @@ def _conv_launches(
 ) -> None:
     """What ``e2kd::bcos_conv2d``, ``e2kd::patch_norm`` and ``e2kd::scaled_conv_adjoint`` launch."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
-
     from e2kd_fast.ops._common import conv_output_size
 
     for c, h, w, o, k, s, p, g in geometries:
@@ -176,10 +204,9 @@ def _conv_launches(
 
 
 def _loss_launches(batches: Sequence[int], set_origin: Callable[[str], None]) -> None:
-    """What ``e2kd::distill_loss`` (with and without gradients) and ``e2kd::contribution_map`` launch."""
+    """What ``e2kd::distill_loss`` (both kernels, with and without gradients) and ``e2kd::contribution_map`` launch."""
     from e2kd_fast.kernels.contribution_map import contribution_map
-    from e2kd_fast.kernels.distill_loss import distill_loss_triton
-
+    from e2kd_fast.kernels.distill_loss import LOSS_KERNELS, distill_loss_triton
     from e2kd_fast.reference.losses import COSINE_EPS
 
     for n in batches:
@@ -187,9 +214,10 @@ def _loss_launches(batches: Sequence[int], set_origin: Callable[[str], None]) ->
             logits = _meta((n, LOSS_CLASSES), dtype)
             maps = _meta((n, *MAP_SHAPE), dtype)
             map_text = "×".join(map(str, MAP_SHAPE))
-            for with_grad in (False, True):
-                set_origin(f"distill_loss N{n} maps {map_text}, {_dtype_name(dtype)}, grad {with_grad}")
-                distill_loss_triton(logits, logits, maps, maps, 4.0, 1.0, COSINE_EPS, with_grad)
+            for kernel in LOSS_KERNELS:
+                for with_grad in (False, True):
+                    set_origin(f"distill_loss {kernel} N{n} maps {map_text}, {_dtype_name(dtype)}, grad {with_grad}")
+                    distill_loss_triton(logits, logits, maps, maps, 4.0, 1.0, COSINE_EPS, with_grad, kernel)
             for channels_last in (False, True):
                 layout = "channels_last" if channels_last else "NCHW"
                 set_origin(f"contribution_map N{n} {map_text}, {_dtype_name(dtype)}, {layout}")
@@ -379,6 +407,13 @@ def report(
     With ``cache_dir``, a result is kept per kernel source, specialisation, Triton and ptxas, and
     read back instead of compiling again (never when ``ptx_dir`` asks for the PTX files).
     """
+    with compilable():
+        return _report(launches, ptx_dir, cache_dir, log)
+
+
+def _report(
+    launches: Sequence[Launch], ptx_dir: Path | None, cache_dir: Path | None, log: Callable[[str], None]
+) -> list[dict]:
     import json
     from concurrent.futures import ThreadPoolExecutor
 
