@@ -1,4 +1,7 @@
-"""``python -m bench <suite>``: run a suite, write JSON lines, print a markdown table last."""
+"""``python -m bench <suite>``: run a suite, write JSON lines, print a markdown table last.
+
+``python -m bench ptxas`` is the offline resource report of the Triton kernels (`bench.ptxas_report`).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +22,11 @@ SUITES = {"ops": bench_ops, "step": bench_step, "data": bench_data}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="suite", required=True)
+    sub.add_parser(
+        "ptxas",
+        add_help=False,
+        help="offline sm_90a resource report of every Triton kernel (bench/ptxas_report.py; --help there)",
+    )
     for name, module in [*SUITES.items(), ("all", None)]:
         p = sub.add_parser(name, help=f"the {name} suite" if module else "ops, step and data with their defaults")
         p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -36,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ptxas"]:  # offline: no device, its own options and results file
+        from bench import ptxas_report
+
+        code = ptxas_report.main(argv[1:])
+        if code:
+            sys.exit(code)
+        return []
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -24,6 +24,7 @@ of 6×224² inputs at the loss batch. ``small`` is a handful of tiny shapes for 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -74,8 +75,14 @@ FAST_PATHS["bcos_conv2d"] = _with_fast_backend("e2kd::bcos_conv2d")
 FAST_PATHS["contribution_map"] = _with_fast_backend("e2kd::contribution_map")
 
 
-def _loss_backend(backend: str) -> Callable[[str, Callable[..., Tensor]], Callable[..., Tensor] | None]:
-    """Provider ``wrap`` for one back end of ``e2kd::distill_loss`` (other ops: no implementation)."""
+def _loss_backend(
+    backend: str, triton_kernel: str | None = None
+) -> Callable[[str, Callable[..., Tensor]], Callable[..., Tensor] | None]:
+    """Provider ``wrap`` for one back end of ``e2kd::distill_loss`` (other ops: no implementation).
+
+    ``triton_kernel`` picks the Triton forward (``E2KD_TRITON_LOSS`` during the call: ``split`` or
+    ``one-pass``); None leaves the environment's choice.
+    """
 
     def wrap(op: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor] | None:
         if op != "distill_loss":
@@ -89,8 +96,18 @@ def _loss_backend(backend: str) -> Callable[[str, Callable[..., Tensor]], Callab
             name = fast[0] if backend == "fast" and fast else backend
             if name not in fast:
                 raise NotImplementedError(f"no {backend} kernel of e2kd::distill_loss on {device} here")
-            with backends.use_backend(name):
-                return distill_loss(zs, zt, es, et, LOSS_TAU, LOSS_LAM)[0]
+            previous = os.environ.get("E2KD_TRITON_LOSS")
+            if triton_kernel is not None:
+                os.environ["E2KD_TRITON_LOSS"] = triton_kernel
+            try:
+                with backends.use_backend(name):
+                    return distill_loss(zs, zt, es, et, LOSS_TAU, LOSS_LAM)[0]
+            finally:
+                if triton_kernel is not None:
+                    if previous is None:
+                        del os.environ["E2KD_TRITON_LOSS"]
+                    else:
+                        os.environ["E2KD_TRITON_LOSS"] = previous
 
         return call
 
@@ -133,9 +150,10 @@ PROVIDERS: dict[str, Provider] = {
         "torch.compile does not support double backward (docs/architecture.md#platform-notes)",
     ),
     "fast": Provider("fast", _fast, True),
-    # One column per kernel back end of the fused loss (other ops: "–").
+    # One column per kernel back end of the fused loss (other ops: "–"); Triton's two forwards.
     "cpp": Provider("cpp", _loss_backend("cpp"), True),
-    "triton": Provider("triton", _loss_backend("triton"), True),
+    "triton": Provider("triton", _loss_backend("triton", "split"), True),
+    "triton-one-pass": Provider("triton-one-pass", _loss_backend("triton", "one-pass"), True),
 }
 
 
@@ -204,17 +222,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def trace_layer_shapes(model_name: str, resolution: int = 224) -> list[tuple]:
-    """Distinct geometries of the B-cos layers of ``model_name``, from forward hooks (batch 1).
+def trace_layer_shapes(model_name: str, resolution: int = 224, distinct: bool = True) -> list[tuple]:
+    """The geometries of the B-cos layers of ``model_name``, from forward hooks (batch 1).
 
     Returns tuples ``("conv", C_in, H, W, C_out, k, stride, padding, groups, b, max_out)`` or
-    ``("linear", tokens, in_features, out_features, b, max_out)``, in first-use order.
+    ``("linear", tokens, in_features, out_features, b, max_out)``, in first-use order; with
+    ``distinct=False`` one tuple per layer call, repeats included (what a forward pass runs).
     """
     from e2kd_fast import create_model
     from e2kd_fast.nn import BcosConv2d, BcosLinear
 
     model = create_model(model_name).eval()
-    found: dict[tuple, None] = {}
+    found: list[tuple] = []
 
     def conv_hook(mod: BcosConv2d, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
         _, c, h, w = inputs[0].shape
@@ -231,11 +250,11 @@ def trace_layer_shapes(model_name: str, resolution: int = 224) -> list[tuple]:
             float(mod.b),
             mod.max_out,
         )
-        found.setdefault(key, None)
+        found.append(key)
 
     def linear_hook(mod: BcosLinear, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
         tokens = inputs[0].numel() // inputs[0].shape[-1]
-        found.setdefault(("linear", tokens, mod.in_features, mod.out_features, float(mod.b), mod.max_out), None)
+        found.append(("linear", tokens, mod.in_features, mod.out_features, float(mod.b), mod.max_out))
 
     handles = []
     for m in model.modules():
@@ -247,7 +266,7 @@ def trace_layer_shapes(model_name: str, resolution: int = 224) -> list[tuple]:
         model(torch.zeros(1, 6, resolution, resolution))
     for h in handles:
         h.remove()
-    return list(found)
+    return list(dict.fromkeys(found)) if distinct else found
 
 
 def real_shapes(models: list[str], batch: int, loss_batch: int) -> list[OpShape]:

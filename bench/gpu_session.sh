@@ -13,6 +13,8 @@
 #   profile    torch.profiler top kernels of the compiled e2kd-live step; its first step is the
 #              warm-compile time (a second process, Inductor cache populated by `step`)  profile.log
 #   layer      bench/bench_bcos_conv2d.py                                layer.log
+#   loss       the fused loss at N = 128 and 256: reference eager, CUDA, Triton split and one-pass
+#              forwards (`python -m bench ops --ops distill_loss`)        loss.log, loss.jsonl
 #
 #   OUT=/tmp/e2kd-gpu bash bench/gpu_session.sh
 #   OUT=/tmp/e2kd-dry bash bench/gpu_session.sh --dry-run   # CPU, tiny sizes: checks that it all runs
@@ -74,12 +76,14 @@ if [ $DRY = 1 ]; then
   PROFILE_SIZE=(--pair tiny_bcos --batch 2 --resolution 32 --dtype float32 --warmup 1 --steps 1 --top 10)
   CEILING_SIZE=(--copy-mib 16 --matmul-n 256)
   LAYER_SIZE=(--models bcos_resnet18 --batch 1 --limit 2 --warmup 1 --repeats 1)
+  LOSS_SIZE=(--shapes small --repeats 2)
 else
   DEVICE=cuda
   STEP_SIZE=(--pairs 'bcos_r18<-bcos_d169' --batch 128 --resolution 224 --dtype bfloat16 --channels-last --rounds 2)
   PROFILE_SIZE=(--pair 'bcos_r18<-bcos_d169' --batch 128 --resolution 224 --dtype bfloat16 --channels-last)
   CEILING_SIZE=()
   LAYER_SIZE=(--channels-last --repeats 5)
+  LOSS_SIZE=(--shapes real --models bcos_resnet18 --repeats 20)
 fi
 say "gpu_session: $([ $DRY = 1 ] && echo 'dry run, CPU' || echo CUDA), budget ${BUDGET_S} s, commit $(git rev-parse HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
 
@@ -124,5 +128,8 @@ part step "$STEP_LIMIT" "$PY" -m bench step --device "$DEVICE" "${STEP_SIZE[@]}"
 part profile "${LIMIT_PROFILE:-$((60 * SCALE))}" "$PY" -m bench.profile_step --device "$DEVICE" "${PROFILE_SIZE[@]}" $COMPILE_FLAG
 
 part layer "${LIMIT_LAYER:-$((20 * SCALE))}" "$PY" -m bench.bench_bcos_conv2d --device "$DEVICE" "${LAYER_SIZE[@]}"
+
+part loss "${LIMIT_LOSS:-$((30 * SCALE))}" "$PY" -m bench ops --device "$DEVICE" "${LOSS_SIZE[@]}" --ops distill_loss \
+  --providers reference-eager,cpp,triton,triton-one-pass --quiet --out "$OUT/loss.jsonl"
 
 say "gpu_session: done in $(($(date +%s) - started)) s"

@@ -220,7 +220,7 @@ def test_gpu_script_is_valid_bash_and_knows_its_parts():
     script = ROOT / "bench" / "gpu_session.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    for part in ("env", "build", "ceilings", "tests", "step", "profile", "layer"):
+    for part in ("env", "build", "ceilings", "tests", "step", "profile", "layer", "loss"):
         assert f"part {part} " in text or f'say "{part}: skipped' in text, part
 
 
@@ -239,7 +239,7 @@ def test_gpu_script_dry_run(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert proc.returncode == 0, summary
     lines = {line.split(":")[0]: line for line in summary.splitlines()}
-    for part in ("env", "ceilings", "step", "profile", "layer"):
+    for part in ("env", "ceilings", "step", "profile", "layer", "loss"):
         assert ": ok," in lines[part], summary
     for part in ("build", "tests"):
         assert ": skipped:" in lines[part], summary
