@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from e2kd_fast._files import ordinary_file_mode
 from e2kd_fast.nn.norms import make_norm2d
 
 CHECKPOINT_FORMAT = "e2kd-fast/checkpoint"
@@ -190,7 +191,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
 
     The file is written to a temporary ``.<name>.<random>.tmp`` next to its destination and renamed
     into place, so a crash never leaves a truncated checkpoint, and a failed write leaves the previous
-    file as it was and removes the temporary one. ``metadata`` must hold plain values (numbers,
+    file as it was and removes the temporary one. The file gets the mode an ordinary new file gets
+    (0644 at umask 022). ``metadata`` must hold plain values (numbers,
     strings, lists, dicts, tensors) so that the file stays loadable with ``weights_only=True``.
 
     Returns:
@@ -212,6 +214,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, ordinary_file_mode())  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
