@@ -52,7 +52,8 @@ def test_a_second_run_into_a_used_folder_is_refused_and_overwrite_starts_over(tm
 
     assert _train(config) == 2
     err = capsys.readouterr().err
-    assert str(run) in err and "--resume auto" in err and "--overwrite" in err and "metrics.jsonl" in err
+    assert str(run) in err and "--resume auto" in err and "--overwrite" in err
+    assert "metrics.jsonl" in err and "checkpoints/last.pt" in err
     assert [r["step"] for r in read_metrics(run, "train")] == steps  # nothing appended
 
     assert _train(config, "--overwrite") == 0

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from e2kd_fast.config import Config
 
-# What a run writes into its folder (engine.trainer, engine.logging); nothing else is cleared.
+# What a run writes into its folder besides checkpoints/*.pt and tb/ (engine.trainer, engine.logging);
+# nothing else is cleared.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "train.log")
-RUN_FOLDERS = ("checkpoints", "tb")
 
 
 class RunFolderError(ValueError):
@@ -58,10 +58,15 @@ def with_run_dir(cfg: Config, config_path: str | os.PathLike | None = None) -> C
 
 
 def run_files(run_dir: str | os.PathLike) -> list[Path]:
-    """The files and folders of a run found in ``run_dir`` (`RUN_FILES`, `RUN_FOLDERS`), sorted."""
+    """The files of a run found in ``run_dir``, sorted: `RUN_FILES`, the checkpoints (``checkpoints/*.pt``)
+    and the TensorBoard folder (``tb/``, when it holds anything)."""
     run_dir = Path(run_dir)
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
-    found += [run_dir / name for name in RUN_FOLDERS if (run_dir / name).is_dir() and any((run_dir / name).iterdir())]
+    checkpoints, events = run_dir / "checkpoints", run_dir / "tb"
+    if checkpoints.is_dir():
+        found += [p for p in checkpoints.glob("*.pt") if p.is_file()]
+    if events.is_dir() and not events.is_symlink() and any(events.iterdir()):
+        found.append(events)
     return sorted(found)
 
 
@@ -71,9 +76,10 @@ def check_fresh_start(run_dir: str | os.PathLike) -> None:
     The message names the folder, the files found, ``--resume auto``, ``--overwrite`` and another
     ``train.out_dir``.
     """
+    run_dir = Path(run_dir)
     found = run_files(run_dir)
     if found:
-        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+        names = ", ".join(p.relative_to(run_dir).as_posix() + ("/" if p.is_dir() else "") for p in found)
         raise RunFolderError(
             f"{run_dir} already holds a run ({names}); a new run there would mix its logs with that one's. "
             "Go on with it (e2kd-fast train --resume auto), start it over and delete those files "
@@ -82,10 +88,10 @@ def check_fresh_start(run_dir: str | os.PathLike) -> None:
 
 
 def clear_run_files(run_dir: str | os.PathLike) -> list[Path]:
-    """Deletes the run's files and folders in ``run_dir`` (`run_files`); anything else stays. Returns them."""
+    """Deletes the run's files in ``run_dir`` (`run_files`); anything else stays. Returns what it deleted."""
     found = run_files(run_dir)
     for path in found:
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
@@ -94,7 +100,6 @@ def clear_run_files(run_dir: str | os.PathLike) -> list[Path]:
 
 __all__ = [
     "RUN_FILES",
-    "RUN_FOLDERS",
     "RunFolderError",
     "check_fresh_start",
     "clear_run_files",
