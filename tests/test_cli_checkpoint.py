@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -86,8 +87,16 @@ def test_explain_takes_model_size_and_classes_from_the_checkpoint(trained, image
     assert "--num-classes 5 contradicts" in capsys.readouterr().err
 
 
+def test_saved_models_say_what_they_are(tmp_path):
+    path = save_checkpoint(create_model("bcos_resnet20_cifar", num_classes=3, norm="pn"), tmp_path / "m.pt")
+    spec = ModelSpec.from_checkpoint(read_checkpoint(path))
+    assert (spec.name, spec.num_classes, spec.kwargs) == ("bcos_resnet20_cifar", 3, {"norm": "pn"})
+    assert spec.image_size is None and spec.classes is None  # what only a training run knows
+
+
 def test_old_checkpoints_without_a_spec_still_work_with_flags(image, tmp_path, capsys):
-    plain = save_checkpoint(create_model("bcos_resnet20_cifar", num_classes=3), tmp_path / "plain.pt")
+    plain = tmp_path / "plain.pt"
+    torch.save(create_model("bcos_resnet20_cifar", num_classes=3).state_dict(), plain)  # as official teacher files
     assert main(["explain", str(image), "--checkpoint", str(plain), "--out", str(tmp_path / "a")]) == 2
     assert "--model is needed" in capsys.readouterr().err
     args = ["explain", str(image), "--checkpoint", str(plain), "--model", "bcos_resnet20_cifar", "--num-classes", "3"]
@@ -136,3 +145,23 @@ def test_print_config_and_dry_run(trained, tmp_path, capsys):
     assert main(["train", "--config", str(fresh), *teacher, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "teacher.kwargs.nrom is not an argument of bcos_resnet20_cifar" in err and "norm" in err
+
+
+def test_a_student_trained_with_kwargs_loads_as_a_teacher_with_teacher_kwargs(trained, tmp_path, capsys):
+    config, checkpoint = trained
+    distil = [
+        "--set",
+        f"train.out_dir={tmp_path / 'distilled'}",
+        "--set",
+        "teacher.name=bcos_resnet20_cifar",
+        "--set",
+        "teacher.num_classes=3",
+        "--set",
+        f"teacher.checkpoint={checkpoint}",
+        "--set",
+        "distill.method=kd",
+    ]
+    assert main(["train", "--config", str(config), *distil, "--set", "teacher.kwargs={norm: pn}", "--dry-run"]) == 0
+    assert "bcos_resnet20_cifar (0.27 M parameters, live)" in capsys.readouterr().out
+    assert main(["train", "--config", str(config), *distil, "--dry-run"]) == 2  # the default norm does not fit
+    assert "teacher.kwargs: {norm: pn}" in capsys.readouterr().err
