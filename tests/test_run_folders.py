@@ -90,6 +90,10 @@ def test_the_default_run_folder_is_new_per_run(tmp_path, capsys, monkeypatch):
 
     assert _train(config, "--resume", "auto") == 2
     assert "--resume auto needs train.out_dir" in capsys.readouterr().err
+    # --resume PATH goes on in the folder PATH lies in (here: a finished run, so nothing more is trained).
+    assert _train(config, "--resume", str(made / "checkpoints" / "last.pt")) == 0
+    assert json.loads(capsys.readouterr().out)["run_dir"] == str(made.resolve())
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([made.name, first.name])
 
 
 def test_a_multi_process_launch_needs_an_out_dir(monkeypatch):
