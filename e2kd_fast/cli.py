@@ -21,11 +21,15 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from e2kd_fast import __version__
 
-# Only the standard library and the package's lazy root above: parsing arguments imports no torch, so
+# Only the standard library and the package's lazy root here: parsing arguments imports no torch, so
 # --help, --version and argument errors answer at once; each command imports what it runs.
+if TYPE_CHECKING:  # annotations only
+    from e2kd_fast.config import Config
+    from e2kd_fast.models import ModelSpec
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True, what: str = "") -> None:
@@ -204,7 +208,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_out_dir(cfg, out_dir: Path):
+def _with_out_dir(cfg: Config, out_dir: Path) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=out_dir.as_posix()))
 
 
@@ -218,7 +222,7 @@ def _run_folder_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent
 
 
-def _dry_run(cfg, args: argparse.Namespace) -> int:
+def _dry_run(cfg: Config, args: argparse.Namespace) -> int:
     """Builds what training would (data, models, optimiser, step) and prints what it found; trains nothing."""
     from e2kd_fast.data.build import build_datasets
     from e2kd_fast.data.loaders import resolve_num_workers
@@ -229,11 +233,21 @@ def _dry_run(cfg, args: argparse.Namespace) -> int:
     if args.resume is None and not args.overwrite:
         check_fresh_start(run_dir)  # the error training would stop with
     data = build_datasets(cfg)
-    trainer = Trainer(
-        cfg, data.train, data.val, train_indices=data.train_indices, val_indices=data.val_indices, show_progress=False
-    )
+    try:
+        trainer = Trainer(
+            cfg,
+            data.train,
+            data.val,
+            train_indices=data.train_indices,
+            val_indices=data.val_indices,
+            show_progress=False,
+        )
+    finally:
+        from e2kd_fast.engine.process_group import shutdown_distributed
 
-    def parameters(model) -> str:
+        shutdown_distributed()  # a multi-process launch built its process group: leave it cleanly
+
+    def parameters(model: object) -> str:
         return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
 
     train_images = len(trainer.train_indices)
@@ -318,7 +332,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_student_matches(cfg, spec, checkpoint: Path, config: Path) -> None:
+def _check_student_matches(cfg: Config, spec: ModelSpec, checkpoint: Path, config: Path) -> None:
     """A config whose student differs from the checkpoint's model is an error; other image sizes a warning."""
     from e2kd_fast.models import ModelSpec
 
@@ -345,7 +359,7 @@ def _warn(message: str) -> None:
     print(f"e2kd-fast: warning: {message}", file=sys.stderr)
 
 
-def _resolve_model(args: argparse.Namespace, payload, source: object, fill_sizes: bool = True):
+def _resolve_model(args: argparse.Namespace, payload: object, source: object, fill_sizes: bool = True) -> ModelSpec:
     """The model spec from the checkpoint, with the command's --model, --num-classes, --image-size and
     --resize over it; a --model or --num-classes that contradicts the file is an error. With
     ``fill_sizes`` image sizes the file does not know are the usual 224 / 256, with a warning."""
