@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from e2kd_fast.data.waterbirds_synthetic import generate_waterbirds_like
 from e2kd_fast.engine import read_metrics
 from e2kd_fast.engine.run_folder import RunFolderError, default_run_dir, with_run_dir
 from e2kd_fast.models import create_model, save_checkpoint
+from e2kd_fast.report.build import load_run
 from tests.helpers import write_image_folder
 
 _PLAIN = {"student": {"name": "bcos_resnet20_cifar"}, "distill": {"method": "none"}}
@@ -42,7 +44,7 @@ def _train(config: Path, *extra: str) -> int:
     return main(["train", "--config", str(config), "--no-progress", *extra])
 
 
-def test_a_second_run_into_a_used_folder_is_refused_and_overwrite_starts_over(tmp_path, capsys):
+def test_a_second_run_into_a_used_folder_is_refused_and_overwrite_starts_over(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     config = _config(tmp_path, str(run))
     assert _train(config) == 0
@@ -64,6 +66,10 @@ def test_a_second_run_into_a_used_folder_is_refused_and_overwrite_starts_over(tm
     # Paths in summary.json are absolute: `--checkpoint best` works from any directory.
     best = summary["best"][0]["checkpoint"]
     assert Path(best).is_absolute() and Path(best).is_file() and Path(summary["run_dir"]) == run.resolve()
+    monkeypatch.chdir(tmp_path / "data")
+    assert load_run(run, checkpoint="best").checkpoint == Path(best)
+    moved = shutil.move(run, tmp_path / "moved")  # a moved folder finds its own file of that name
+    assert load_run(moved, checkpoint="best").checkpoint == Path(moved) / "checkpoints" / Path(best).name
 
 
 def test_resume_auto_without_a_checkpoint_starts_over(tmp_path, capsys):
