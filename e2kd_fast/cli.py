@@ -44,13 +44,19 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = True, wha
     )
 
 
-def _add_model_args(parser: argparse.ArgumentParser, default: str) -> None:
-    """The model a checkpoint holds, for files that do not say it (plain state dicts); they override the file."""
-    parser.add_argument("--model", default=None, help=f"registered model name (default: {default})")
-    parser.add_argument("--num-classes", type=int, default=None, help=f"outputs of the model (default: {default})")
-    parser.add_argument("--image-size", type=int, default=None, help=f"centre crop size (default: {default}, else 224)")
+def _add_model_args(parser: argparse.ArgumentParser, fallback: bool) -> None:
+    """The model a checkpoint holds, for files that do not say it (plain state dicts); they override the file.
+    With ``fallback`` image sizes the file does not know default to 224 / 256."""
+    size, resize = (", else 224", ", else size × 8/7") if fallback else ("", "")
+    parser.add_argument("--model", default=None, help="registered model name (default: the checkpoint's)")
     parser.add_argument(
-        "--resize", type=int, default=None, help=f"resize before cropping (default: {default}, else size × 8/7)"
+        "--num-classes", type=int, default=None, help="outputs of the model (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help=f"centre crop size (default: the checkpoint's{size})"
+    )
+    parser.add_argument(
+        "--resize", type=int, default=None, help=f"resize before cropping (default: the checkpoint's{resize})"
     )
 
 
@@ -91,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="write PNG explanations of images for a model")
     explain.add_argument("images", nargs="+", type=Path, help="image files")
     explain.add_argument("--checkpoint", type=Path, default=None, help="weights to load (default: random init)")
-    _add_model_args(explain, "the checkpoint's")
+    _add_model_args(explain, fallback=True)
     explain.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1)")
     explain.add_argument("--out", type=Path, default=Path("explanations"), help="output folder")
 
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("checkpoint", type=Path, help="a checkpoint, or a run folder (its checkpoints/last.pt)")
     export.add_argument("--out", required=True, type=Path, help="the file to write, e.g. student.pt")
-    _add_model_args(export, "the checkpoint's")
+    _add_model_args(export, fallback=False)
 
     precompute = commands.add_parser("precompute", help="store a frozen teacher's logits and explanations")
     _add_config_args(precompute)
