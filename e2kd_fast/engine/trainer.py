@@ -56,7 +56,7 @@ from e2kd_fast.engine.logging import MetricsLogger, NullMetricsLogger
 from e2kd_fast.engine.optim import build_optimizer, set_learning_rate, warmup_cosine_factor
 from e2kd_fast.engine.process_group import setup_distributed
 from e2kd_fast.engine.resume import config_changes, describe
-from e2kd_fast.engine.run_folder import check_fresh_start, clear_run_files, with_run_dir
+from e2kd_fast.engine.run_folder import RunFolderError, check_fresh_start, clear_run_files, with_run_dir
 from e2kd_fast.engine.signals import StopSignals
 from e2kd_fast.engine.step import make_train_step
 from e2kd_fast.engine.strategy import NonFiniteGradientError, StateDictView
@@ -287,7 +287,16 @@ class Trainer:
     def _start_afresh(self, overwrite: bool) -> None:
         """A new run in ``run_dir``: refused if an earlier run's files are there, unless ``overwrite`` deletes them."""
         if not overwrite:
-            check_fresh_start(self.run_dir)
+            # Rank 0 looks and all ranks follow: another rank looking later would see rank 0's new files.
+            refusal = None
+            if self.strategy.is_main:
+                try:
+                    check_fresh_start(self.run_dir)
+                except RunFolderError as err:
+                    refusal = err
+            (refused,) = self.strategy.any_rank(refusal is not None)
+            if refused:
+                raise refusal or RunFolderError(f"{self.run_dir} already holds a run (found by rank 0)")
             return
         if self.strategy.is_main:
             cleared = clear_run_files(self.run_dir)
