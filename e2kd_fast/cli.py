@@ -1,8 +1,10 @@
 """The ``e2kd-fast`` command line (also ``python -m e2kd_fast``).
 
 e2kd-fast train --config configs/x.yaml [--set optim.lr=3e-4 ...] [--resume auto|PATH [--resume-force]]
-e2kd-fast eval --config configs/x.yaml --checkpoint runs/x/checkpoints/last.pt
-e2kd-fast explain --model bcos_resnet18 --checkpoint ckpt.pt --out explanations/ img1.jpg img2.png
+                [--overwrite] [--print-config] [--dry-run]
+e2kd-fast eval --checkpoint runs/x/checkpoints/last.pt [--config configs/x.yaml]
+e2kd-fast explain --checkpoint ckpt.pt --out explanations/ img1.jpg img2.png
+e2kd-fast export runs/x/checkpoints/last.pt --out student.pt
 e2kd-fast precompute --config configs/x_frozen.yaml
 e2kd-fast demo [--out runs/demo]
 e2kd-fast report runs/kd runs/e2kd --out reports/x [--images 4]
@@ -12,17 +14,26 @@ e2kd-fast xdistill configs/xdistill/synthetic.yaml --out runs/xdistill
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from e2kd_fast import __version__
 
+# Only the standard library and the package's lazy root here: parsing arguments imports no torch, so
+# --help, --version and argument errors answer at once; each command imports what it runs.
+if TYPE_CHECKING:  # annotations only
+    from e2kd_fast.config import Config
+    from e2kd_fast.models import ModelSpec
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, type=Path, help="YAML configuration file")
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True, what: str = "") -> None:
+    parser.add_argument("--config", required=required, type=Path, help="YAML configuration file" + what)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -30,6 +41,22 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value with a dotted key, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
+
+
+def _add_model_args(parser: argparse.ArgumentParser, fallback: bool) -> None:
+    """The model a checkpoint holds, for files that do not say it (plain state dicts); they override the file.
+    With ``fallback`` image sizes the file does not know default to 224 / 256."""
+    size, resize = (", else 224", ", else size × 8/7") if fallback else ("", "")
+    parser.add_argument("--model", default=None, help="registered model name (default: the checkpoint's)")
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="outputs of the model (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help=f"centre crop size (default: the checkpoint's{size})"
+    )
+    parser.add_argument(
+        "--resize", type=int, default=None, help=f"resize before cropping (default: the checkpoint's{resize})"
     )
 
 
@@ -49,28 +76,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume although the config changed in settings that change the result (they are listed, "
         "then recorded in metrics.jsonl); without it such a resume is refused",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a train.out_dir that holds an earlier run: its checkpoints, logs and summary are "
+        "deleted first (without it, and without --resume, such a start is refused)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    train.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, build the data and models, print a summary and exit without training",
+    )
 
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on the config's validation data")
-    _add_config_args(evaluate)
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its run's (or a config's) validation data")
+    _add_config_args(evaluate, required=False, what=" (default: the run config stored in the checkpoint)")
     evaluate.add_argument("--checkpoint", required=True, type=Path, help="student checkpoint to evaluate")
 
     explain = commands.add_parser(
         "explain", help="write PNG explanations of images for a model and one labelled grid of them"
     )
     explain.add_argument("images", nargs="+", type=Path, help="image files")
-    explain.add_argument("--model", required=True, help="registered model name (e2kd_fast.models.list_models())")
     explain.add_argument("--checkpoint", type=Path, default=None, help="weights to load (default: random init)")
-    explain.add_argument("--num-classes", type=int, default=None, help="number of classes of the checkpoint")
+    _add_model_args(explain, fallback=True)
     explain.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1)")
-    explain.add_argument("--image-size", type=int, default=224, help="center crop size (default 224)")
-    explain.add_argument("--resize", type=int, default=256, help="resize before cropping (default 256)")
     explain.add_argument("--out", type=Path, default=Path("explanations"), help="output folder")
     explain.add_argument(
         "--class-names",
         default=None,
         help="class names for the labelled grid: a text file (one per line) or a comma-separated list",
     )
+
+    export = commands.add_parser(
+        "export", help="write a student's weights with its architecture, classes and input (no optimiser state)"
+    )
+    export.add_argument("checkpoint", type=Path, help="a checkpoint, or a run folder (its checkpoints/last.pt)")
+    export.add_argument("--out", required=True, type=Path, help="the file to write, e.g. student.pt")
+    _add_model_args(export, fallback=False)
 
     precompute = commands.add_parser("precompute", help="store a frozen teacher's logits and explanations")
     _add_config_args(precompute)
@@ -119,13 +162,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from e2kd_fast.config import load_config
-    from e2kd_fast.data.build import build_datasets
-    from e2kd_fast.engine import Trainer, TrainingInterrupted
+    from e2kd_fast.config import config_to_dict, load_config
     from e2kd_fast.engine.builders import check_model_settings
+    from e2kd_fast.engine.run_folder import with_run_dir
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(
+            yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True), end=""
+        )
+        return 0
+    chosen_dir = cfg.train.out_dir is None
+    if chosen_dir and args.resume == "auto":
+        raise ValueError(
+            "--resume auto needs train.out_dir: without it each run gets a new folder, so there is nothing to go on "
+            "from; add --set train.out_dir=<the run's folder>"
+        )
+    if chosen_dir and args.resume is not None:
+        cfg = _with_out_dir(cfg, _run_folder_of(Path(args.resume)))
+        chosen_dir = False
+    cfg = with_run_dir(cfg, args.config)
     check_model_settings(cfg)  # model names and arguments, before any data is read
+    if args.dry_run:
+        return _dry_run(cfg, args)
+    from e2kd_fast.data.build import build_datasets
+    from e2kd_fast.engine import Trainer, TrainingInterrupted
+
+    if chosen_dir and os.environ.get("RANK", "0") == "0":
+        print(f"e2kd-fast train: run folder {cfg.train.out_dir}", file=sys.stderr)
     data = build_datasets(cfg)
     trainer = Trainer(
         cfg,
@@ -136,12 +202,13 @@ def _train(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     try:
-        summary = trainer.fit(resume=args.resume, resume_force=args.resume_force)
+        summary = trainer.fit(resume=args.resume, resume_force=args.resume_force, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         # SIGTERM / SIGINT: last.pt holds the finished step; the status is the signal's (143, 130).
         if trainer.strategy.is_main:
             again = ["e2kd-fast", "train", "--config", str(args.config)]
-            again += [part for item in args.overrides for part in ("--set", item)] + ["--resume", "auto"]
+            overrides = [*args.overrides, *([f"train.out_dir={cfg.train.out_dir}"] if chosen_dir else [])]
+            again += [part for item in overrides for part in ("--set", item)] + ["--resume", "auto"]
             print(f"e2kd-fast train: {stop}", file=sys.stderr)
             print(f"e2kd-fast train: to go on: {shlex.join(again)}", file=sys.stderr)
         return stop.exit_code
@@ -154,22 +221,112 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_out_dir(cfg: Config, out_dir: Path) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=out_dir.as_posix()))
+
+
+def _run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint was written in (``<run>/checkpoints/<file>``), for --resume PATH."""
+    if checkpoint.parent.name != "checkpoints":
+        raise ValueError(
+            f"--resume {checkpoint}: train.out_dir is not set and the file is not in a run's checkpoints/ folder; "
+            "set train.out_dir (--set train.out_dir=...) to say where the resumed run writes"
+        )
+    return checkpoint.parent.parent
+
+
+def _dry_run(cfg: Config, args: argparse.Namespace) -> int:
+    """Builds what training would (data, models, optimiser, step) and prints what it found; trains nothing."""
+    from e2kd_fast.data.build import build_datasets
+    from e2kd_fast.data.loaders import resolve_num_workers
+    from e2kd_fast.engine import Trainer
+    from e2kd_fast.engine.run_folder import check_fresh_start
+
+    run_dir = Path(cfg.train.out_dir)
+    if args.resume is None and not args.overwrite:
+        check_fresh_start(run_dir)  # the error training would stop with
+    data = build_datasets(cfg)
+    try:
+        trainer = Trainer(
+            cfg,
+            data.train,
+            data.val,
+            train_indices=data.train_indices,
+            val_indices=data.val_indices,
+            show_progress=False,
+        )
+    finally:
+        from e2kd_fast.engine.process_group import shutdown_distributed
+
+        shutdown_distributed()  # a multi-process launch built its process group: leave it cleanly
+
+    def parameters(model: object) -> str:
+        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+
+    train_images = len(trainer.train_indices)
+    val_images = 0 if trainer.val_indices is None else len(trainer.val_indices)
+    teacher = "none"
+    if trainer.teacher is not None:
+        teacher = f"{cfg.teacher.name} ({parameters(trainer.teacher)}, {cfg.teacher.mode})"
+    elif cfg.teacher.mode == "frozen":
+        teacher = f"{cfg.teacher.name} (frozen store {cfg.teacher.store})"
+    if args.resume is not None:
+        folder = f"{run_dir} (resumes {args.resume})"
+    else:
+        folder = f"{run_dir} ({'exists' if run_dir.exists() else 'to be created'})"
+    lines = [
+        ("config", f"{args.config}" + (f" with {len(args.overrides)} --set" if args.overrides else "")),
+        ("run folder", folder),
+        ("data", f"{len(data.classes)} classes; {train_images} training, {val_images} validation images"),
+        ("student", f"{cfg.student.name} ({parameters(trainer.student)})"),
+        ("teacher", teacher),
+        ("distill", f"{cfg.distill.method}"),
+        (
+            "steps",
+            f"{trainer.steps_per_epoch} per epoch × {cfg.train.epochs} epochs = {trainer.total_steps} "
+            f"(batch {cfg.data.batch_size} × grad_accum {cfg.train.grad_accum})",
+        ),
+        (
+            "device",
+            f"{trainer.device}; precision {cfg.train.precision}; compile {cfg.train.compile}; "
+            f"loader {cfg.data.loader} with {resolve_num_workers(cfg.data.num_workers)} workers",
+        ),
+    ]
+    print("e2kd-fast train --dry-run: the config is valid; nothing was trained or written")
+    for name, value in lines:
+        print(f"  {name:<11} {value}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from e2kd_fast.config import load_config
+    from e2kd_fast.config import apply_overrides, config_from_dict, load_config
     from e2kd_fast.data.build import build_datasets
     from e2kd_fast.data.loaders import make_loader
     from e2kd_fast.engine import evaluate
-    from e2kd_fast.engine.builders import build_student, build_teacher, check_model_settings, resolve_device
-    from e2kd_fast.models import load_checkpoint
+    from e2kd_fast.engine.builders import build_teacher, check_model_settings, resolve_device
+    from e2kd_fast.models import ModelSpec, create_model, load_checkpoint, read_checkpoint
 
-    cfg = load_config(args.config, args.overrides)
+    payload = read_checkpoint(args.checkpoint)
+    spec = ModelSpec.from_checkpoint(payload)
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+        if spec is not None:
+            _check_student_matches(cfg, spec, args.checkpoint, args.config)
+    else:
+        stored = payload.get("config") if isinstance(payload, dict) else None
+        if not isinstance(stored, dict):
+            raise ValueError(
+                f"{args.checkpoint} holds no run config (an exported model or a plain state dict): "
+                "pass --config for the data to evaluate on"
+            )
+        cfg = config_from_dict(apply_overrides(stored, args.overrides))
     check_model_settings(cfg)
     data = build_datasets(cfg, train=False)
     device = resolve_device(cfg.train.device)
-    student = build_student(cfg)
-    load_checkpoint(student, args.checkpoint)
+    student = create_model(cfg.student.name, num_classes=cfg.student.num_classes, **dict(cfg.student.kwargs))
+    load_checkpoint(student, payload)
     teacher = build_teacher(cfg)
     loader = make_loader(
         data.val,
@@ -188,6 +345,65 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_student_matches(cfg: Config, spec: ModelSpec, checkpoint: Path, config: Path) -> None:
+    """A config whose student differs from the checkpoint's model is an error; other image sizes a warning."""
+    from e2kd_fast.models import ModelSpec
+
+    wanted = ModelSpec.build(cfg.student.name, cfg.student.num_classes, cfg.student.kwargs)
+    for key, mine, theirs in (
+        ("name", wanted.name, spec.name),
+        ("num_classes", wanted.num_classes, spec.num_classes),
+        ("kwargs", dict(wanted.kwargs), dict(spec.kwargs)),
+    ):
+        if mine != theirs:
+            raise ValueError(
+                f"{config}: student.{key} is {mine!r} but {checkpoint} holds a model with {key} {theirs!r}; "
+                "leave out --config to evaluate with the checkpoint's own run config"
+            )
+    for key, mine, theirs in (
+        ("image_size", cfg.data.image_size, spec.image_size),
+        ("eval_resize", cfg.data.eval_resize, spec.eval_resize),
+    ):
+        if theirs is not None and mine != theirs:
+            _warn(f"data.{key} is {mine} in {config}, the model was trained with {theirs}")
+
+
+def _warn(message: str) -> None:
+    print(f"e2kd-fast: warning: {message}", file=sys.stderr)
+
+
+def _resolve_model(args: argparse.Namespace, payload: object, source: object, fill_sizes: bool = True) -> ModelSpec:
+    """The model spec from the checkpoint, with the command's --model, --num-classes, --image-size and
+    --resize over it; a --model or --num-classes that contradicts the file is an error. With
+    ``fill_sizes`` image sizes the file does not know are the usual 224 / 256, with a warning."""
+    from e2kd_fast.models import ModelSpec
+
+    stored = None if payload is None else ModelSpec.from_checkpoint(payload)
+    if stored is not None:
+        for flag, given, known in (
+            ("--model", args.model, stored.name),
+            ("--num-classes", args.num_classes, stored.num_classes),
+        ):
+            if given is not None and given != known:
+                raise ValueError(f"{flag} {given} contradicts {source}, which holds a model with {known}")
+    if stored is None and args.model is None:
+        where = f"{source} does not say which model it holds" if payload is not None else "no --checkpoint given"
+        raise ValueError(f"--model is needed: {where} (see e2kd_fast.models.list_models())")
+    spec = stored or ModelSpec.build(args.model, args.num_classes)
+    if stored is not None and args.image_size is not None and stored.image_size not in (None, args.image_size):
+        _warn(f"--image-size {args.image_size}: the model was trained at {stored.image_size}")
+    image_size = args.image_size or spec.image_size
+    if image_size is None and not fill_sizes:
+        return dataclasses.replace(spec, eval_resize=args.resize or spec.eval_resize)
+    if image_size is None:
+        if payload is not None:
+            _warn(f"{source} does not say its image size: using 224 (set --image-size and --resize)")
+        image_size = 224
+    resize = args.resize or (spec.eval_resize if image_size == spec.image_size else None)
+    resize = resize or round(image_size * 8 / 7)  # 224 → 256, the usual evaluation ratio
+    return dataclasses.replace(spec, image_size=image_size, eval_resize=resize)
+
+
 def _explain(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -196,16 +412,17 @@ def _explain(args: argparse.Namespace) -> int:
     from e2kd_fast.data.folders import read_image
     from e2kd_fast.data.transforms import eval_transform
     from e2kd_fast.explain import contribution_map, dynamic_weights, gradcam
-    from e2kd_fast.models import create_model, load_checkpoint, model_entry
+    from e2kd_fast.models import build_model, load_checkpoint, read_checkpoint
     from e2kd_fast.report.plots import explain_grids, explanation_picture
 
-    family = model_entry(args.model).family
-    model = create_model(args.model, num_classes=args.num_classes)
-    if args.checkpoint is not None:
-        load_checkpoint(model, args.checkpoint)
+    payload = None if args.checkpoint is None else read_checkpoint(args.checkpoint)
+    spec = _resolve_model(args, payload, args.checkpoint)
+    model = build_model(spec)
+    if payload is not None:
+        load_checkpoint(model, payload)
     model.eval()
-    transform = eval_transform(args.image_size, args.resize, encoding="bcos" if family == "bcos" else "standard")
-    plain = eval_transform(args.image_size, args.resize, encoding="none")
+    transform = eval_transform(spec.image_size, spec.eval_resize, encoding=spec.encoding)
+    plain = eval_transform(spec.image_size, spec.eval_resize, encoding="none")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in args.images:
@@ -214,7 +431,7 @@ def _explain(args: argparse.Namespace) -> int:
         image = read_image(path)  # 16-bit, gray, palette and alpha images read as in training
         x = transform(image)[None]
         target = None if args.target is None else torch.tensor([args.target])
-        if family == "bcos":
+        if spec.encoding == "bcos":
             explanation, logits = dynamic_weights(model, x, target, return_logits=True)
             contributions = contribution_map(x, explanation)[0]
             np.save(args.out / f"{path.stem}_contributions.npy", contributions.detach().numpy())
@@ -226,11 +443,27 @@ def _explain(args: argparse.Namespace) -> int:
         side_by_side = np.concatenate([shown.permute(1, 2, 0).numpy(), rgb], axis=1)
         out_path = args.out / f"{path.stem}_class{explained}.png"
         Image.fromarray((side_by_side.clip(0, 1) * 255).round().astype(np.uint8)).save(out_path)
-        print(f"{path} -> {out_path} (class {explained}, logit {float(logits[0, explained].detach()):.3f})")
+        name = f" {spec.classes[explained]!r}" if spec.classes and explained < len(spec.classes) else ""
+        logit = float(logits[0, explained].detach())
+        print(f"{path} -> {out_path} (class {explained}{name}, logit {logit:.3f})")
         probabilities = torch.softmax(logits[0].detach().float(), 0)
         rows.append((path.name, shown.permute(1, 2, 0).numpy(), rgb, probabilities, explained))
-    for grid_path in explain_grids(rows, args.out, _class_names(args.class_names), gradcam=family != "bcos"):
+    names = _class_names(args.class_names) or (list(spec.classes) if spec.classes else None)
+    for grid_path in explain_grids(rows, args.out, names, gradcam=spec.encoding != "bcos"):
         print(f"labelled grid: {grid_path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from e2kd_fast.models import export_model, read_checkpoint
+
+    source = args.checkpoint / "checkpoints" / "last.pt" if args.checkpoint.is_dir() else args.checkpoint
+    spec = _resolve_model(args, read_checkpoint(source), source, fill_sizes=False)
+    path, spec = export_model(source, args.out, spec)
+    size = f"{path.stat().st_size / 2**20:.1f} MiB (from {source.stat().st_size / 2**20:.1f} MiB)"
+    classes = f"{len(spec.classes)} named classes" if spec.classes else f"{spec.num_classes} classes (no names)"
+    sizes = f"at {spec.image_size} px (resize {spec.eval_resize})" if spec.image_size else "(image size unknown)"
+    print(f"{source} -> {path}: {spec.name}, {classes}, {spec.encoding} input {sizes}; {size}")
     return 0
 
 
@@ -300,6 +533,7 @@ _COMMANDS = {
     "train": _train,
     "eval": _eval,
     "explain": _explain,
+    "export": _export,
     "precompute": _precompute,
     "demo": _demo,
     "report": _report,

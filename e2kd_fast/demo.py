@@ -94,7 +94,7 @@ def _train(cfg_dict: dict, show_progress: bool) -> Path:
     cfg = config_from_dict(cfg_dict)
     data = build_datasets(cfg)
     trainer = Trainer(cfg, data.train, data.val, train_indices=data.train_indices, show_progress=show_progress)
-    trainer.fit()
+    trainer.fit(overwrite=True)  # the demo's own run folders: a second demo into the same folder starts over
     return Path(cfg.train.out_dir) / "checkpoints" / "last.pt"
 
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # From the ground up. A name stands for that module and everything under it; the longest name wins.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("e2kd_fast._build_config", "e2kd_fast._ext", "e2kd_fast.config"),  # build facts; the config library
+    ("e2kd_fast._build_config", "e2kd_fast._ext", "e2kd_fast._files", "e2kd_fast.config"),  # build facts; modes; config
     ("e2kd_fast.reference",),  # the maths in plain PyTorch: the spec of every op
     ("e2kd_fast.ops._common", "e2kd_fast.ops._registry", "e2kd_fast.ops.backends"),  # ops' leaf helpers
     ("e2kd_fast.kernels",),  # Triton kernels (the top-level kernels/ folder)

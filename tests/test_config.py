@@ -259,9 +259,12 @@ def test_wrong_types_name_the_key_the_type_and_the_value(section, key, value, ex
 
 
 def test_none_is_accepted_only_where_the_type_allows_it():
-    cfg = config_from_dict(_dict(data={"shots": None, "eval_batch_size": None}, optim={"grad_clip_norm": None}))
+    cfg = config_from_dict(
+        _dict(data={"shots": None, "eval_batch_size": None}, optim={"grad_clip_norm": None}, train={"out_dir": None})
+    )
     assert cfg.data.shots is None and cfg.optim.grad_clip_norm is None
-    for section, key in (("optim", "lr"), ("train", "out_dir"), ("distill", "method")):
+    assert cfg.train.out_dir is None  # a dated folder is chosen when training starts
+    for section, key in (("optim", "lr"), ("data", "train_split"), ("distill", "method")):
         with pytest.raises(ValueError, match=rf"{section}\.{key}"):
             config_from_dict(_dict(**{section: {key: None}}))
 

@@ -94,7 +94,8 @@ def test_resuming_a_copied_run_deletes_nothing_outside_it(tmp_path):
 
     assert sorted(p.name for p in (original / "checkpoints").glob("epoch_*.pt")) == kept
     assert sorted(p.name for p in (copy / "checkpoints").glob("epoch_*.pt")) == ["epoch_0003.pt"]
-    assert [b["checkpoint"] for b in summary["best"]] == ["checkpoints/epoch_0003.pt"]
+    # summary.json names it absolutely (usable from any directory); the checkpoint keeps it relative.
+    assert [b["checkpoint"] for b in summary["best"]] == [str((copy / "checkpoints" / "epoch_0003.pt").resolve())]
     assert [p for _, p in _last(tmp_path / "b")["best"]] == ["checkpoints/epoch_0003.pt"]
 
 

@@ -333,7 +333,9 @@ class DataConfig(Section):
             over the images it has, as the official loaders (``drop_last=False``) do; the paper configs
             set false.
         eval_batch_size: evaluation batch; None = ``batch_size``.
-        num_workers: data-loader worker processes (DALI: pipeline threads).
+        num_workers: data-loader worker processes (DALI: pipeline threads). None (the default): one less
+            than the CPU cores this process may use (``os.sched_getaffinity``), shared among the processes
+            of a multi-process launch on the node, at most 8 (`e2kd_fast.data.loaders.default_num_workers`).
         loader: input pipeline: ``"torchvision"`` (default), ``"dali"`` (NVIDIA DALI; GPU decoding on
             CUDA, CPU operators otherwise) or ``"auto"`` (DALI when it imports and the data is an image
             folder). Without DALI installed, ``dali``/``auto`` fall back to torchvision with a one-line notice.
@@ -364,7 +366,7 @@ class DataConfig(Section):
     batch_size: int = 64
     drop_last: bool = True
     eval_batch_size: int | None = None
-    num_workers: int = 8
+    num_workers: int | None = None
     loader: LoaderName = "torchvision"
     shots: int | None = None
     shot_seed: int = 42
@@ -386,7 +388,8 @@ class DataConfig(Section):
             self.rand_augment_magnitude,
         )
         self._positive("eval_batch_size", "shots", "val_per_class", optional=True)
-        self._positive("num_workers", "shot_seed", "val_seed", "mixup_alpha", "cutmix_alpha", allow_zero=True)
+        self._positive("num_workers", optional=True, allow_zero=True)
+        self._positive("shot_seed", "val_seed", "mixup_alpha", "cutmix_alpha", allow_zero=True)
         require(0 < self.crop_scale_min <= 1, self._key("crop_scale_min"), "must be in (0, 1]", self.crop_scale_min)
         require(
             self.eval_resize >= self.image_size,
@@ -408,7 +411,10 @@ class TrainConfig(Section):
             skipped and the scale halved; not under DeepSpeed.
         channels_last: run convolutions in channels-last memory format.
         seed: global seed.
-        out_dir: run folder (checkpoints, logs, the resolved config).
+        out_dir: run folder (checkpoints, logs, the resolved config). None (the default): a new folder per
+            run, ``runs/<config file stem>-<YYYYmmdd-HHMMSS>`` (``runs/train-...`` without a file), chosen
+            when training starts; a multi-process launch or ``--resume auto`` needs it set. A folder that
+            already holds a run is refused unless the run resumes it or starts over (``--overwrite``).
         checkpoint_every_steps: also checkpoint every N optimiser steps; None = at epoch ends only.
         checkpoint_every_minutes: also checkpoint after a step once this many minutes passed since the
             last checkpoint (``last.pt``, atomically); None = off. Bounds what a kill (``kill -9``, an
@@ -435,7 +441,7 @@ class TrainConfig(Section):
     precision: Precision = "fp32"
     channels_last: bool = False
     seed: int = 0
-    out_dir: str = "runs/train"
+    out_dir: str | None = None
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = None
     keep_best: int = 3
@@ -450,7 +456,12 @@ class TrainConfig(Section):
         self._positive("epochs", "grad_accum", "eval_every_epochs", "log_every_steps")
         self._positive("checkpoint_every_steps", "checkpoint_every_minutes", "bn_group_size", optional=True)
         self._positive("seed", "keep_best", allow_zero=True)
-        require(bool(self.out_dir.strip()), self._key("out_dir"), "must be a folder path", self.out_dir)
+        require(
+            self.out_dir is None or bool(self.out_dir.strip()),
+            self._key("out_dir"),
+            "must be a folder path or None",
+            self.out_dir,
+        )
 
 
 @dataclass(frozen=True)

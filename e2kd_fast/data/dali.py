@@ -58,6 +58,7 @@ from torch import Tensor
 from e2kd_fast.data.bundle import input_encoding
 from e2kd_fast.data.folders import ImageFolderDataset, check_image_mode, read_image
 from e2kd_fast.data.frozen_store import FrozenTeacherDataset
+from e2kd_fast.data.loaders import resolve_num_workers
 from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairedRandomResizedCropFlip, center_crop_box
 
@@ -528,7 +529,7 @@ def maybe_dali_loader(
         drop_last=drop_last,
         store=store if train else None,
         device_id=device_id,
-        num_threads=max(1, data.num_workers),
+        num_threads=max(1, resolve_num_workers(data.num_workers)),
     )
 
 

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from e2kd_fast._files import ordinary_dir_mode
 from e2kd_fast.data.synthetic import shape_mask
 
 WATERBIRDS_CLASSES = ("landbird", "waterbird", "desertbird", "nightbird")
@@ -277,6 +278,7 @@ def generate_waterbirds_like(
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp.chmod(ordinary_dir_mode())  # mkdtemp's 0700 would hide the data from the user's group
     try:
         info = _write(tmp, expected)
         try:

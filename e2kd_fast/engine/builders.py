@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,7 +11,14 @@ from torch import nn
 
 from e2kd_fast.config import Config
 from e2kd_fast.data.sampling import mix_seed
-from e2kd_fast.models import ModelArgumentError, check_model_kwargs, create_model, load_checkpoint, model_entry
+from e2kd_fast.models import (
+    ModelArgumentError,
+    ModelSpec,
+    check_model_kwargs,
+    create_model,
+    load_checkpoint,
+    model_entry,
+)
 from e2kd_fast.nn import set_batch_norm_groups
 from e2kd_fast.nn.activation_checkpointing import enable_activation_checkpointing
 
@@ -99,6 +107,24 @@ def build_teacher(cfg: Config) -> nn.Module | None:
     return teacher.eval().requires_grad_(False)
 
 
+def student_spec(cfg: Config, *datasets: object) -> ModelSpec:
+    """What a checkpoint of ``cfg``'s student stores about it (`e2kd_fast.models.spec`): architecture,
+    outputs, kwargs, input encoding, evaluation sizes and the class names of the first of ``datasets``
+    that has as many as the student has outputs (a frozen-teacher dataset's through its base)."""
+    spec = ModelSpec.build(
+        cfg.student.name,
+        cfg.student.num_classes,
+        cfg.student.kwargs,
+        image_size=cfg.data.image_size,
+        eval_resize=cfg.data.eval_resize,
+    )
+    for dataset in datasets:
+        classes = getattr(dataset, "classes", None) or getattr(getattr(dataset, "base", None), "classes", None)
+        if classes and len(classes) == spec.num_classes:
+            return dataclasses.replace(spec, classes=[str(c) for c in classes])
+    return spec
+
+
 def apply_batch_norm_groups(student: nn.Module, cfg: Config, world_size: int) -> str | None:
     """Sets ``train.bn_group_size`` on the student's batch norms for a ``world_size``-process run.
 
@@ -142,4 +168,5 @@ __all__ = [
     "check_model_settings",
     "resolve_device",
     "seeded_init",
+    "student_spec",
 ]

@@ -48,6 +48,7 @@ from e2kd_fast.engine.builders import (
     build_teacher,
     resolve_device,
     seeded_init,
+    student_spec,
 )
 from e2kd_fast.engine.distributed import make_strategy
 from e2kd_fast.engine.evaluate import ValidationLoss, evaluate, topk_hits
@@ -55,6 +56,7 @@ from e2kd_fast.engine.logging import MetricsLogger, NullMetricsLogger
 from e2kd_fast.engine.optim import build_optimizer, set_learning_rate, warmup_cosine_factor
 from e2kd_fast.engine.process_group import setup_distributed
 from e2kd_fast.engine.resume import config_changes, describe
+from e2kd_fast.engine.run_folder import RunFolderError, check_fresh_start, clear_run_files, with_run_dir
 from e2kd_fast.engine.signals import StopSignals
 from e2kd_fast.engine.step import make_train_step
 from e2kd_fast.engine.strategy import NonFiniteGradientError, StateDictView
@@ -127,6 +129,7 @@ class Trainer:
         teacher: nn.Module | None = None,
         show_progress: bool = True,
     ) -> None:
+        cfg = with_run_dir(cfg)  # train.out_dir None: a new dated folder under runs/
         self.cfg = cfg
         # One process per device under torchrun / deepspeed: the process group first, then this rank's device.
         self.dist_env, self.device = setup_distributed(cfg.engine, resolve_device(cfg.train.device))
@@ -200,7 +203,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
 
-    def fit(self, resume: str | Path | None = None, *, resume_force: bool = False) -> dict:
+    def fit(self, resume: str | Path | None = None, *, resume_force: bool = False, overwrite: bool = False) -> dict:
         """Trains to ``train.epochs``; returns the summary, also written to ``summary.json``.
 
         Args:
@@ -208,8 +211,12 @@ class Trainer:
                 fresh start. The run's ``config.yaml`` stays as the run's start wrote it.
             resume_force: resume although the config changed in settings that change the result
                 (`e2kd_fast.engine.resume`); the changes are recorded in ``metrics.jsonl``.
+            overwrite: a run that does not resume deletes the files of an earlier run in ``train.out_dir``
+                first (`e2kd_fast.engine.run_folder`); without it such a start is refused. ``"auto"``
+                with no ``last.pt`` to go on from starts over the same way.
 
         Raises:
+            RunFolderError: a new run into a folder holding another run's files, without ``overwrite``.
             TrainingError: the run cannot go on: a refused resume (naming each changed key), a
                 non-finite loss, gradient or state, a file that cannot be written (naming it and the
                 cause). The message says which step and which checkpoint is left intact;
@@ -226,6 +233,9 @@ class Trainer:
                 self._remove_stale_temporaries()
             if resume == "auto":
                 resume = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").is_file() else None
+                overwrite = overwrite or resume is None  # nothing to go on from: the folder's files start over
+            if resume is None:
+                self._start_afresh(overwrite)
             if resume is not None:
                 self._load_state(Path(resume), force=resume_force)
             config_yaml = self.run_dir / "config.yaml"
@@ -273,6 +283,26 @@ class Trainer:
             except OSError as err:
                 raise TrainingError(self._io_failure(err)) from err
         return summary
+
+    def _start_afresh(self, overwrite: bool) -> None:
+        """A new run in ``run_dir``: refused if an earlier run's files are there, unless ``overwrite`` deletes them."""
+        if not overwrite:
+            # Rank 0 looks and all ranks follow: another rank looking later would see rank 0's new files.
+            refusal = None
+            if self.strategy.is_main:
+                try:
+                    check_fresh_start(self.run_dir)
+                except RunFolderError as err:
+                    refusal = err
+            (refused,) = self.strategy.any_rank(refusal is not None)
+            if refused:
+                raise refusal or RunFolderError(f"{self.run_dir} already holds a run (found by rank 0)")
+            return
+        if self.strategy.is_main:
+            cleared = clear_run_files(self.run_dir)
+            if cleared:
+                self._log(f"starting over in {self.run_dir}: removed {', '.join(p.name for p in cleared)}")
+        self.strategy.barrier()  # no rank writes into the folder before it is cleared
 
     def evaluate(self) -> dict:
         """Top-1/top-5, agreement, explanation similarity and the validation loss (`ValidationLoss`: the
@@ -589,6 +619,7 @@ class Trainer:
                         train_hits=list(s.train_hits),
                         wall_seconds=s.wall_seconds,
                         config=config_to_dict(self.cfg),
+                        model_spec=student_spec(self.cfg, self.train_set, self.val_set).to_dict(),
                         **extra,
                     )
                 except CheckpointWriteError as err:
@@ -743,7 +774,9 @@ class Trainer:
             "overflow_steps": s.overflow_steps,
             "wall_seconds": round(self._wall_base + time.perf_counter() - self._started, 1),
             "final_eval": s.last_eval,
-            "best": [{"top1": m, "checkpoint": p} for m, p in s.best],  # paths relative to the run folder
+            "run_dir": str(self.run_dir.resolve()),
+            # Absolute paths: `--checkpoint best` works from any directory (checkpoints keep them relative).
+            "best": [{"top1": m, "checkpoint": str((self.run_dir / p).resolve())} for m, p in s.best],
         }
         if error is not None:
             summary["error"] = error

@@ -28,6 +28,7 @@ from e2kd_fast.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from e2kd_fast.models.spec import ModelSpec, build_model, export_model
 
 __all__ = [
     "BcosDenseNet",
@@ -37,9 +38,12 @@ __all__ = [
     "CheckpointWriteError",
     "LoadReport",
     "ModelArgumentError",
+    "ModelSpec",
     "UnknownModelError",
+    "build_model",
     "check_model_kwargs",
     "create_model",
+    "export_model",
     "list_models",
     "load_checkpoint",
     "model_arguments",

@@ -159,7 +159,8 @@ def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Modu
     Returns:
         The model, in train mode. B-cos models take the 6-channel input ``[x, 1 − x]``
         (`e2kd_fast.nn.AddInverse`), standard models a mean/std-normalised RGB image. The attribute
-        ``model.e2kd_family`` says which.
+        ``model.e2kd_family`` says which; ``model.e2kd_name`` and ``model.e2kd_build`` (``num_classes``
+        and the keyword arguments) say how to build it again.
 
     Example:
         >>> model = create_model("bcos_resnet18")
@@ -179,4 +180,6 @@ def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Modu
         raise ModelArgumentError(name, argument, _not_taken(name, model_arguments(name))) from err
     model.e2kd_name = name
     model.e2kd_family = entry.family
+    # What rebuilds it: `save_checkpoint` stores it, so the file says which model it holds.
+    model.e2kd_build = {"num_classes": entry.default_num_classes if num_classes is None else num_classes, **kwargs}
     return model

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from e2kd_fast._files import ordinary_file_mode
 from e2kd_fast.nn.norms import make_norm2d
 
 CHECKPOINT_FORMAT = "e2kd-fast/checkpoint"
@@ -190,7 +191,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
 
     The file is written to a temporary ``.<name>.<random>.tmp`` next to its destination and renamed
     into place, so a crash never leaves a truncated checkpoint, and a failed write leaves the previous
-    file as it was and removes the temporary one. ``metadata`` must hold plain values (numbers,
+    file as it was and removes the temporary one. A model from `create_model` is described in a
+    ``model_spec`` entry (name, ``num_classes``, keyword arguments, input encoding) unless ``metadata``
+    gives a fuller one (`e2kd_fast.models.spec`). The file gets the mode an ordinary new file gets
+    (0644 at umask 022). ``metadata`` must hold plain values (numbers,
     strings, lists, dicts, tensors) so that the file stays loadable with ``weights_only=True``.
 
     Returns:
@@ -208,10 +212,15 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
         "model": model.state_dict(),
         **metadata,
     }
+    if payload.get("model_spec") is None:
+        payload.pop("model_spec", None)
+        if (built := _built_spec(model)) is not None:
+            payload["model_spec"] = built
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, ordinary_file_mode())  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -226,6 +235,36 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
             Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _built_spec(model: nn.Module) -> dict[str, Any] | None:
+    """The ``model_spec`` entry of a model `create_model` built (it records how), else None."""
+    name, build = getattr(model, "e2kd_name", None), getattr(model, "e2kd_build", None)
+    if not isinstance(name, str) or not isinstance(build, Mapping):
+        return None
+    kwargs = {k: v for k, v in build.items() if k != "num_classes"}
+    if not _plain(kwargs):  # e.g. a layer class as an argument: the file must stay loadable with weights_only
+        return None
+    return {
+        "name": name,
+        "num_classes": int(build["num_classes"]),
+        "kwargs": kwargs,
+        "encoding": "bcos" if getattr(model, "e2kd_family", None) == "bcos" else "standard",
+        "image_size": None,
+        "eval_resize": None,
+        "classes": None,
+    }
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is made of None, bools, numbers, strings, lists and string-keyed dicts only."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
 def _write_failure(path: Path, err: BaseException) -> str:

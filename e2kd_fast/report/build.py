@@ -102,7 +102,9 @@ def load_run(path: str | os.PathLike, checkpoint: str = "last", name: str | None
         best = summary.get("best") or []
         if not best:
             raise ReportError(f"{path / 'summary.json'} lists no best checkpoint; use checkpoint 'last'")
-        ckpt = path / best[0]["checkpoint"]  # relative to the run folder (older summaries: absolute, kept as is)
+        ckpt = path / best[0]["checkpoint"]  # absolute (older summaries: relative to the run folder)
+        if not ckpt.is_file():  # a moved or copied run folder: its own file of that name
+            ckpt = path / "checkpoints" / ckpt.name
     else:
         ckpt = Path(checkpoint)
     if not ckpt.is_file():

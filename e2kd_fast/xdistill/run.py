@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from e2kd_fast._files import ordinary_file_mode
 from e2kd_fast.data.folders import ImageFolderDataset
 from e2kd_fast.data.synthetic import SHAPE_CLASSES, shapes_dataset
 from e2kd_fast.data.transforms import eval_transform
@@ -306,6 +307,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
         return v
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, ordinary_file_mode())  # as an ordinary new file, not mkstemp's 0600
     with os.fdopen(fd, "w") as f:
         json.dump(clean(payload), f, indent=2)
     os.replace(tmp, path)
