@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume although the config changed in settings that change the result (they are listed, "
         "then recorded in metrics.jsonl); without it such a resume is refused",
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    train.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar; the log lines (one per epoch, compiles, evaluations, checkpoints) still go to "
+        "stderr and <out_dir>/train.log",
+    )
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on the config's validation data")
     _add_config_args(evaluate)

@@ -260,3 +260,29 @@ def test_the_compile_watch_reports_new_graphs_and_the_recompile_reason():
     compiled(torch.ones(5, 3))
     (again,) = watch.new()
     assert "size mismatch at index 0" in again.recompile_reason
+
+
+def test_the_command_line_without_a_bar_prints_the_log_lines_and_keeps_stdout_for_the_summary(
+    tmp_path, capsys, monkeypatch
+):
+    import json
+
+    import yaml
+
+    from e2kd_fast.cli import main
+    from tests.helpers import write_image_folder
+    from tests.test_cli_and_store import _config_dict
+
+    folder = write_image_folder(tmp_path / "data", classes=3, per_split={"train": 4, "val": 2}, size=(24, 28))
+    cfg = _config_dict(folder, tmp_path)
+    del cfg["train"]["compile"]  # the default, auto: eager on this CPU
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a plain `e2kd-fast train` process
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["steps"] == 3  # stdout: the summary alone
+    assert "data: 3 classes (" in err and "12 training images, 6 validation images" in err
+    assert "train.compile auto: the step runs eagerly on cpu" in err
+    assert re.search(r"\] epoch 1/1 step 3/3: loss \d+\.\d{4}, \d+\.\d img/s, .*; eval top1", err)
+    assert "epoch 1/1 step 3/3" in (tmp_path / "run" / "train.log").read_text()
