@@ -463,7 +463,8 @@ class Trainer:
             self._log(f"starting a new run in {self.run_dir}")
         else:
             self._log(f"resuming from {resume} at step {s.step} of {self.total_steps} (epoch {s.epoch + 1})")
-        classes = getattr(self.train_set, "classes", None)
+        classes = getattr(self.train_set, "classes", None)  # class names of an image folder
+        classes = list(classes) if isinstance(classes, list | tuple) else None
         val = "no validation set" if self.val_indices is None else f"{len(self.val_indices)} validation images"
         names = f" ({', '.join(map(str, classes[:8]))}{', ...' if len(classes) > 8 else ''})" if classes else ""
         self._log(f"data: {self._num_classes()} classes{names}, {len(self.train_indices)} training images, {val}")
@@ -484,11 +485,14 @@ class Trainer:
             f"steps of {step_images} images (data.batch_size {cfg.data.batch_size} × train.grad_accum "
             f"{self.micro_batches})"
             + (f"; each epoch's last step has {tail}" if tail and not cfg.data.drop_last else "")
+            + (f"; data.drop_last leaves {tail} images of each epoch out" if tail and cfg.data.drop_last else "")
         )
         processes = self.dist_env.world_size
         self._log(
             f"device: {self.device} ({processes} process{'es' if processes > 1 else ''}, {cfg.engine.strategy}), "
-            f"precision {cfg.train.precision}, channels_last {'on' if cfg.train.channels_last else 'off'}"
+            f"precision {cfg.train.precision}"
+            + (" (autocast on CUDA only: fp32 here)" if cfg.train.precision == "bf16" and self.autocast is None else "")
+            + f", channels_last {'on' if cfg.train.channels_last else 'off'}"
             + (f"; {cuda_note}" if cuda_note else "")
         )
         self._log(self._compile_note)
