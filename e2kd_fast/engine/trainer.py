@@ -458,11 +458,9 @@ class Trainer:
 
     def _log_start(self, resume: str | Path | None, cuda_note: str | None) -> None:
         """The start-up summary: what is trained on what, how long, where and how."""
-        cfg, s = self.cfg, self.state
-        if resume is None:
+        cfg = self.cfg
+        if resume is None:  # a resume said where it starts when it loaded its checkpoint
             self._log(f"starting a new run in {self.run_dir}")
-        else:
-            self._log(f"resuming from {resume} at step {s.step} of {self.total_steps} (epoch {s.epoch + 1})")
         classes = getattr(self.train_set, "classes", None)  # class names of an image folder
         classes = list(classes) if isinstance(classes, list | tuple) else None
         val = "no validation set" if self.val_indices is None else f"{len(self.val_indices)} validation images"
@@ -861,6 +859,8 @@ class Trainer:
             "changes": {c.key: [c.saved, c.new] for c in changes},
             "forced": bool(breaking),
         }
+        s = self.state
+        self._log(f"resuming from {path} at step {s.step} of {self.total_steps} (epoch {s.epoch + 1})")
         for change in changes:
             self._log(f"resume: {change}" + ("" if change.harmless else " (forced: the run is no longer exact)"))
 
