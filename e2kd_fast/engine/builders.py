@@ -184,6 +184,8 @@ __all__ = [
     "build_student",
     "build_teacher",
     "check_model_settings",
+    "cuda_math_settings",
+    "resolve_compile",
     "resolve_device",
     "seeded_init",
 ]
