@@ -1,4 +1,5 @@
-"""The models and the device of a run, built from its config: student, teacher, device choice."""
+"""The models and the device of a run, built from its config: student, teacher, device choice, whether the
+step is compiled there (`train.compile`), and the CUDA math settings (`train.tf32`, `train.cudnn_benchmark`)."""
 
 from __future__ import annotations
 
