@@ -183,6 +183,7 @@ def _conv_launches(
 ) -> None:
     """What ``e2kd::bcos_conv2d``, ``e2kd::patch_norm`` and ``e2kd::scaled_conv_adjoint`` launch."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
+
     from e2kd_fast.ops._common import conv_output_size
 
     for c, h, w, o, k, s, p, g in geometries:
@@ -207,6 +208,7 @@ def _loss_launches(batches: Sequence[int], set_origin: Callable[[str], None]) ->
     """What ``e2kd::distill_loss`` (both kernels, with and without gradients) and ``e2kd::contribution_map`` launch."""
     from e2kd_fast.kernels.contribution_map import contribution_map
     from e2kd_fast.kernels.distill_loss import LOSS_KERNELS, distill_loss_triton
+
     from e2kd_fast.reference.losses import COSINE_EPS
 
     for n in batches:

@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over in a train.out_dir that holds an earlier run: its checkpoints, logs and summary are "
         "deleted first (without it, and without --resume, such a start is refused)",
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    train.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar; the log lines (one per epoch, compiles, evaluations, checkpoints) still go to "
+        "stderr and <out_dir>/train.log",
+    )
     train.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
     train.add_argument(
         "--dry-run",

@@ -117,13 +117,13 @@ def test_set_errors_are_blamed_on_the_override_not_the_file(config_file, capsys)
 def test_booleans_are_true_or_false_and_each_key_comes_once(config_file):
     # YAML 1.1 reads yes / no / on / off as booleans; here they are strings, refused by key.
     for spelling in ("yes", "on", "No"):
-        with pytest.raises(ValueError, match=rf"train\.compile: expected bool, got str '{spelling}'"):
+        with pytest.raises(ValueError, match=rf"train\.compile: expected bool or 'auto', got str '{spelling}'"):
             load_config(config_file, [f"train.compile={spelling}"])
     assert load_config(config_file, ["train.compile=True"]).train.compile is True
     text = config_file.read_text()
     yes = config_file.with_name("yes.yaml")
     yes.write_text(text.replace("compile: false", "compile: yes"))
-    with pytest.raises(ValueError, match=r"yes\.yaml: train\.compile: expected bool, got str 'yes'"):
+    with pytest.raises(ValueError, match=r"yes\.yaml: train\.compile: expected bool or 'auto', got str 'yes'"):
         load_config(yes)
     # A key given twice (the second would silently win) is an error at its line.
     twice = config_file.with_name("twice.yaml")

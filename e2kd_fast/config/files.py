@@ -167,6 +167,8 @@ def _parse_override_value(raw: str, tp: Any, override: str) -> Any:
         except ValueError:
             return value  # left for the section's own check to reject with the dotted key
     if isinstance(value, (bool, int, float)) and _accepts(tp, str) and not _accepts(tp, float):
+        if isinstance(value, bool) and _accepts(tp, bool):
+            return value  # ``bool | Literal["auto"]``: ``true`` is the switch
         return raw.strip()  # a string field given `2012` or `yes` means the text, not a number or bool
     return value
 

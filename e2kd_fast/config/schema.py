@@ -422,8 +422,14 @@ class TrainConfig(Section):
         keep_best: checkpoints kept by validation accuracy, besides the last one.
         eval_every_epochs: validate every N epochs.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        compile: compile the step's forward-to-loss part with `torch.compile(fullgraph=True)` (the
-            first steps then take the compile time; `false` runs eagerly).
+        compile: compile the step's forward-to-loss part with `torch.compile(fullgraph=True)`: ``true``,
+            ``false`` (eager) or ``"auto"`` (the default: compiled on CUDA, eager on a CPU, where compiling
+            takes minutes; the log says which). The first step of each graph takes its compile time.
+        tf32: on CUDA, let fp32 matrix products and convolutions use TensorFloat-32
+            (`torch.set_float32_matmul_precision("high")`, ``torch.backends.cudnn.allow_tf32``) while the
+            run trains; no effect on a CPU.
+        cudnn_benchmark: on CUDA, let cuDNN time its convolution algorithms for each input shape and keep
+            the fastest (``torch.backends.cudnn.benchmark``) while the run trains; no effect on a CPU.
         activation_checkpointing: recompute the student's stages (ResNet layers, DenseNet blocks, ViT
             encoder blocks) in the backward instead of keeping their activations: less memory, same result.
         log_every_steps: log training metrics every N optimiser steps.
@@ -447,7 +453,9 @@ class TrainConfig(Section):
     keep_best: int = 3
     eval_every_epochs: int = 1
     device: DeviceName = "auto"
-    compile: bool = True
+    compile: bool | Literal["auto"] = "auto"
+    tf32: bool = True
+    cudnn_benchmark: bool = True
     activation_checkpointing: bool = False
     log_every_steps: int = 50
     bn_group_size: int | None = None

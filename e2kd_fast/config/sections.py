@@ -2,8 +2,9 @@
 
 The library layer under the project's schema (`e2kd_fast.config.schema`) and the XDistillation config
 (`e2kd_fast.xdistill.config`). A section is a ``@dataclass(frozen=True)`` subclass of `Section` with
-plain-data fields (``bool``, ``int``, ``float``, ``str``, ``Literal[...]``, ``dict``, ``list[X]`` and
-``X | None``); it names its key in the config with ``_section`` and checks its values in ``_validate``::
+plain-data fields (``bool``, ``int``, ``float``, ``str``, ``Literal[...]``, ``dict``, ``list[X]``,
+``X | None`` and unions such as ``bool | Literal["auto"]``); it names its key in the config with
+``_section`` and checks its values in ``_validate``::
 
     @dataclass(frozen=True)
     class OptimConfig(Section):
@@ -44,7 +45,8 @@ def type_name(tp: Any) -> str:
     """How an annotation reads in an error message: ``float``, ``int or None``, ``one of 'a', 'b'``."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        values = typing.get_args(tp)
+        return repr(values[0]) if len(values) == 1 else "one of " + ", ".join(repr(a) for a in values)
     if origin in (Union, types.UnionType):
         return " or ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if tp is dict:
@@ -84,10 +86,17 @@ def _check_type(key: str, value: Any, tp: Any, expected: str | None = None) -> A
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (arm,) = (a for a in args if a is not type(None))  # sections only use ``X | None``
+        arms = [a for a in args if a is not type(None)]
         if value is None:
             raise ValueError(f"{key}: expected {expected}, got None")
-        return _check_type(key, value, arm, expected)
+        if len(arms) == 1:
+            return _check_type(key, value, arms[0], expected)
+        for arm in arms:  # ``bool | Literal["auto"]``: the first arm that takes the value
+            try:
+                return _check_type(key, value, arm, expected)
+            except ValueError:
+                continue
+        raise ValueError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if not isinstance(value, str) or value not in allowed:

@@ -1,4 +1,5 @@
-"""The models and the device of a run, built from its config: student, teacher, device choice."""
+"""The models and the device of a run, built from its config: student, teacher, device choice, whether the
+step is compiled there (`train.compile`), and the CUDA math settings (`train.tf32`, `train.cudnn_benchmark`)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,50 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{key} is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> tuple[bool, str]:
+    """``train.compile`` for ``device``: (compile or not, a log line that says why).
+
+    ``"auto"`` compiles on CUDA and runs eagerly elsewhere: on a CPU, compiling the step takes minutes
+    (Inductor's C++ build), more than a short run gains from it; ``true`` still compiles there.
+    """
+    if setting == "auto":
+        if device.type == "cuda":
+            return True, "train.compile auto: the step is compiled on cuda"
+        return False, (
+            f"train.compile auto: the step runs eagerly on {device.type} (compiling takes minutes there; "
+            "set train.compile: true to compile anyway)"
+        )
+    on = bool(setting)
+    return on, f"train.compile {str(on).lower()}: the step {'is compiled' if on else 'runs eagerly'} on {device.type}"
+
+
+@contextmanager
+def cuda_math_settings(device: torch.device, *, tf32: bool, cudnn_benchmark: bool) -> Iterator[str | None]:
+    """Applies ``train.tf32`` and ``train.cudnn_benchmark`` while the block runs, on CUDA only.
+
+    TF32: fp32 matrix products (`torch.set_float32_matmul_precision`) and cuDNN convolutions
+    (``torch.backends.cudnn.allow_tf32``) may round their inputs to TensorFloat-32; cudnn.benchmark:
+    cuDNN times its algorithms per input shape and keeps the fastest. Both are process-wide flags,
+    restored when the block ends, so that code run after training (tests, evaluation scripts) sees the
+    process's own settings. On any other device nothing changes.
+
+    Yields:
+        A log line saying what was set, or None on a device other than CUDA.
+    """
+    if device.type != "cuda":
+        yield None
+        return
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    try:
+        yield f"cuda: TF32 {'on' if tf32 else 'off'}, cudnn.benchmark {'on' if cudnn_benchmark else 'off'}"
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1], saved[2]
 
 
 def check_model_settings(cfg: Config) -> None:
@@ -166,6 +211,8 @@ __all__ = [
     "build_student",
     "build_teacher",
     "check_model_settings",
+    "cuda_math_settings",
+    "resolve_compile",
     "resolve_device",
     "seeded_init",
     "student_spec",

@@ -1,14 +1,85 @@
-"""Run logging: ``metrics.jsonl`` in the run folder (one JSON object per line) and TensorBoard."""
+"""Run logging: ``metrics.jsonl`` in the run folder (one JSON object per line) and TensorBoard, and the
+run's readable log: the package logger ``e2kd_fast`` to ``<run>/train.log`` and the console (`run_log`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# The package's logger; the trainer logs to its child "e2kd_fast.train".
+LOGGER_NAME = "e2kd_fast"
+_FILE_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+_CONSOLE_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+
+class ProgressBarHandler(logging.Handler):
+    """Writes each record to stderr through ``tqdm.write``, which clears an open progress bar and draws it
+    again below the line (and writes plainly when no bar is open)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never stop a run: report it the way logging does
+            self.handleError(record)
+
+
+@contextmanager
+def run_log(run_dir: str | Path, *, enabled: bool = True, console: bool | None = None) -> Iterator[logging.Logger]:
+    """While the block runs, the ``e2kd_fast`` logger's records go to ``<run>/train.log`` and the console.
+
+    ``train.log`` is appended to, so a resumed run continues it. The console handler writes through
+    tqdm (`ProgressBarHandler`), so lines and the progress bar do not break each other, with or
+    without a bar. The logger's level is INFO for the block unless the application set one.
+
+    Args:
+        run_dir: the run folder.
+        enabled: False (ranks other than 0): nothing is attached.
+        console: write to the console too; None: only when the application has configured no logging
+            of its own (no handler on the root or package logger; e.g. ``logging.basicConfig`` or
+            pytest's capture make the records go there instead, once).
+
+    Raises:
+        OSError: ``train.log`` cannot be opened (``filename`` is set).
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    if not enabled:
+        yield logger
+        return
+    if console is None:
+        console = not logging.getLogger().handlers and not logger.handlers
+    path = Path(run_dir) / "train.log"
+    try:
+        file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+    file_handler.setFormatter(_FILE_FORMAT)
+    handlers: list[logging.Handler] = [file_handler]
+    if console:
+        console_handler = ProgressBarHandler()
+        console_handler.setFormatter(_CONSOLE_FORMAT)
+        handlers.append(console_handler)
+    level = logger.level
+    if level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield logger
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(level)
 
 
 class MetricsLogger:

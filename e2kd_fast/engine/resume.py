@@ -24,6 +24,8 @@ HARMLESS: tuple[str, ...] = (
     "train.eval_every_epochs",
     "train.device",
     "train.compile",  # the same step, compiled or eager
+    "train.tf32",  # CUDA matmul / convolution precision: the same run to rounding, as a change of device
+    "train.cudnn_benchmark",  # cuDNN's choice of algorithm: the same run to rounding
     "train.channels_last",  # memory layout only
     "train.activation_checkpointing",  # recomputes activations instead of keeping them: same gradients
     "data.num_workers",

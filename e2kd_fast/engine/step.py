@@ -3,25 +3,33 @@
 With the explanation computed by the explicit sweep (`e2kd_fast.explain.sweep`; GradCAM in closed
 form), everything from the batch to the loss is ordinary first-order autograd. A live teacher's
 forward and sweep run under ``no_grad`` as their own graph (`teacher_outputs`): an inference graph,
-compiled without a joint forward-backward trace or partitioning, so the teacher's depth costs the
-step's compile the least it can. Its outputs enter the student's graph exactly as stored ("frozen")
-outputs do, so a live and a frozen teacher share the student's graph. Each is compiled with
-``fullgraph=True`` (no graph breaks), once for steps with the explanation term and once for steps
-without it, so ``guided_step_interval`` causes no recompiles; ``loss.backward()`` then runs the
-student graph's compiled backward.
+compiled without a joint forward-backward trace or partitioning. Its outputs enter the student's
+graph exactly as stored ("frozen") outputs do, so a live and a frozen teacher share the student's
+graph. Each is compiled with ``fullgraph=True`` (no graph breaks), once for steps with the
+explanation term and once for steps without it, so ``guided_step_interval`` causes no recompiles;
+``loss.backward()`` then runs the student graph's compiled backward.
+
+The compiled graphs see one batch size only, that of a full micro-batch. A batch of another size (the
+epoch's last, partial step with ``data.drop_last: false``; a batch that lost unreadable images) runs
+the same functions eagerly: the same loss, no new graph, where a recompile would cost minutes (and
+leave a dynamic-shape graph behind). A graph that compiles again all the same (a guard failed) is
+logged with Dynamo's reason.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from e2kd_fast.config import BASELINE_DEFAULTS
 from e2kd_fast.distill import TeacherOutputs, build_baseline, e2kd_objective, teacher_outputs
+from e2kd_fast.engine.builders import resolve_compile
 
 
 class TrainStep:
@@ -34,10 +42,13 @@ class TrainStep:
             the run's optimiser step) or ``"epoch"`` (``step % steps_per_epoch``: the step's index in its
             epoch, the official batch index; the trainer's epochs all have ``steps_per_epoch`` steps).
         compile: compile the forward-to-loss function with ``fullgraph=True``.
-        log: called with one line per compilation (what was compiled and how long it took).
+        log: called with one line per compilation (what was compiled and how long it took, and for a
+            recompile Dynamo's reason) and once per batch size that runs eagerly instead.
         objective: a feature baseline (`e2kd_fast.distill.baselines`) computed instead of e²KD / KD;
             its connectors are in `extra_parameters`.
         steps_per_epoch: optimiser steps per epoch, to give the baseline its epoch (warm-up, phases).
+        batch_size: the images of a full micro-batch, the one batch size the compiled graphs are built
+            and called for; a batch of any other size runs eagerly. None: the first batch's size.
     """
 
     def __init__(
@@ -57,6 +68,7 @@ class TrainStep:
         multilabel: bool = False,
         objective: nn.Module | None = None,
         steps_per_epoch: int = 1,
+        batch_size: int | None = None,
     ) -> None:
         self.student, self.teacher = student, teacher
         self.lam, self.guided_step_interval = lam, guided_step_interval
@@ -73,9 +85,12 @@ class TrainStep:
             "multilabel": multilabel,
         }
         self.compile, self.log = compile, log
-        self._fns: dict[tuple, Callable] = {}
+        # key → (the function as called for full batches: compiled or eager, the eager function)
+        self._fns: dict[tuple, tuple[Callable, Callable]] = {}
         self.compile_seconds: dict[str, float] = {}
         self.objective, self.steps_per_epoch = objective, max(int(steps_per_epoch), 1)
+        self.batch_size = batch_size
+        self._eager_sizes: set[int] = set()  # batch sizes that ran eagerly (each logged once)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the objective (baseline connectors) to optimise with the student."""
@@ -87,22 +102,15 @@ class TrainStep:
             raise ValueError(f"baseline {self.objective.method!r} needs a live teacher (teacher.mode 'live')")
         phase, ramp = self.objective.schedule(step // self.steps_per_epoch)
         key = ("feature", phase)
-        fn = self._fns.get(key)
-        if fn is None:
+        if key not in self._fns:
             objective, student, teacher = self.objective, self.student, self.teacher
 
             def forward_to_loss(images: Tensor, labels: Tensor | None, ramp: Tensor):
                 return objective(student, teacher, images, labels, ramp, phase)
 
-            fn = self._fns[key] = torch.compile(forward_to_loss, fullgraph=True) if self.compile else forward_to_loss
-            started = time.perf_counter()
-            out = fn(images, labels, torch.tensor(ramp, device=images.device))
-            if self.compile:
-                name = f"{self.objective.method} step ({phase})"
-                self.compile_seconds[name] = time.perf_counter() - started
-                self.log(f"compiled the {name} forward-to-loss graph in {self.compile_seconds[name]:.1f} s")
-            return out
-        return fn(images, labels, torch.tensor(ramp, device=images.device))
+            self._fns[key] = (self._compiled(forward_to_loss), forward_to_loss)
+        name = f"{self.objective.method} step ({phase})"
+        return self._run(key, name, images, labels, torch.tensor(ramp, device=images.device))
 
     def explains_at(self, step: int) -> bool:
         """Whether the run's optimiser step ``step`` has the explanation term (``guided_step_interval``)."""
@@ -115,30 +123,57 @@ class TrainStep:
         if self.objective is not None:
             return self._feature_call(images, labels, step, frozen)
         explain = self.explains_at(step)
+        kind = "e2kd" if explain else "kd"
         if frozen is None:
             if self.teacher is None:
                 raise ValueError("the step needs a teacher model or its frozen outputs")
-            frozen = self._compiled(("teacher", explain), partial(self._teacher_graph, explain), images)
-        return self._compiled(("student", explain), partial(self._student_graph, explain), images, labels, frozen)
+            key = ("teacher", explain)
+            if key not in self._fns:
+                eager = self._teacher_graph(explain)
+                self._fns[key] = (self._compiled(eager), eager)
+            frozen = self._run(key, f"teacher {kind}", images)
+        key = ("student", explain)
+        if key not in self._fns:
+            eager = self._student_graph(explain)
+            self._fns[key] = (self._compiled(eager), eager)
+        return self._run(key, f"student {kind}", images, labels, frozen)
 
-    def _compiled(self, key: tuple[str, bool], build: Callable[[], Callable], *args):
-        """Calls the graph ``key`` (built on first use); the first call's time is logged as its compile."""
-        fn = self._fns.get(key)
-        if fn is not None:
-            return fn(*args)
-        fn = self._fns[key] = build()
+    def _compiled(self, fn: Callable) -> Callable:
+        return torch.compile(fn, fullgraph=True) if self.compile else fn
+
+    def _run(self, key: tuple, name: str, images: Tensor, *args: Any) -> dict[str, Tensor]:
+        """Calls the graph of ``key``: compiled for full batches, eager for a batch of any other size."""
+        fn, eager = self._fns[key]
+        if not self.compile:
+            return fn(images, *args)
+        size = int(images.shape[0])
+        if self.batch_size is None:
+            self.batch_size = size
+        if size != self.batch_size:
+            if size not in self._eager_sizes:
+                self._eager_sizes.add(size)
+                self.log(
+                    f"a batch of {size} images (not {self.batch_size}) runs eagerly, now and whenever that size "
+                    "comes again: the compiled graphs keep their static batch size"
+                )
+            return eager(images, *args)
+        first = name not in self.compile_seconds
+        watch = CompileWatch()
         started = time.perf_counter()
-        out = fn(*args)
-        if self.compile:
-            part, explain = key
-            name = f"{part} {'e2kd' if explain else 'kd'}"
-            self.compile_seconds[name] = time.perf_counter() - started
-            backward = " (its backward compiles during the first backward)" if part == "student" else ""
-            self.log(f"compiled the {name} graph in {self.compile_seconds[name]:.1f} s{backward}")
+        out = fn(images, *args)
+        seconds = time.perf_counter() - started
+        if first:
+            self.compile_seconds[name] = seconds
+            backward = "" if name.startswith("teacher") else " (its backward compiles during the first backward)"
+            self.log(f"compiled the {name} graph in {seconds:.1f} s{backward}")
+        else:
+            for record in watch.new():
+                reason = getattr(record, "recompile_reason", None) or "no reason given"
+                self.log(f"recompiled the {name} graph in {seconds:.1f} s: {reason}")
         return out
 
     def _teacher_graph(self, explain: bool) -> Callable:
-        """The live teacher's inference graph: logits and, with ``explain``, its top-1 explanation."""
+        """The live teacher's inference: logits and, with ``explain``, its top-1 explanation."""
         outputs = partial(
             teacher_outputs,
             explanation=self.common["explanation"],
@@ -149,7 +184,7 @@ class TrainStep:
         def teacher_forward(images: Tensor) -> TeacherOutputs:
             return outputs(self.teacher, images)
 
-        return torch.compile(teacher_forward, fullgraph=True) if self.compile else teacher_forward
+        return teacher_forward
 
     def _student_graph(self, explain: bool) -> Callable:
         """The student's forward to the loss given the teacher's outputs (live or stored)."""
@@ -158,13 +193,64 @@ class TrainStep:
         def forward_to_loss(images: Tensor, labels: Tensor | None, outputs: TeacherOutputs):
             return objective(self.student, None, images, labels=labels, frozen=outputs)
 
-        return torch.compile(forward_to_loss, fullgraph=True) if self.compile else forward_to_loss
+        return forward_to_loss
+
+
+class CompileWatch:
+    """The graphs `torch.compile` built in this process since the watch was made (or last asked).
+
+    Reads Dynamo's compilation records (`torch._dynamo.utils.get_compilation_metrics`: one per frame
+    compiled, with ``recompile_reason`` for a recompile). Where they are not available (another torch),
+    it sees nothing.
+    """
+
+    def __init__(self) -> None:
+        records = _compilation_records()
+        self._last = records[-1] if records else None
+
+    def new(self) -> list[Any]:
+        """The records added since the last look, oldest first."""
+        records = _compilation_records()
+        start = 0
+        for i in range(len(records) - 1, -1, -1):
+            if records[i] is self._last:
+                start = i + 1
+                break
+        if records:
+            self._last = records[-1]
+        return records[start:]
+
+
+def _compilation_records() -> list[Any]:
+    if "torch._dynamo" not in sys.modules:  # nothing compiled yet: no need to import the compiler
+        return []
+    try:
+        from torch._dynamo.utils import get_compilation_metrics
+    except ImportError:
+        return []
+    return get_compilation_metrics()
 
 
 def make_train_step(
-    student: nn.Module, teacher: nn.Module | None, cfg, *, log=print, steps_per_epoch: int = 1
+    student: nn.Module,
+    teacher: nn.Module | None,
+    cfg,
+    *,
+    log=print,
+    steps_per_epoch: int = 1,
+    compile: bool | None = None,
+    batch_size: int | None = None,
 ) -> TrainStep:
-    """The `TrainStep` a `Config` describes (``train.compile`` chooses compiled or eager)."""
+    """The `TrainStep` a `Config` describes.
+
+    Args:
+        compile: compiled or eager; None: ``train.compile`` resolved for the student's device
+            (`e2kd_fast.engine.builders.resolve_compile`: ``"auto"`` compiles on CUDA only).
+        batch_size: as `TrainStep`: the images of a full micro-batch on this process.
+    """
+    if compile is None:
+        device = next((p.device for p in student.parameters()), torch.device("cpu"))
+        compile = resolve_compile(cfg.train.compile, device)[0]
     d = cfg.distill
     objective = None
     if d.method in BASELINE_DEFAULTS:
@@ -181,9 +267,10 @@ def make_train_step(
         logit_coef=d.logit_coef,
         guided_step_interval=d.guided_step_interval,
         guided_step_counter=d.guided_step_counter,
-        compile=cfg.train.compile,
+        compile=compile,
         log=log,
         multilabel=d.multilabel,
         objective=objective,
         steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
     )

@@ -2,6 +2,8 @@
 
 What a run writes into ``train.out_dir``:
     config.yaml          the resolved configuration of the run's start (a resume keeps it)
+    train.log            the readable log (also on the console): start-up summary, one line per epoch,
+                         compiles, evaluations, checkpoints, skipped images; a resume appends to it
     metrics.jsonl        one JSON record per log line ("train"), per evaluation ("eval") and per resume
                          ("resume": the config changes it accepted)
     tb/                  the same scalars for TensorBoard
@@ -23,10 +25,12 @@ what survives a kill, a signal, a full disk and a changed config.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,25 +50,31 @@ from e2kd_fast.engine.builders import (
     apply_batch_norm_groups,
     build_student,
     build_teacher,
+    cuda_math_settings,
+    resolve_compile,
     resolve_device,
     seeded_init,
     student_spec,
 )
 from e2kd_fast.engine.distributed import make_strategy
 from e2kd_fast.engine.evaluate import ValidationLoss, evaluate, topk_hits
-from e2kd_fast.engine.logging import MetricsLogger, NullMetricsLogger
+from e2kd_fast.engine.logging import LOGGER_NAME, MetricsLogger, NullMetricsLogger, run_log
 from e2kd_fast.engine.optim import build_optimizer, set_learning_rate, warmup_cosine_factor
 from e2kd_fast.engine.process_group import setup_distributed
+from e2kd_fast.engine.progress import ThroughputWindow, format_duration
 from e2kd_fast.engine.resume import config_changes, describe
 from e2kd_fast.engine.run_folder import RunFolderError, check_fresh_start, clear_run_files, with_run_dir
 from e2kd_fast.engine.signals import StopSignals
-from e2kd_fast.engine.step import make_train_step
+from e2kd_fast.engine.step import CompileWatch, make_train_step
 from e2kd_fast.engine.strategy import NonFiniteGradientError, StateDictView
 from e2kd_fast.models import CheckpointWriteError, load_checkpoint, read_checkpoint, save_checkpoint
 
 # The loss terms logged per step (means over the images the step used on all ranks), when the objective
 # returns them.
 _LOGGED = ("loss", "kd", "exp", "feat", "gt", "agreement")
+
+# The run's readable log (`e2kd_fast.engine.logging.run_log` sends it to train.log and the console).
+_LOG = logging.getLogger(f"{LOGGER_NAME}.train")
 
 
 class TrainingError(RuntimeError):
@@ -114,7 +124,8 @@ class Trainer:
         train_indices: the subset of ``train_set`` to train on (few-shot, held-out split); default all.
         val_indices: likewise for ``val_set``.
         student, teacher: prebuilt models (default: built from ``cfg``).
-        show_progress: show a progress bar with img/s and ETA.
+        show_progress: show a progress bar with the loss, img/s and the run's ETA. The log lines
+            (`e2kd_fast.engine.logging.run_log`) go to ``train.log`` and the console either way.
     """
 
     def __init__(
@@ -169,7 +180,12 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.show_progress = show_progress and self.dist_env.is_main  # rank 0 reports for all
         self.state = TrainState()
-        self._clock = (time.perf_counter(), 0)  # (time, step) that throughput and ETA are measured from
+        # Throughput of recent training steps (compiling steps, evaluations and checkpoints left out) and
+        # the durations of the latest evaluation and epoch-end checkpoint: the run's ETA (engine.progress).
+        self._throughput = ThroughputWindow()
+        self._eval_seconds = self._epoch_save_seconds = 0.0
+        self._epoch_loss = [0.0, 0.0, 0]  # this epoch (since the start or resume): Σ loss·images, images, steps
+        self._compile_watch: CompileWatch | None = None  # graphs compiled during a step (fit sets it)
         self._last_micro = True  # whether the micro-batch in flight ends the optimiser step
         self._last_saved: tuple[Path, int] | None = None  # (checkpoint, step) this run can go on from
         self._saved_at = time.monotonic()  # when last.pt was last written (checkpoint_every_minutes)
@@ -177,11 +193,20 @@ class Trainer:
         self._stop = StopSignals()  # SIGTERM / SIGINT while fit runs
         self._resume_record: dict | None = None  # what a resume accepted, for metrics.jsonl
         self.mixing = _batch_mixing(cfg, self._num_classes())
-        # The forward-to-loss part of the step; compiled whole when train.compile is set. A baseline's
-        # connectors are initialised here, from train.seed as the models are.
+        # train.compile (auto: on CUDA only) and why, for the start-up summary.
+        self.compile, self._compile_note = resolve_compile(cfg.train.compile, self.device)
+        # The forward-to-loss part of the step; compiled whole when train.compile says so, for full
+        # micro-batches only (others run eagerly: no recompile). A baseline's connectors are initialised
+        # here, from train.seed as the models are.
         with seeded_init(cfg.train.seed, INIT_OBJECTIVE):
             self.step_fn = make_train_step(
-                self.student, self.teacher, cfg, log=self._log, steps_per_epoch=self.steps_per_epoch
+                self.student,
+                self.teacher,
+                cfg,
+                log=self._log,
+                steps_per_epoch=self.steps_per_epoch,
+                compile=self.compile,
+                batch_size=self.micro_batch_images,
             )
         if self.step_fn.extra_parameters():  # feature baselines: connectors train with the student
             self.optimizer.add_param_group({"params": self.step_fn.extra_parameters()})
@@ -198,8 +223,9 @@ class Trainer:
         )
 
     def _log(self, line: str) -> None:
-        if self.show_progress:
-            tqdm.write(f"[train] {line}")
+        """One line of the run's log (rank 0 only): ``train.log`` and the console while `fit` runs."""
+        if self.dist_env.is_main:
+            _LOG.info(line)
 
     # ------------------------------------------------------------------ public
 
@@ -227,8 +253,13 @@ class Trainer:
         self._started, self._saved_at, self._stop = time.perf_counter(), time.monotonic(), StopSignals()
         logger: MetricsLogger | NullMetricsLogger = NullMetricsLogger()
         training = False  # from here on a failure is recorded in summary.json
+        context = ExitStack()  # train.log and the console; TF32 and cudnn.benchmark on CUDA
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            context.enter_context(run_log(self.run_dir, enabled=self.strategy.is_main))
+            cuda_note = context.enter_context(
+                cuda_math_settings(self.device, tf32=cfg.train.tf32, cudnn_benchmark=cfg.train.cudnn_benchmark)
+            )
             if self.strategy.is_main:
                 self._remove_stale_temporaries()
             if resume == "auto":
@@ -238,6 +269,7 @@ class Trainer:
                 self._start_afresh(overwrite)
             if resume is not None:
                 self._load_state(Path(resume), force=resume_force)
+            self._log_start(resume, cuda_note)
             config_yaml = self.run_dir / "config.yaml"
             if self.strategy.is_main and (resume is None or not config_yaml.is_file()):
                 save_config(cfg, config_yaml)
@@ -250,32 +282,48 @@ class Trainer:
                 logger.keep_only(self._recorded_before_resume)
                 logger.log("resume", self.state.step, **(self._resume_record or {}))
             self._wall_base = self.state.wall_seconds
-            steps_at_start = self.state.step
+            self._epoch_loss = [0.0, 0.0, 0]
+            self._compile_watch = CompileWatch() if self.compile else None
             training = True
             with self._stop:
                 while self.state.epoch < cfg.train.epochs:
-                    self._train_epoch(logger, self._started, steps_at_start)
+                    resumed_mid_epoch = self.state.step_in_epoch > 0
+                    self._train_epoch(logger)
                     epoch_done = self.state.epoch + 1
-                    if self.val_set is not None and epoch_done % cfg.train.eval_every_epochs == 0:
+                    evaluated = self.val_set is not None and epoch_done % cfg.train.eval_every_epochs == 0
+                    if evaluated:
+                        started = time.perf_counter()
                         # Rank 0 evaluates the whole validation set; the others wait and receive its metrics.
                         metrics = self.strategy.broadcast(self.evaluate() if self.strategy.is_main else None)
                         self.state.last_eval = _plain_values(metrics)  # saved in checkpoints: plain values only
                         logger.log("eval", self.state.step, epoch=epoch_done, **self.state.last_eval)
+                        self._eval_seconds = time.perf_counter() - started
+                        self._log(self._eval_line(epoch_done, self.state.last_eval))
                     self.state.epoch, self.state.step_in_epoch = epoch_done, 0
+                    started = time.perf_counter()
                     self._save_epoch(self.state.last_eval)
+                    self._epoch_save_seconds = time.perf_counter() - started
+                    shown = self.state.last_eval if evaluated else {}
+                    self._log(self._epoch_line(epoch_done, shown, resumed_mid_epoch))
+                    self._epoch_loss = [0.0, 0.0, 0]
                     if self.state.epoch < cfg.train.epochs and self.strategy.any_rank(self._stop.requested)[0]:
                         raise self._interrupted()  # last.pt holds the finished epoch
+            wall = self._wall_base + time.perf_counter() - self._started
+            self._log(f"finished: {self.state.step} steps, {self.state.epoch} epochs in {format_duration(wall)}")
         except TrainingError as err:
             if training:
                 self._record_failure(err, "interrupted" if isinstance(err, TrainingInterrupted) else "failed")
+            self._log(f"{'stopped' if isinstance(err, TrainingInterrupted) else 'failed'}: {err}")
             raise
-        except OSError as err:  # metrics.jsonl, config.yaml: name the file and the cause
+        except OSError as err:  # metrics.jsonl, config.yaml, train.log: name the file and the cause
             error = TrainingError(self._io_failure(err))
             if training:
                 self._record_failure(error, "failed")
+            self._log(f"failed: {error}")
             raise error from err
         finally:
             logger.close()
+            context.close()
         summary = self._summary("finished")
         if self.strategy.is_main:
             try:
@@ -321,7 +369,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def _train_epoch(self, logger: MetricsLogger, started: float, steps_at_start: int) -> None:
+    def _train_epoch(self, logger: MetricsLogger) -> None:
         cfg, state = self.cfg, self.state
         batch_size = cfg.data.batch_size
         start = state.step_in_epoch * self.micro_batches * batch_size
@@ -340,8 +388,11 @@ class Trainer:
             disable=not self.show_progress,
             dynamic_ncols=True,
             mininterval=1.0,
+            # No rate or remaining time of tqdm's own: they would count compiles and evaluations.
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
         )
         while state.step_in_epoch < self.steps_per_epoch:
+            step_started = time.perf_counter()  # the step's time: its batches, forward, backward and update
             torch.manual_seed(mix_seed(cfg.train.seed, 7, state.step))  # dropout, drop-path, mixup
             lr = self._set_lr()
             totals: dict[str, float] = {}  # Σ value · weight / micro_batches over this rank's micro-batches
@@ -369,19 +420,30 @@ class Trainer:
                 for key, value in zip(keys, values, strict=True):
                     totals[key] = totals.get(key, 0.0) + value * weight / self.micro_batches
             # the optimiser step, the logged means, and the hits summed over ranks in the same all-reduce
+            skipped_before = state.skipped_images
             totals, used, step_hits = self._finish_step(totals, images, skipped, hits)
             state.train_hits = [a + b for a, b in zip(state.train_hits, [used, *step_hits], strict=True)]
             state.step += 1
             state.step_in_epoch += 1
+            self._measure_step(time.perf_counter() - step_started, used)
+            if state.skipped_images > skipped_before:
+                self._log(
+                    f"step {state.step}: {state.skipped_images - skipped_before} unreadable image(s) left out "
+                    f"({state.skipped_images} in the run so far)"
+                )
+            if "loss" in totals:
+                self._epoch_loss = [
+                    self._epoch_loss[0] + totals["loss"] * used,
+                    self._epoch_loss[1] + used,
+                    self._epoch_loss[2] + 1,
+                ]
+            rate = self._throughput.images_per_second
             bar.update(1)
-            if state.step == steps_at_start + 1:  # measure from here: the first step includes compiling
-                self._clock = (time.perf_counter(), state.step)
-            elapsed = time.perf_counter() - self._clock[0]
-            done = state.step - self._clock[1]
-            rate = done * cfg.data.batch_size * self.micro_batches / elapsed if done else float("nan")
-            eta = (self.total_steps - state.step) * elapsed / done if done else float("nan")
-            bar.set_postfix(loss=f"{totals.get('loss', float('nan')):.4f}", img_s=f"{rate:.0f}", eta=_hms(eta))
-            rate = None if math.isnan(rate) else round(rate, 1)
+            bar.set_postfix_str(
+                f"loss {totals.get('loss', float('nan')):.4f}, {_rate(rate)} img/s, "
+                f"ETA {format_duration(self._eta(epoch_ends_left=cfg.train.epochs - state.epoch))}",
+                refresh=False,
+            )
             epoch_end = state.step_in_epoch == self.steps_per_epoch
             if state.step % cfg.train.log_every_steps == 0 or epoch_end:
                 accuracy = self._epoch_accuracy() if epoch_end else {}
@@ -394,7 +456,7 @@ class Trainer:
                     state.step,
                     epoch=state.epoch + 1,
                     lr=lr,
-                    img_s=rate,
+                    img_s=None if rate is None else round(rate, 1),
                     images=used,
                     **totals,
                     **accuracy,
@@ -402,6 +464,100 @@ class Trainer:
                 )
             self._checkpoint_if_due()
         bar.close()
+
+    def _measure_step(self, seconds: float, images: int) -> None:
+        """Adds a finished step to the throughput window, unless it compiled a graph (then it is logged)."""
+        compiled = self._compile_watch.new() if self._compile_watch is not None else []
+        if not compiled:
+            self._throughput.add(seconds, images)
+            return
+        self._log(
+            f"step {self.state.step} compiled {len(compiled)} graph(s) and took {seconds:.1f} s "
+            "(left out of img/s and the ETA)"
+        )
+
+    def _eta(self, epoch_ends_left: int) -> float | None:
+        """Seconds until the run ends: the remaining steps at the windowed time per step, plus the remaining
+        evaluations and epoch-end checkpoints at the durations of the last ones (`engine.progress`)."""
+        train, done = self.cfg.train, self.cfg.train.epochs - epoch_ends_left  # epochs finished
+        evals_left = 0
+        if self.val_set is not None:
+            evals_left = train.epochs // train.eval_every_epochs - done // train.eval_every_epochs
+        other = evals_left * self._eval_seconds + epoch_ends_left * self._epoch_save_seconds
+        return self._throughput.eta(self.total_steps - self.state.step, other)
+
+    def _log_start(self, resume: str | Path | None, cuda_note: str | None) -> None:
+        """The start-up summary: what is trained on what, how long, where and how."""
+        cfg = self.cfg
+        if resume is None:  # a resume said where it starts when it loaded its checkpoint
+            self._log(f"starting a new run in {self.run_dir}")
+        classes = getattr(self.train_set, "classes", None)  # class names of an image folder
+        classes = list(classes) if isinstance(classes, list | tuple) else None
+        val = "no validation set" if self.val_indices is None else f"{len(self.val_indices)} validation images"
+        names = f" ({', '.join(map(str, classes[:8]))}{', ...' if len(classes) > 8 else ''})" if classes else ""
+        self._log(f"data: {self._num_classes()} classes{names}, {len(self.train_indices)} training images, {val}")
+        teacher = "none"
+        if cfg.teacher.mode == "frozen" and cfg.distill.method != "none":
+            teacher = f"{cfg.teacher.name}, frozen (outputs read from {cfg.teacher.store})"
+        elif self.teacher is not None:
+            name = cfg.teacher.name or type(self.teacher).__name__
+            teacher = f"{name} ({_parameters(self.teacher)} parameters, live)"
+        self._log(
+            f"models: student {cfg.student.name} ({_parameters(self.student)} parameters), teacher {teacher}; "
+            f"method {cfg.distill.method}"
+        )
+        step_images = cfg.data.batch_size * self.micro_batches
+        tail = len(self.train_indices) % step_images
+        self._log(
+            f"schedule: {cfg.train.epochs} epochs × {self.steps_per_epoch} steps = {self.total_steps} optimiser "
+            f"steps of {step_images} images (data.batch_size {cfg.data.batch_size} × train.grad_accum "
+            f"{self.micro_batches})"
+            + (f"; each epoch's last step has {tail}" if tail and not cfg.data.drop_last else "")
+            + (f"; data.drop_last leaves {tail} images of each epoch out" if tail and cfg.data.drop_last else "")
+        )
+        processes = self.dist_env.world_size
+        self._log(
+            f"device: {self.device} ({processes} process{'es' if processes > 1 else ''}, {cfg.engine.strategy}), "
+            f"precision {cfg.train.precision}"
+            + (" (autocast on CUDA only: fp32 here)" if cfg.train.precision == "bf16" and self.autocast is None else "")
+            + f", channels_last {'on' if cfg.train.channels_last else 'off'}"
+            + (f"; {cuda_note}" if cuda_note else "")
+        )
+        self._log(self._compile_note)
+        self._log(f"out_dir: {self.run_dir.resolve()}")
+
+    def _eval_line(self, epoch: int, metrics: dict) -> str:
+        images = metrics.get("images")
+        skipped = int(metrics.get("skipped", 0) or 0)
+        return (
+            f"evaluated after epoch {epoch}: {images if images is not None else '?'} validation images"
+            + (f" ({skipped} unreadable left out)" if skipped else "")
+            + f" in {self._eval_seconds:.1f} s"
+        )
+
+    def _epoch_line(self, epoch: int, metrics: dict, resumed_mid_epoch: bool) -> str:
+        """One line per epoch: where the run is, the epoch's loss, throughput, time, and its evaluation."""
+        total, images, steps = self._epoch_loss
+        loss = "loss ?" if not images else f"loss {total / images:.4f}"
+        if resumed_mid_epoch and images:
+            loss += f" (its last {steps} steps, since the resume)"
+        wall = self._wall_base + time.perf_counter() - self._started
+        line = (
+            f"epoch {epoch}/{self.cfg.train.epochs} step {self.state.step}/{self.total_steps}: {loss}, "
+            f"{_rate(self._throughput.images_per_second)} img/s, elapsed {format_duration(wall)}, "
+            f"ETA {format_duration(self._eta(epoch_ends_left=self.cfg.train.epochs - epoch))}"
+        )
+        accuracy = self._epoch_accuracy()
+        if accuracy:
+            line += f", train top1 {accuracy['epoch_top1']:.4f}"
+        shown = [
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in metrics.items()
+            if k not in ("images", "skipped") and isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        if shown:
+            line += "; eval " + ", ".join(shown)
+        return line
 
     def _checkpoint_if_due(self) -> None:
         """After a step: ``last.pt`` every ``checkpoint_every_steps`` or ``checkpoint_every_minutes``, and on
@@ -589,8 +745,8 @@ class Trainer:
             TrainingError: the state holds inf or NaN (nothing is written: a checkpoint must be a point
                 the run can go on from), or a file could not be written (named, with the cause).
         """
-        s = self.state
-        s.wall_seconds = self._wall_base + time.perf_counter() - self._started
+        s, started = self.state, time.perf_counter()
+        s.wall_seconds = self._wall_base + started - self._started
         # Whole weights and optimiser state on every strategy (DeepSpeed gathers its partitions: collective).
         model_state, optimizer_state = self.strategy.model_state(), self.strategy.optimizer_state()
         extra = {} if self.step_fn.objective is None else {"distill_objective": self.step_fn.objective.state_dict()}
@@ -625,6 +781,8 @@ class Trainer:
                 except CheckpointWriteError as err:
                     raise TrainingError(f"{err} (at step {s.step}); {self._checkpoint_note()}") from None
         self.strategy.barrier()  # no rank goes on (or reads the files) before they are complete
+        names = ", ".join(_relative_to(path, self.run_dir) for path in paths)
+        self._log(f"saved {names} at step {s.step} in {time.perf_counter() - started:.1f} s")
         last = self.ckpt_dir / "last.pt"
         if last in paths:
             self._last_saved, self._saved_at = (last, s.step), time.monotonic()
@@ -732,6 +890,8 @@ class Trainer:
             "changes": {c.key: [c.saved, c.new] for c in changes},
             "forced": bool(breaking),
         }
+        s = self.state
+        self._log(f"resuming from {path} at step {s.step} of {self.total_steps} (epoch {s.epoch + 1})")
         for change in changes:
             self._log(f"resume: {change}" + ("" if change.harmless else " (forced: the run is no longer exact)"))
 
@@ -832,6 +992,14 @@ def _batch_mixing(cfg: Config, num_classes: int) -> Callable | None:
     return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
 
 
+def _relative_to(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` when it lies inside it, else as it is."""
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _run_relative(entry: str) -> str:
     """A kept-best entry as a path relative to the run folder.
 
@@ -880,8 +1048,11 @@ def _all_finite(states: list) -> bool:
     return all(bool(c) for c in checks)
 
 
-def _hms(seconds: float) -> str:
-    if math.isnan(seconds):
-        return "?"
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def _rate(images_per_second: float | None) -> str:
+    """Throughput as the log shows it: ``?`` before a step was measured."""
+    return "?" if images_per_second is None else f"{images_per_second:.1f}"
+
+
+def _parameters(model: nn.Module) -> str:
+    """``11,689,512``: the model's parameter count."""
+    return f"{sum(p.numel() for p in model.parameters()):,}"
