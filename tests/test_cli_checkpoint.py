@@ -103,7 +103,7 @@ def test_old_checkpoints_without_a_spec_still_work_with_flags(image, tmp_path, c
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert "does not say its image size: using 224" in capsys.readouterr().err  # said, not silent
     assert main([*args, "--image-size", "24", "--out", str(tmp_path / "c")]) == 0
-    (picture,) = (tmp_path / "c").glob("*.png")
+    (picture,) = (tmp_path / "c").glob("*_class*.png")  # beside explanations.png, the labelled grid
     assert Image.open(picture).size == (48, 24)
 
 

@@ -4,6 +4,7 @@ and the compiled step's static batch size."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from e2kd_fast.config import config_from_dict
 from e2kd_fast.engine import Trainer, read_metrics
-from e2kd_fast.engine.builders import cuda_math_settings, resolve_compile
+from e2kd_fast.engine.builders import compile_cache_dir, cuda_math_settings, resolve_compile
 from e2kd_fast.engine.logging import LOGGER_NAME, run_log
 from e2kd_fast.engine.progress import ThroughputWindow, format_duration
 from e2kd_fast.engine.resume import config_changes
@@ -189,6 +190,15 @@ def test_train_compile_auto_compiles_on_cuda_only_and_says_so(tmp_path):
     assert all(c.harmless for c in config_changes(saved, new))
 
 
+def test_the_compile_cache_outlives_the_temporary_folder_unless_one_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == tmp_path / "xdg" / "e2kd-fast" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "e2kd-fast" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"
+
+
 def test_tf32_and_cudnn_benchmark_apply_on_cuda_only_and_are_restored():
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     with cuda_math_settings(torch.device("cpu"), tf32=True, cudnn_benchmark=True) as note:
@@ -238,7 +248,7 @@ def test_compiled_graphs_see_only_full_batches_and_short_ones_run_eagerly(tmp_pa
     assert seen and set(seen) == {8}  # the compiled graph saw full batches only
     images = [r["images"] for r in runs["compiled"]]
     assert sorted(images) == [3, 7, 8, 8, 8]
-    assert len(seen) == images.count(8)
+    assert len(seen) == 2 * images.count(8)  # per full step the live teacher's graph and the student's
     assert [r["loss"] for r in runs["compiled"]] == [r["loss"] for r in runs["eager"]]
     text = (tmp_path / "compiled" / "run" / "train.log").read_text()
     for size in (7, 3):

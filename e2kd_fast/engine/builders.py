@@ -4,8 +4,10 @@ step is compiled there (`train.compile`), and the CUDA math settings (`train.tf3
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -63,6 +65,22 @@ def resolve_compile(setting: bool | str, device: torch.device) -> tuple[bool, st
         )
     on = bool(setting)
     return on, f"train.compile {str(on).lower()}: the step {'is compiled' if on else 'runs eagerly'} on {device.type}"
+
+
+def compile_cache_dir() -> Path:
+    """The folder Inductor keeps compiled graphs and kernels in across runs; set here if unset.
+
+    ``TORCHINDUCTOR_CACHE_DIR`` when set; otherwise ``$XDG_CACHE_HOME/e2kd-fast/inductor`` (default
+    ``~/.cache/...``), exported for this process before anything compiles. Inductor's own default is
+    under the temporary folder, which cluster nodes clear between jobs: a second run of the same step
+    then compiles it all again (minutes) where it could load it (seconds).
+    """
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "e2kd-fast", "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return Path(path)
 
 
 @contextmanager

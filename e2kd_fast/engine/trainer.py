@@ -50,6 +50,7 @@ from e2kd_fast.engine.builders import (
     apply_batch_norm_groups,
     build_student,
     build_teacher,
+    compile_cache_dir,
     cuda_math_settings,
     resolve_compile,
     resolve_device,
@@ -195,6 +196,8 @@ class Trainer:
         self.mixing = _batch_mixing(cfg, self._num_classes())
         # train.compile (auto: on CUDA only) and why, for the start-up summary.
         self.compile, self._compile_note = resolve_compile(cfg.train.compile, self.device)
+        if self.compile:  # before anything compiles: later runs load the step instead of compiling it
+            self._compile_note += f"; compile cache {compile_cache_dir()}"
         # The forward-to-loss part of the step; compiled whole when train.compile says so, for full
         # micro-batches only (others run eagerly: no recompile). A baseline's connectors are initialised
         # here, from train.seed as the models are.
@@ -256,17 +259,19 @@ class Trainer:
         context = ExitStack()  # train.log and the console; TF32 and cudnn.benchmark on CUDA
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume == "auto":
+                resume = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").is_file() else None
+                overwrite = overwrite or resume is None  # nothing to go on from: the folder's files start over
+            # Before train.log is opened: an earlier run's log is one of the files that decide.
+            cleared = self._start_afresh(overwrite) if resume is None else []
             context.enter_context(run_log(self.run_dir, enabled=self.strategy.is_main))
+            if cleared:
+                self._log(f"starting over in {self.run_dir}: removed {', '.join(p.name for p in cleared)}")
             cuda_note = context.enter_context(
                 cuda_math_settings(self.device, tf32=cfg.train.tf32, cudnn_benchmark=cfg.train.cudnn_benchmark)
             )
             if self.strategy.is_main:
                 self._remove_stale_temporaries()
-            if resume == "auto":
-                resume = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").is_file() else None
-                overwrite = overwrite or resume is None  # nothing to go on from: the folder's files start over
-            if resume is None:
-                self._start_afresh(overwrite)
             if resume is not None:
                 self._load_state(Path(resume), force=resume_force)
             self._log_start(resume, cuda_note)
@@ -332,8 +337,9 @@ class Trainer:
                 raise TrainingError(self._io_failure(err)) from err
         return summary
 
-    def _start_afresh(self, overwrite: bool) -> None:
-        """A new run in ``run_dir``: refused if an earlier run's files are there, unless ``overwrite`` deletes them."""
+    def _start_afresh(self, overwrite: bool) -> list[Path]:
+        """A new run in ``run_dir``: refused if an earlier run's files are there, unless ``overwrite`` deletes
+        them; returns the files deleted."""
         if not overwrite:
             # Rank 0 looks and all ranks follow: another rank looking later would see rank 0's new files.
             refusal = None
@@ -345,12 +351,10 @@ class Trainer:
             (refused,) = self.strategy.any_rank(refusal is not None)
             if refused:
                 raise refusal or RunFolderError(f"{self.run_dir} already holds a run (found by rank 0)")
-            return
-        if self.strategy.is_main:
-            cleared = clear_run_files(self.run_dir)
-            if cleared:
-                self._log(f"starting over in {self.run_dir}: removed {', '.join(p.name for p in cleared)}")
+            return []
+        cleared = clear_run_files(self.run_dir) if self.strategy.is_main else []
         self.strategy.barrier()  # no rank writes into the folder before it is cleared
+        return cleared
 
     def evaluate(self) -> dict:
         """Top-1/top-5, agreement, explanation similarity and the validation loss (`ValidationLoss`: the

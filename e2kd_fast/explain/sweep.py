@@ -108,6 +108,8 @@ def adjoint(module: nn.Module, g: Tensor, tape: Tape) -> Tensor:
 # taped forward and their adjoint as nested compile regions: under torch.compile each distinct block
 # shape is traced and compiled once and reused by every block like it, so the step's compile time
 # grows with the number of distinct blocks, not with the depth. Eagerly a region is a plain call.
+# Blocks that update buffers (batch norm in training) are inlined (`_inlined`): a trained student
+# with batch norms compiles as before, a teacher and a layer-norm student use regions.
 # Regions need `nested_compile_region` with an adjustable reuse limit (each distinct shape is one
 # entry; the default of 8 is an error past eight); without it the blocks are inlined as before.
 _REGION_ENTRIES = 256
@@ -116,9 +118,17 @@ compile_regions = _regions_supported
 """Whether compiled sweeps use regions (set False to inline every block: one flat graph, as a baseline)."""
 
 
-def _draws_random_numbers(m: nn.Module) -> bool:
-    """Whether the block's forward draws random numbers (stochastic depth in training): it is inlined,
-    since a reused region would replay one draw."""
+def _inlined(m: nn.Module) -> bool:
+    """Whether a block is traced inline rather than as a region.
+
+    A block in training mode with buffers updates them (batch-norm running statistics), and regions
+    with buffer mutations cannot be trained through (torch 2.14); a block with active stochastic
+    depth draws random numbers, which a reused region would replay.
+    """
+    if not compile_regions:
+        return True
+    if m.training and next(m.buffers(), None) is not None:
+        return True
     depth = getattr(m, "stochastic_depth", None)
     return depth is not None and depth.training and depth.p > 0
 
@@ -138,14 +148,14 @@ def _region(forward: TapedForward, backward: Adjoint) -> tuple[TapedForward, Adj
         return backward(m, g, list(records))
 
     def regional_forward(m: nn.Module, x: Tensor, tape: Tape) -> Tensor:
-        if not compile_regions or _draws_random_numbers(m):
+        if _inlined(m):
             return forward(m, x, tape)
         out, records = forward_region(m, x)
         tape.append(records)
         return out
 
     def regional_backward(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
-        if not compile_regions or _draws_random_numbers(m):
+        if _inlined(m):
             return backward(m, g, tape)
         return backward_region(m, g, tape.pop())
 
