@@ -113,7 +113,8 @@ def adjoint(module: nn.Module, g: Tensor, tape: Tape) -> Tensor:
 # Regions need `nested_compile_region` with an adjustable reuse limit (each distinct shape is one
 # entry; the default of 8 is an error past eight); without it the blocks are inlined as before.
 _REGION_ENTRIES = 256
-_regions_supported = "max_reuse_entries" in inspect.signature(torch.compiler.nested_compile_region).parameters
+_nested_region = getattr(torch.compiler, "nested_compile_region", None)
+_regions_supported = _nested_region is not None and "max_reuse_entries" in inspect.signature(_nested_region).parameters
 compile_regions = _regions_supported
 """Whether compiled sweeps use regions (set False to inline every block: one flat graph, as a baseline)."""
 
