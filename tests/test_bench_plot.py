@@ -110,5 +110,5 @@ def test_command_writes_the_pngs_and_reads_the_recorded_results(tmp_path, capsys
     # The recorded results draw, per file, a history and a row of the bar chart.
     files = {p.stem: common.read_jsonl(p) for p in sorted(common.RESULTS_DIR.glob("*.jsonl"))}
     fig = plot.step_vs_recipe_figure(files)
-    with_steps = [name for name, records in files.items() if any(r["suite"] == "step" for r in records)]
+    with_steps = [name for name, records in files.items() if any(r.get("suite") == "step" for r in records)]
     assert len(fig.axes) == 2 * len(with_steps)
