@@ -293,7 +293,7 @@ def _dry_run(cfg: Config, args: argparse.Namespace) -> int:
         ),
         (
             "device",
-            f"{trainer.device}; precision {cfg.train.precision}; compile {cfg.train.compile}; "
+            f"{trainer.device}; precision {cfg.train.precision}; compile {'on' if trainer.compile else 'off'}; "
             f"loader {cfg.data.loader} with {resolve_num_workers(cfg.data.num_workers)} workers",
         ),
     ]

@@ -7,6 +7,7 @@ Inductor's compile of the same graphs is covered by tests/test_compiled_pairs.py
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ MODELS = {
 }
 
 
-def _graphs(fn, *args) -> list[torch.fx.GraphModule]:
+def _graphs(fn, *args) -> tuple[list[torch.fx.GraphModule], Any]:
     """The FX graphs Dynamo hands to the backend for ``fn(*args)``; runs it through AOTAutograd."""
     graphs = []
 
@@ -83,7 +84,7 @@ def test_regions_are_reused_and_the_step_equals_eager(name, checkpointed):
     torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-10, atol=1e-12)
     for (pname, p), q in zip(student.named_parameters(), eager_student.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=pname)
-    # Batch-norm running statistics are updated inside the regions as eagerly.
+    # Batch-norm running statistics are updated as eagerly (those blocks are inlined in training).
     for b, c in zip(student.buffers(), eager_student.buffers(), strict=True):
         torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-14)
 

@@ -80,6 +80,11 @@ def test_resume_auto_without_a_checkpoint_starts_over(tmp_path, capsys):
     assert _train(config, "--resume", "auto") == 0
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2]  # the stale step 7 is gone
 
+    # Epoch checkpoints without last.pt are another run's results: refused, not deleted.
+    (run / "checkpoints" / "last.pt").unlink()
+    assert _train(config, "--resume", "auto") == 2
+    assert "--overwrite" in capsys.readouterr().err and list((run / "checkpoints").glob("*.pt"))
+
 
 def test_the_default_run_folder_is_new_per_run(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

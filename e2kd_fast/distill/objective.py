@@ -110,7 +110,7 @@ def e2kd_objective(
     if gt_coef > 0 and labels is None:
         raise ValueError("gt_coef > 0 needs the ground-truth labels")
     explain_now = lam > 0 and step % guided_step_interval == 0
-    explain = partial(dynamic_weights, algorithm=algorithm) if explanation == "bcos" else gradcam
+    explain = _explainer(explanation, algorithm)
 
     if frozen is None:
         frozen = teacher_outputs(teacher, x, explanation=explanation, explain=explain_now, algorithm=algorithm)
@@ -164,6 +164,11 @@ def e2kd_objective(
     }
 
 
+def _explainer(explanation: str, algorithm: str):
+    """The explanation function: B-cos dynamic weights by ``algorithm``, or GradCAM."""
+    return partial(dynamic_weights, algorithm=algorithm) if explanation == "bcos" else gradcam
+
+
 def teacher_outputs(
     teacher: nn.Module, x: Tensor, *, explanation: str = "bcos", explain: bool = True, algorithm: str = "sweep"
 ) -> TeacherOutputs:
@@ -180,8 +185,7 @@ def teacher_outputs(
         with torch.no_grad():
             logits = teacher(x)
         return TeacherOutputs(logits)
-    method = partial(dynamic_weights, algorithm=algorithm) if explanation == "bcos" else gradcam
-    teacher_map, logits = method(teacher, x, None, create_graph=False, return_logits=True)
+    teacher_map, logits = _explainer(explanation, algorithm)(teacher, x, None, create_graph=False, return_logits=True)
     return TeacherOutputs(logits.detach(), teacher_map.detach())
 
 

@@ -229,6 +229,7 @@ __all__ = [
     "build_student",
     "build_teacher",
     "check_model_settings",
+    "compile_cache_dir",
     "cuda_math_settings",
     "resolve_compile",
     "resolve_device",

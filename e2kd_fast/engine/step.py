@@ -41,7 +41,8 @@ class TrainStep:
         guided_step_counter: what ``guided_step_interval`` counts: ``"run"`` (the ``step`` passed in,
             the run's optimiser step) or ``"epoch"`` (``step % steps_per_epoch``: the step's index in its
             epoch, the official batch index; the trainer's epochs all have ``steps_per_epoch`` steps).
-        compile: compile the forward-to-loss function with ``fullgraph=True``.
+        compile: compile the live teacher's graph and the student's forward-to-loss graph (a feature
+            baseline: its forward-to-loss), each with ``fullgraph=True``.
         log: called with one line per compilation (what was compiled and how long it took, and for a
             recompile Dynamo's reason) and once per batch size that runs eagerly instead.
         objective: a feature baseline (`e2kd_fast.distill.baselines`) computed instead of e²KD / KD;

@@ -198,9 +198,9 @@ class Trainer:
         self.compile, self._compile_note = resolve_compile(cfg.train.compile, self.device)
         if self.compile:  # before anything compiles: later runs load the step instead of compiling it
             self._compile_note += f"; compile cache {compile_cache_dir()}"
-        # The forward-to-loss part of the step; compiled whole when train.compile says so, for full
-        # micro-batches only (others run eagerly: no recompile). A baseline's connectors are initialised
-        # here, from train.seed as the models are.
+        # The forward-to-loss part of the step; compiled (a live teacher's graph, the student's) when
+        # train.compile says so, for full micro-batches only (others run eagerly: no recompile). A
+        # baseline's connectors are initialised here, from train.seed as the models are.
         with seeded_init(cfg.train.seed, INIT_OBJECTIVE):
             self.step_fn = make_train_step(
                 self.student,
@@ -261,7 +261,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume == "auto":
                 resume = self.ckpt_dir / "last.pt" if (self.ckpt_dir / "last.pt").is_file() else None
-                overwrite = overwrite or resume is None  # nothing to go on from: the folder's files start over
+                # Nothing to go on from: a run killed before its first checkpoint starts over; checkpoints
+                # without a last.pt (another run's epoch files) are kept, and the start is refused below.
+                overwrite = overwrite or (resume is None and not any(self.ckpt_dir.glob("*.pt")))
             # Before train.log is opened: an earlier run's log is one of the files that decide.
             cleared = self._start_afresh(overwrite) if resume is None else []
             context.enter_context(run_log(self.run_dir, enabled=self.strategy.is_main))
