@@ -132,10 +132,15 @@ def compilable() -> Iterator[None]:
 
     A kernel that calls a ``@triton.jit`` helper finds it in its module's globals; the compiler
     cannot call an interpreted function, so the modules hold the helpers' JITFunctions meanwhile.
+    Triton's own library functions (``tl.zeros``, the reductions' combine functions) are
+    ``@triton.jit`` helpers too.
     """
+    import sys
+
+    language = [module for name, module in list(sys.modules.items()) if name.startswith("triton.language")]
     swapped: list[tuple[Any, str, Any]] = []
     try:
-        for module in _kernel_modules():
+        for module in _kernel_modules() + language:
             for attr, value in list(vars(module).items()):
                 fn = _jit_function(value)
                 if fn is not None and fn is not value:

@@ -203,6 +203,15 @@ if triton is not None:
         _kd_block(zs_ptr, zt_ptr, param_ptr, kl_ptr, grad_ptr, rows, N, C, WITH_GRAD, BLOCK_C, ACC)
 
     @triton.jit
+    def _store_totals(kl_acc, exp_acc, kd_scale, lam, inv_n, loss_ptr, kd_ptr, exp_ptr):
+        """Sums the per-row KL and ``1 - cos`` partials into the loss and its two terms."""
+        kd = tl.sum(kl_acc, axis=0) * kd_scale
+        exp = tl.sum(exp_acc, axis=0) * inv_n
+        tl.store(loss_ptr, (kd + lam * exp).to(loss_ptr.dtype.element_ty))
+        tl.store(kd_ptr, kd.to(kd_ptr.dtype.element_ty))
+        tl.store(exp_ptr, exp.to(exp_ptr.dtype.element_ty))
+
+    @triton.jit
     def _finalize(
         part_ptr,
         kl_ptr,
@@ -236,11 +245,7 @@ if triton is not None:
             kl_acc += tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
             tl.store(coef_ptr + rows * 2, alpha, mask=row_ok)
             tl.store(coef_ptr + rows * 2 + 1, beta, mask=row_ok)
-        kd = tl.sum(kl_acc, axis=0) * kd_scale
-        exp = tl.sum(exp_acc, axis=0) * inv_n
-        tl.store(loss_ptr, (kd + lam * exp).to(loss_ptr.dtype.element_ty))
-        tl.store(kd_ptr, kd.to(kd_ptr.dtype.element_ty))
-        tl.store(exp_ptr, exp.to(exp_ptr.dtype.element_ty))
+        _store_totals(kl_acc, exp_acc, kd_scale, lam, inv_n, loss_ptr, kd_ptr, exp_ptr)
 
     @triton.jit
     def _arrive(
@@ -275,11 +280,7 @@ if triton is not None:
                 ok = rows < N
                 exp_acc += tl.load(row_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
                 kl_acc += tl.load(kl_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-            kd = tl.sum(kl_acc, axis=0) * kd_scale
-            exp = tl.sum(exp_acc, axis=0) * inv_n
-            tl.store(loss_ptr, (kd + lam * exp).to(loss_ptr.dtype.element_ty))
-            tl.store(kd_ptr, kd.to(kd_ptr.dtype.element_ty))
-            tl.store(exp_ptr, exp.to(exp_ptr.dtype.element_ty))
+            _store_totals(kl_acc, exp_acc, kd_scale, lam, inv_n, loss_ptr, kd_ptr, exp_ptr)
 
     @triton.jit
     def _one_pass(
