@@ -29,6 +29,7 @@ from e2kd_fast import __version__
 # --help, --version and argument errors answer at once; each command imports what it runs.
 if TYPE_CHECKING:  # annotations only
     from e2kd_fast.config import Config
+    from e2kd_fast.engine import Trainer
     from e2kd_fast.models import ModelSpec
 
 
@@ -185,27 +186,19 @@ def _train(args: argparse.Namespace) -> int:
             "--resume auto needs train.out_dir: without it each run gets a new folder, so there is nothing to go on "
             "from; add --set train.out_dir=<the run's folder>"
         )
+    resumed_dir = None
     if chosen_dir and args.resume is not None:
-        cfg = _with_out_dir(cfg, _run_folder_of(Path(args.resume)))
+        resumed_dir = _run_folder_of(Path(args.resume))
         chosen_dir = False
-    cfg = with_run_dir(cfg, args.config)
+    cfg = with_run_dir(cfg, args.config, out_dir=resumed_dir)
     check_model_settings(cfg)  # model names and arguments, before any data is read
     if args.dry_run:
         return _dry_run(cfg, args)
-    from e2kd_fast.data.build import build_datasets
-    from e2kd_fast.engine import Trainer, TrainingInterrupted
+    from e2kd_fast.engine import TrainingInterrupted
 
     if chosen_dir and os.environ.get("RANK", "0") == "0":
         print(f"e2kd-fast train: run folder {cfg.train.out_dir}", file=sys.stderr)
-    data = build_datasets(cfg)
-    trainer = Trainer(
-        cfg,
-        data.train,
-        data.val,
-        train_indices=data.train_indices,
-        val_indices=data.val_indices,
-        show_progress=not args.no_progress,
-    )
+    trainer = _build_trainer(cfg, show_progress=not args.no_progress)
     try:
         summary = trainer.fit(resume=args.resume, resume_force=args.resume_force, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
@@ -226,8 +219,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_out_dir(cfg: Config, out_dir: Path) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=out_dir.as_posix()))
+def _build_trainer(cfg: Config, show_progress: bool) -> Trainer:
+    """The datasets and the Trainer that ``train`` runs and ``train --dry-run`` describes."""
+    from e2kd_fast.data.build import build_datasets
+    from e2kd_fast.engine import Trainer
+
+    data = build_datasets(cfg)
+    return Trainer(
+        cfg,
+        data.train,
+        data.val,
+        train_indices=data.train_indices,
+        val_indices=data.val_indices,
+        show_progress=show_progress,
+    )
 
 
 def _run_folder_of(checkpoint: Path) -> Path:
@@ -241,65 +246,26 @@ def _run_folder_of(checkpoint: Path) -> Path:
 
 
 def _dry_run(cfg: Config, args: argparse.Namespace) -> int:
-    """Builds what training would (data, models, optimiser, step) and prints what it found; trains nothing."""
-    from e2kd_fast.data.build import build_datasets
-    from e2kd_fast.data.loaders import resolve_num_workers
-    from e2kd_fast.engine import Trainer
+    """Builds what training would (data, models, optimiser, step) and prints its start-up summary;
+    trains nothing and writes nothing."""
     from e2kd_fast.engine.run_folder import check_fresh_start
 
     run_dir = Path(cfg.train.out_dir)
     if args.resume is None and not args.overwrite:
         check_fresh_start(run_dir)  # the error training would stop with
-    data = build_datasets(cfg)
     try:
-        trainer = Trainer(
-            cfg,
-            data.train,
-            data.val,
-            train_indices=data.train_indices,
-            val_indices=data.val_indices,
-            show_progress=False,
-        )
+        trainer = _build_trainer(cfg, show_progress=False)
     finally:
         from e2kd_fast.engine.process_group import shutdown_distributed
 
         shutdown_distributed()  # a multi-process launch built its process group: leave it cleanly
-
-    def parameters(model: object) -> str:
-        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
-
-    train_images = len(trainer.train_indices)
-    val_images = 0 if trainer.val_indices is None else len(trainer.val_indices)
-    teacher = "none"
-    if trainer.teacher is not None:
-        teacher = f"{cfg.teacher.name} ({parameters(trainer.teacher)}, {cfg.teacher.mode})"
-    elif cfg.teacher.mode == "frozen":
-        teacher = f"{cfg.teacher.name} (frozen store {cfg.teacher.store})"
-    if args.resume is not None:
-        folder = f"{run_dir} (resumes {args.resume})"
-    else:
-        folder = f"{run_dir} ({'exists' if run_dir.exists() else 'to be created'})"
-    lines = [
-        ("config", f"{args.config}" + (f" with {len(args.overrides)} --set" if args.overrides else "")),
-        ("run folder", folder),
-        ("data", f"{len(data.classes)} classes; {train_images} training, {val_images} validation images"),
-        ("student", f"{cfg.student.name} ({parameters(trainer.student)})"),
-        ("teacher", teacher),
-        ("distill", f"{cfg.distill.method}"),
-        (
-            "steps",
-            f"{trainer.steps_per_epoch} per epoch × {cfg.train.epochs} epochs = {trainer.total_steps} "
-            f"(batch {cfg.data.batch_size} × grad_accum {cfg.train.grad_accum})",
-        ),
-        (
-            "device",
-            f"{trainer.device}; precision {cfg.train.precision}; compile {'on' if trainer.compile else 'off'}; "
-            f"loader {cfg.data.loader} with {resolve_num_workers(cfg.data.num_workers)} workers",
-        ),
-    ]
+    overrides = f" with {len(args.overrides)} --set" if args.overrides else ""
+    start = f"resumes {args.resume}" if args.resume is not None else ("exists" if run_dir.exists() else "to be created")
     print("e2kd-fast train --dry-run: the config is valid; nothing was trained or written")
-    for name, value in lines:
-        print(f"  {name:<11} {value}")
+    print(f"  config: {args.config}{overrides}")
+    for line in trainer.start_summary():
+        print(f"  {line}")
+    print(f"  run folder: {start}")
     return 0
 
 

@@ -39,8 +39,11 @@ def default_run_dir(config_path: str | os.PathLike | None = None, now: float | N
     return candidate
 
 
-def with_run_dir(cfg: Config, config_path: str | os.PathLike | None = None) -> Config:
-    """``cfg`` with ``train.out_dir`` chosen when it is None (`default_run_dir`).
+def with_run_dir(
+    cfg: Config, config_path: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None
+) -> Config:
+    """``cfg`` with ``train.out_dir`` chosen when it is None: ``out_dir`` when given (a resumed
+    checkpoint's run folder), else a new dated folder (`default_run_dir`).
 
     Raises:
         RunFolderError: a multi-process launch (``WORLD_SIZE`` > 1) without ``train.out_dir``: each
@@ -48,13 +51,14 @@ def with_run_dir(cfg: Config, config_path: str | os.PathLike | None = None) -> C
     """
     if cfg.train.out_dir is not None:
         return cfg
+    if out_dir is not None:
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=Path(out_dir).as_posix()))
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise RunFolderError(
             "train.out_dir is not set: a multi-process launch needs it (each process would pick its own dated "
             "folder); set it in the config or with --set train.out_dir=runs/NAME"
         )
-    out_dir = default_run_dir(config_path).as_posix()
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=out_dir))
+    return with_run_dir(cfg, out_dir=default_run_dir(config_path))
 
 
 def run_files(run_dir: str | os.PathLike) -> list[Path]:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from e2kd_fast.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from e2kd_fast.data.dali import maybe_dali_loader
-from e2kd_fast.data.loaders import make_loader
+from e2kd_fast.data.loaders import make_loader, resolve_num_workers
 from e2kd_fast.data.sampling import mix_seed
 from e2kd_fast.distill import TeacherOutputs
 from e2kd_fast.distill.ground_truth import ground_truth_loss
@@ -493,28 +493,33 @@ class Trainer:
         return self._throughput.eta(self.total_steps - self.state.step, other)
 
     def _log_start(self, resume: str | Path | None, cuda_note: str | None) -> None:
-        """The start-up summary: what is trained on what, how long, where and how."""
-        cfg = self.cfg
         if resume is None:  # a resume said where it starts when it loaded its checkpoint
             self._log(f"starting a new run in {self.run_dir}")
+        for line in self.start_summary(cuda_note):
+            self._log(line)
+
+    def start_summary(self, cuda_note: str | None = None) -> list[str]:
+        """The start-up summary's lines: what is trained on what, how long, where and how."""
+        cfg = self.cfg
+        lines = []
         classes = getattr(self.train_set, "classes", None)  # class names of an image folder
         classes = list(classes) if isinstance(classes, list | tuple) else None
         val = "no validation set" if self.val_indices is None else f"{len(self.val_indices)} validation images"
         names = f" ({', '.join(map(str, classes[:8]))}{', ...' if len(classes) > 8 else ''})" if classes else ""
-        self._log(f"data: {self._num_classes()} classes{names}, {len(self.train_indices)} training images, {val}")
+        lines.append(f"data: {self._num_classes()} classes{names}, {len(self.train_indices)} training images, {val}")
         teacher = "none"
         if cfg.teacher.mode == "frozen" and cfg.distill.method != "none":
             teacher = f"{cfg.teacher.name}, frozen (outputs read from {cfg.teacher.store})"
         elif self.teacher is not None:
             name = cfg.teacher.name or type(self.teacher).__name__
             teacher = f"{name} ({_parameters(self.teacher)} parameters, live)"
-        self._log(
+        lines.append(
             f"models: student {cfg.student.name} ({_parameters(self.student)} parameters), teacher {teacher}; "
             f"method {cfg.distill.method}"
         )
         step_images = cfg.data.batch_size * self.micro_batches
         tail = len(self.train_indices) % step_images
-        self._log(
+        lines.append(
             f"schedule: {cfg.train.epochs} epochs × {self.steps_per_epoch} steps = {self.total_steps} optimiser "
             f"steps of {step_images} images (data.batch_size {cfg.data.batch_size} × train.grad_accum "
             f"{self.micro_batches})"
@@ -522,15 +527,17 @@ class Trainer:
             + (f"; data.drop_last leaves {tail} images of each epoch out" if tail and cfg.data.drop_last else "")
         )
         processes = self.dist_env.world_size
-        self._log(
+        lines.append(
             f"device: {self.device} ({processes} process{'es' if processes > 1 else ''}, {cfg.engine.strategy}), "
             f"precision {cfg.train.precision}"
             + (" (autocast on CUDA only: fp32 here)" if cfg.train.precision == "bf16" and self.autocast is None else "")
             + f", channels_last {'on' if cfg.train.channels_last else 'off'}"
             + (f"; {cuda_note}" if cuda_note else "")
+            + f"; loader {cfg.data.loader} with {resolve_num_workers(cfg.data.num_workers)} workers"
         )
-        self._log(self._compile_note)
-        self._log(f"out_dir: {self.run_dir.resolve()}")
+        lines.append(self._compile_note)
+        lines.append(f"out_dir: {self.run_dir.resolve()}")
+        return lines
 
     def _eval_line(self, epoch: int, metrics: dict) -> str:
         images = metrics.get("images")
