@@ -194,7 +194,7 @@ def build_setup(
     x = x.to(device).contiguous(memory_format=memory_format)
     outputs = None
     if frozen:
-        outputs = teacher_outputs(teacher_model, x, explanation=pair.explanation)
+        outputs = teacher_outputs(teacher_model, x, explanation=pair.explanation, algorithm="sweep")
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9)
     return StepSetup(config, device, student, teacher_model if teacher else None, optimizer, x, outputs)
 

@@ -170,12 +170,12 @@ def _explainer(explanation: str, algorithm: str):
 
 
 def teacher_outputs(
-    teacher: nn.Module, x: Tensor, *, explanation: str = "bcos", explain: bool = True, algorithm: str = "sweep"
+    teacher: nn.Module, x: Tensor, *, explanation: str = "bcos", explain: bool = True, algorithm: str = "autograd"
 ) -> TeacherOutputs:
     """A live teacher's outputs for the batch ``x``, without any autograd graph.
 
     The logits [N, C] and, with ``explain``, the explanation for the teacher's own top-1 (the class
-    the student explains too) from the same forward. `e2kd_objective` calls it for a live teacher;
+    the student explains too) from the same forward; ``algorithm`` as in `e2kd_objective`. `e2kd_objective` calls it for a live teacher;
     the training step runs it as the teacher's own inference graph and hands the result to the
     objective as if it were stored.
     """
