@@ -175,9 +175,9 @@ def teacher_outputs(
     """A live teacher's outputs for the batch ``x``, without any autograd graph.
 
     The logits [N, C] and, with ``explain``, the explanation for the teacher's own top-1 (the class
-    the student explains too) from the same forward; ``algorithm`` as in `e2kd_objective`. `e2kd_objective` calls it for a live teacher;
-    the training step runs it as the teacher's own inference graph and hands the result to the
-    objective as if it were stored.
+    the student explains too) from the same forward; ``algorithm`` as in `e2kd_objective`.
+    `e2kd_objective` calls it for a live teacher; the training step runs it as the teacher's own
+    inference graph and hands the result to the objective as if it were stored.
     """
     if not explain:
         # Leave the no_grad block before returning: a return inside it loses the student's graph
