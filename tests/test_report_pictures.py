@@ -6,8 +6,12 @@ HTML / markdown; no model is trained.
 
 from __future__ import annotations
 
+import html
+import json
 import math
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -172,3 +176,49 @@ def test_explain_grid_names_the_predicted_and_explained_classes_and_pages_many_i
     written = explain_grids(rows, tmp_path)
     assert [p.name for p in written] == ["explanations_1.png", "explanations_2.png"]
     assert [p.name for p in explain_grids(rows[:3], tmp_path / ".")] == ["explanations.png"]
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+# Runs after the page has loaded: how many pictures it holds, how many failed to decode, and whether the
+# page is wider than its window; written into the title, which --dump-dom prints.
+_PAGE_PROBE = """<script>
+window.addEventListener('load', () => {
+  const images = Array.from(document.images);
+  document.title = JSON.stringify({
+    images: images.length,
+    broken: images.filter((img) => !img.complete || img.naturalWidth === 0).map((img) => img.alt),
+    too_wide: document.documentElement.scrollWidth > window.innerWidth,
+  });
+});
+</script>"""
+
+
+def test_the_html_report_renders_in_a_headless_browser(tmp_path):
+    """Every picture of the page decodes in Chromium and the page fits a 1400 px window."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
+    rows = [
+        {"model": "kd", "method": "kd", "top1": 0.5, "agreement": 0.75},
+        {"model": "e2kd", "method": "e2kd", "top1": 0.625, "agreement": 1.0},
+    ]
+    curves = {"kd": _records("kd"), "e2kd": _records("e2kd")}
+    page = write_html(tmp_path / "report.html", "t", rows, curves, _report_grid(gradcam=True), ["a note"])
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text().replace("</body>", _PAGE_PROBE + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+    flags += ["--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags += ["--window-size=1400,1000", "--virtual-time-budget=5000"]
+    done = subprocess.run([browser, *flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
+    title = re.search(r"<title>(.*?)</title>", done.stdout, re.S)
+    assert title is not None, done.stderr[-2000:]
+    found = json.loads(html.unescape(title.group(1)))
+    # The curves, the grid's six cells and the GradCAM colour key.
+    assert found["images"] >= 8 and found["broken"] == [] and not found["too_wide"], found
