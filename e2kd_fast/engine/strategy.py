@@ -220,7 +220,7 @@ class Strategy:
 
         The parameters are the same on every rank, the buffers are not: each rank's training forward
         updates the running statistics with its own images (DDP broadcasts rank 0's at the start of
-        the next forward, DeepSpeed never). A split evaluation thus runs the model the checkpoint
+        the next forward, DeepSpeed not at all). A split evaluation thus runs the model the checkpoint
         holds (rank 0's), and training goes on exactly as without it.
         """
         buffers = list(self.module.student.buffers())
