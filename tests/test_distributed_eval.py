@@ -1,4 +1,4 @@
-"""Evaluation split over 2 gloo processes (DDP, CPU) gives the metrics of one process on the same weights.
+"""Evaluation split over 2 gloo processes (DDP, ZeRO-2; CPU) gives the metrics of one process on the same weights.
 
 Each rank evaluates its round-robin share of the validation set and the shares are put together
 (`e2kd_fast.engine.evaluate.evaluate` with ``gather``); the processes are spawned once, as in
@@ -34,6 +34,8 @@ EVAL_BATCH = 2  # per rank: 3 batches on rank 0, 2 on rank 1
 FLOAT_RTOL = 2e-6
 EXACT = ("images", "skipped", "top1", "top5", "agreement")
 FLOATS = ("explanation_cosine", "loss", "kd", "exp", "gt")
+# The strategies whose split evaluation is run: the student is whole on every rank under both.
+ENGINES = {"ddp": {"strategy": "ddp"}, "zero2": {"strategy": "deepspeed", "zero_stage": 2}}
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +58,7 @@ class RecordingSet(Dataset):
         return self.base[i]
 
 
-def _trainer(out_dir: Path, strategy: str, val_set: Dataset) -> Trainer:
+def _trainer(out_dir: Path, engine: dict, val_set: Dataset) -> Trainer:
     cfg = config_from_dict(
         {
             "student": {"name": "bcos_resnet20_cifar", "num_classes": 4},
@@ -65,7 +67,7 @@ def _trainer(out_dir: Path, strategy: str, val_set: Dataset) -> Trainer:
             "optim": {"lr": 1e-2, "schedule": "constant"},
             "data": {"batch_size": 8, "eval_batch_size": EVAL_BATCH, "num_workers": 0},
             "train": {"epochs": 1, "out_dir": str(out_dir), "device": "cpu", "compile": False},
-            "engine": {"strategy": strategy},
+            "engine": engine,
         }
     )
     # The student has BatchNorm: after training, each rank's running statistics are its own.
@@ -116,25 +118,33 @@ def _worker(rank: int, port: int, root: str) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         E2KD_BACKEND=KERNELS,
+        DS_ACCELERATOR="cpu",
     )
     torch.set_num_threads(1)
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     root = Path(root)
-    val_set = RecordingSet()
-    trainer = _trainer(root / "ddp", "ddp", val_set)
-    trainer.fit()  # one training step, then the split evaluation of the epoch's end
-    first_pass = sorted(val_set.seen)
-    torch.save({k: v.detach().clone() for k, v in trainer.student.state_dict().items()}, root / f"student{rank}.pt")
-    own_buffers = [b.clone() for b in trainer.student.buffers()]
-    again = trainer.evaluate()
-    restored = all(torch.equal(a, b) for a, b in zip(own_buffers, trainer.student.buffers(), strict=True))
-    result = {
-        "fit_eval": trainer.state.last_eval,
-        "again": again,
-        "seen": first_pass,
-        "buffers_restored": restored,
-        "buffers_differ_from_rank0": _differs_from_rank0(own_buffers),
-    }
+    result = {}
+    for name, engine in ENGINES.items():
+        val_set = RecordingSet()
+        trainer = _trainer(root / name, engine, val_set)
+        trainer.fit()  # one training step, then the split evaluation of the epoch's end
+        first_pass = sorted(val_set.seen)
+        state = {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
+        torch.save(state, root / f"{name}_student{rank}.pt")
+        own_buffers = [b.clone() for b in trainer.student.buffers()]
+        again = trainer.evaluate()
+        restored = all(torch.equal(a, b) for a, b in zip(own_buffers, trainer.student.buffers(), strict=True))
+        result[name] = {
+            "strategy": trainer.strategy.name,
+            "fit_eval": trainer.state.last_eval,
+            "again": again,
+            "seen": first_pass,
+            "buffers_restored": restored,
+            "buffers_differ_from_rank0": _differs_from_rank0(own_buffers),
+        }
     for kind in ("voc", "waterbirds"):
         model = RoundedLinear()
         split = evaluate(model, _scored_batches(rank, WORLD, kind), explanation=None, gather=_all_gather_object)
@@ -177,16 +187,19 @@ def _assert_same_metrics(split: dict, whole: dict) -> None:
             assert split[key] == value, key
 
 
-def test_two_ranks_evaluate_disjoint_shares_to_the_metrics_of_one_process(runs, tmp_path):
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_two_ranks_evaluate_disjoint_shares_to_the_metrics_of_one_process(runs, name, tmp_path):
     root, ranks = runs
+    ranks = [r[name] for r in ranks]
+    assert ranks[0]["strategy"] == ENGINES[name]["strategy"]
     # Each rank read its round-robin share; together every image once (the unreadable one included).
     assert ranks[0]["seen"] == [0, 2, 4, 6, 8] and ranks[1]["seen"] == [1, 3, 5, 7]
     # After training, rank 1's BatchNorm statistics are its own; evaluation ran rank 0's and gave them back.
     assert ranks[1]["buffers_differ_from_rank0"]
     assert all(r["buffers_restored"] for r in ranks)
     # One process on rank 0's weights and statistics (what the checkpoint holds).
-    single = _trainer(tmp_path / "single", "single", RecordingSet())
-    single.student.load_state_dict(torch.load(root / "student0.pt"))
+    single = _trainer(tmp_path / "single", {"strategy": "single"}, RecordingSet())
+    single.student.load_state_dict(torch.load(root / f"{name}_student0.pt"))
     expected = single.evaluate()
     assert expected["images"] == VAL_IMAGES - len(UNREADABLE_VAL) and expected["skipped"] == len(UNREADABLE_VAL)
     assert set(EXACT + FLOATS) <= expected.keys()
