@@ -306,7 +306,7 @@ def test_a_lost_rank_stops_the_others_and_leaves_a_checkpoint_to_resume_from(run
     assert resumed.state.step == 4
 
 
-def test_rank_zero_alone_logs_and_evaluates(runs):
+def test_rank_zero_alone_writes_the_train_and_eval_records(runs):
     root, _ = runs
     from e2kd_fast.engine import read_metrics
 

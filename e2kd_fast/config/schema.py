@@ -332,7 +332,8 @@ class DataConfig(Section):
             ``batch_size × train.grad_accum`` images); false trains on it, its loss and gradient the mean
             over the images it has, as the official loaders (``drop_last=False``) do; the paper configs
             set false.
-        eval_batch_size: evaluation batch; None = ``batch_size``.
+        eval_batch_size: evaluation batch of each process (every process evaluates its share of the
+            validation set); None = ``batch_size``.
         num_workers: data-loader worker processes (DALI: pipeline threads). None (the default): one less
             than the CPU cores this process may use (``os.sched_getaffinity``), shared among the processes
             of a multi-process launch on the node, at most 8 (`e2kd_fast.data.loaders.default_num_workers`).

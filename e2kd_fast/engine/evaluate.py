@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -121,11 +123,18 @@ def evaluate(
     device: torch.device | str = "cpu",
     prepare=None,
     loss: ValidationLoss | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
 ) -> dict[str, float]:
     """Evaluates ``student`` (and its agreement with ``teacher``) over ``batches``.
 
     Explanations are computed with gradients enabled and outside inference mode (the official
     validation under Lightning's inference mode could not compute them).
+
+    Split over processes (``gather`` given), each process evaluates its own share of the images and
+    the shares are then put together: image counts are summed exactly, cosine and loss sums in
+    float64 (so the metrics match one process's up to the float32 rounding of per-batch values,
+    which differs with the batches' make-up), and the per-image scores that mAP and the group
+    accuracies need are gathered, so those are computed over all images.
 
     Args:
         student: the model to evaluate; put in eval mode for the duration, then restored.
@@ -137,12 +146,18 @@ def evaluate(
         prepare: optional ``f(images) -> images`` applied on the device (dtype, memory format).
         loss: the validation loss to compute (`ValidationLoss`); a distillation loss needs ``teacher``
             (and with λ > 0 ``explanation``).
+        gather: for an evaluation split over processes, a collective ``f(obj) -> [obj of rank 0,
+            obj of rank 1, ...]`` (`Strategy.all_gather_object`) that every process calls once. The
+            shares must be round-robin: rank r of W holds positions r, r + W, ... of the evaluation
+            order (`ShardedEpochSampler`), every image in exactly one share. No other collective runs,
+            so the processes may have different numbers of batches.
 
     Returns:
         ``top1``, ``top5`` (in [0, 1]), ``images``, ``skipped``, and with a teacher ``agreement``
         and, with an explanation, ``explanation_cosine``. With ``loss``: ``loss``, ``kd``, ``exp``,
         ``gt`` (those it gives), means over the images. Multi-hot targets add ``map``; batches with
-        ``group`` / ``place`` add group, worst-group, ID and OOD accuracies (`EvalExtras`).
+        ``group`` / ``place`` add group, worst-group, ID and OOD accuracies (`EvalExtras`). With
+        ``gather``, the metrics of all shares together, the same on every process.
     """
     was_training = student.training
     student.eval()
@@ -190,6 +205,8 @@ def evaluate(
                         loss_sums[key] = loss_sums.get(key, 0.0) + float(value) * images.shape[0]
     finally:
         student.train(was_training)
+    if gather is not None:
+        counts, cosine_sum, loss_sums, extras = _combine_shards(gather((counts, cosine_sum, loss_sums, extras)))
     n = max(counts["images"], 1)
     result = {
         "top1": counts["top1"] / n,
@@ -205,6 +222,19 @@ def evaluate(
     if loss_sums and counts["images"]:
         result.update({key: loss_sums[key] / n for key in LOSS_KEYS if key in loss_sums})
     return result
+
+
+def _combine_shards(
+    shards: list[tuple[dict[str, int], float, dict[str, float] | None, EvalExtras]],
+) -> tuple[dict[str, int], float, dict[str, float] | None, EvalExtras]:
+    """The tallies of every process's share (counts, cosine sum, loss sums, extras), in rank order, as one."""
+    counts = {key: sum(shard[0][key] for shard in shards) for key in shards[0][0]}
+    cosine_sum = math.fsum(shard[1] for shard in shards)  # correctly rounded: independent of the rank order
+    loss_sums = None
+    if all(shard[2] is not None for shard in shards):  # one batch without the loss anywhere drops it, as on one process
+        keys = sorted({key for shard in shards for key in shard[2]})
+        loss_sums = {key: math.fsum(shard[2].get(key, 0.0) for shard in shards) for key in keys}
+    return counts, cosine_sum, loss_sums, EvalExtras.combine([shard[3] for shard in shards])
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

@@ -9,7 +9,8 @@ terms), so that DDP and DeepSpeed see the loss computed inside the wrapped forwa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,8 +202,44 @@ class Strategy:
         dist.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` for one process).
+
+        Used to put together the shares of a split evaluation (`e2kd_fast.engine.evaluate.evaluate`).
+        """
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    @contextmanager
+    def main_rank_buffers(self) -> Iterator[None]:
+        """Rank 0's student buffers (BatchNorm running statistics) on every rank for the duration; each
+        rank's own again afterwards. Collective on entry.
+
+        The parameters are the same on every rank, the buffers are not: each rank's training forward
+        updates the running statistics with its own images (DDP broadcasts rank 0's at the start of
+        the next forward, DeepSpeed not at all). A split evaluation thus runs the model the checkpoint
+        holds (rank 0's), and training goes on exactly as without it.
+        """
+        buffers = list(self.module.student.buffers())
+        if self.world_size == 1 or not buffers:
+            yield
+            return
+        own = [b.detach().clone() for b in buffers]
+        with torch.no_grad():
+            for b in buffers:
+                dist.broadcast(b, src=0)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(buffers, own, strict=True):
+                    b.copy_(saved)
+
     def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (e.g. evaluation metrics computed on rank 0 only)."""
+        """Rank 0's ``obj`` on every rank."""
         if self.world_size == 1:
             return obj
         box = [obj]

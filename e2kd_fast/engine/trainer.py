@@ -300,8 +300,7 @@ class Trainer:
                     evaluated = self.val_set is not None and epoch_done % cfg.train.eval_every_epochs == 0
                     if evaluated:
                         started = time.perf_counter()
-                        # Rank 0 evaluates the whole validation set; the others wait and receive its metrics.
-                        metrics = self.strategy.broadcast(self.evaluate() if self.strategy.is_main else None)
+                        metrics = self.evaluate()  # every rank its share; the same metrics on every rank
                         self.state.last_eval = _plain_values(metrics)  # saved in checkpoints: plain values only
                         logger.log("eval", self.state.step, epoch=epoch_done, **self.state.last_eval)
                         self._eval_seconds = time.perf_counter() - started
@@ -360,18 +359,27 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Top-1/top-5, agreement, explanation similarity and the validation loss (`ValidationLoss`: the
-        training objective, with the teacher model run live on the validation images) on the validation set."""
+        training objective, with the teacher model run live on the validation images) on the validation set.
+
+        In a multi-process run every rank must call it: each evaluates its round-robin share of the
+        validation images with the bare student (whole on every rank under DDP and ZeRO-1/2, so its
+        forward is no collective and the shares may differ by a batch), then one all-gather puts the
+        shares together and every rank returns the same metrics. Every rank runs rank 0's BatchNorm
+        running statistics, those the checkpoint holds (`Strategy.main_rank_buffers`).
+        """
         loader = self._loader(self.val_set, self.val_indices, shuffle=False, epoch=0, start=0, train=False)
         explanation = self.cfg.distill.explanation if self.teacher is not None else None
-        return evaluate(
-            self.student,
-            loader,
-            teacher=self.teacher,
-            explanation=explanation,
-            device=self.device,
-            prepare=self._prepare,
-            loss=ValidationLoss.from_config(self.cfg, self.is_bcos),
-        )
+        with self.strategy.main_rank_buffers():
+            return evaluate(
+                self.student,
+                loader,
+                teacher=self.teacher,
+                explanation=explanation,
+                device=self.device,
+                prepare=self._prepare,
+                loss=ValidationLoss.from_config(self.cfg, self.is_bcos),
+                gather=self.strategy.all_gather_object if self.strategy.world_size > 1 else None,
+            )
 
     # ------------------------------------------------------------------ training
 
@@ -727,15 +735,16 @@ class Trainer:
 
     def _loader(self, dataset, indices, *, shuffle: bool, epoch: int, start: int, train: bool) -> DataLoader:
         data = self.cfg.data
-        world = self.dist_env.world_size if train else 1  # training data is sharded; rank 0 evaluates alone
+        world = self.dist_env.world_size  # training and evaluation are both sharded round-robin over ranks
         common = dict(
+            # data.batch_size is the global batch; the evaluation batch is each rank's own.
             batch_size=data.batch_size // world if train else (data.eval_batch_size or data.batch_size),
             shuffle=shuffle,
             epoch=epoch,
             start=start,
             seed=self.cfg.train.seed if train else 0,
             drop_last=train and data.drop_last,
-            rank=self.dist_env.rank if train else 0,
+            rank=self.dist_env.rank,
             world_size=world,
         )
         if data.loader != "torchvision":  # DALI (data.loader dali|auto); None: falls back to torchvision

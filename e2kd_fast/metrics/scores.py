@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -72,6 +73,9 @@ def group_accuracy(correct: Tensor, groups: Tensor) -> dict[int, float]:
 class EvalExtras:
     """Accumulates the setting-specific scores of an evaluation (see the module docstring)."""
 
+    # The per-image lists, aligned row by row within each setting.
+    _PER_IMAGE = ("_scores", "_targets", "_ignore", "_correct", "_groups", "_places", "_labels")
+
     def __init__(self) -> None:
         self._scores: list[Tensor] = []
         self._targets: list[Tensor] = []
@@ -99,6 +103,28 @@ class EvalExtras:
             self._labels.append(target)
             if "group" not in batch:
                 self._correct.append(correct)
+
+    @classmethod
+    def combine(cls, shards: Sequence[EvalExtras]) -> EvalExtras:
+        """The extras of an evaluation split round-robin over processes, as one process collects them.
+
+        Shard ``r`` of ``W`` holds the images at positions r, r + W, r + 2W, ... of the evaluation
+        order (`ShardedEpochSampler`, DALI's `epoch_plan`); its k-th image goes back to position
+        r + k·W, so that the mAP ranks tied scores as one process does. If unreadable images were
+        skipped, those positions shift and only the order among exactly equal scores can differ;
+        the per-group counts never depend on the order.
+
+        Args:
+            shards: the `EvalExtras` of each process, in rank order.
+        """
+        out, world = cls(), len(shards)
+        for name in cls._PER_IMAGE:
+            parts = [(r, torch.cat(getattr(s, name))) for r, s in enumerate(shards) if getattr(s, name)]
+            if parts:
+                positions = torch.cat([torch.arange(len(rows)) * world + r for r, rows in parts])
+                rows = torch.cat([rows for _, rows in parts])
+                getattr(out, name).append(rows[positions.argsort(stable=True)])
+        return out
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
