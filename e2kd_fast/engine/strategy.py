@@ -238,14 +238,6 @@ class Strategy:
                 for b, saved in zip(buffers, own, strict=True):
                     b.copy_(saved)
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def any_rank(self, *flags: bool) -> tuple[bool, ...]:
         """Each flag OR-ed over ranks (one small all-reduce; none for one process), so that every rank
         takes the same branch, e.g. stopping on a signal that reached one rank first."""
