@@ -438,6 +438,12 @@ class TrainConfig(Section):
             one device at batch 256 with 64 computes the statistics of 4 GPUs × 64 without SyncBN
             (the official full-ImageNet runs); running statistics follow the first group, as DDP
             broadcasts rank 0's. None: the whole micro-batch (`e2kd_fast.nn.set_batch_norm_groups`).
+        ema_decay: keep an exponential moving average of the student's weights (`e2kd_fast.engine.ema`),
+            updated after every applied optimiser step as ``ema ← decay · ema + (1 − decay) · weights``
+            (BatchNorm running statistics averaged too). A float in (0, 1), e.g. 0.9998 (about the last
+            5,000 steps); None (the default): off. With it on, evaluation, the best-checkpoint ranking and
+            ``e2kd-fast eval`` / ``explain`` / ``export`` use the averaged weights; checkpoints hold the
+            raw weights (to resume from) and the averaged ones (``model_ema``).
     """
 
     _section = "train"
@@ -459,9 +465,16 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     log_every_steps: int = 50
     bn_group_size: int | None = None
+    ema_decay: float | None = None
 
     def _validate(self) -> None:
         self._positive("epochs", "grad_accum", "eval_every_epochs", "log_every_steps")
+        require(
+            self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+            self._key("ema_decay"),
+            "must be in (0, 1), e.g. 0.9998 (the weight of the old average per optimiser step), or None for no EMA",
+            self.ema_decay,
+        )
         self._positive("checkpoint_every_steps", "checkpoint_every_minutes", "bn_group_size", optional=True)
         self._positive("seed", "keep_best", allow_zero=True)
         require(
