@@ -4,17 +4,25 @@ exact resume, evaluation of the averaged weights, and eval / export of a checkpo
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 from e2kd_fast.cli import main
 from e2kd_fast.config import config_from_dict
 from e2kd_fast.engine import TrainingError, evaluate
 from e2kd_fast.engine.ema import EmaWeights
+from e2kd_fast.engine.process_group import find_free_port
 from e2kd_fast.models import has_ema_weights, load_checkpoint, read_checkpoint
 from tests.helpers import write_image_folder
+from tests.test_distributed import KERNELS, WORLD, _assert_close, _spawn_with_deadline
+from tests.test_distributed import _fit as _fit_on_strategy
 from tests.test_trainer import _config, _fit_until_interrupted, _tiny_bcos, _trainer
 
 DECAY = 0.5  # large steps: a few updates leave the average far from the raw weights
@@ -97,15 +105,32 @@ def test_ema_is_off_by_default(tmp_path):
 # ---------------------------------------------------------------------------------------------- training
 
 
-def test_off_by_default_changes_nothing_and_on_it_changes_only_what_is_evaluated(tmp_path):
-    plain = _trainer(tmp_path / "plain", train={"epochs": 1})
-    plain.fit()
-    assert plain.ema is None
-    assert "model_ema" not in read_checkpoint(tmp_path / "plain" / "run" / "checkpoints" / "last.pt")
-    assert not any(line.startswith("ema:") for line in plain.start_summary())
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """One epoch without an EMA: the trainer (its run folder: ``<tmp>/run``)."""
+    trainer = _trainer(tmp_path_factory.mktemp("plain"), train={"epochs": 1})
+    trainer.fit()
+    return trainer
 
-    averaged = _trainer(tmp_path / "ema", train={"epochs": 1, "ema_decay": DECAY})
-    averaged.fit()
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """The same epoch with ``train.ema_decay``: the trainer."""
+    trainer = _trainer(tmp_path_factory.mktemp("ema"), train={"epochs": 1, "ema_decay": DECAY})
+    trainer.fit()
+    return trainer
+
+
+def _copy_run(trainer, tmp_path) -> None:
+    """A copy of ``trainer``'s run folder at ``tmp_path / "run"``, for a resume that leaves the original as it was."""
+    shutil.copytree(trainer.run_dir, tmp_path / "run")
+
+
+def test_off_by_default_changes_nothing_and_on_it_changes_only_what_is_evaluated(plain_run, ema_run):
+    plain, averaged = plain_run, ema_run
+    assert plain.ema is None
+    assert "model_ema" not in read_checkpoint(plain.ckpt_dir / "last.pt")
+    assert not any(line.startswith("ema:") for line in plain.start_summary())
     assert any(line.startswith(f"ema: decay {DECAY}") for line in averaged.start_summary())
     # The raw student trains exactly as without an EMA; the evaluation sees other weights.
     _assert_equal_states(averaged.student.state_dict(), plain.student.state_dict())
@@ -135,31 +160,38 @@ def test_the_ema_updates_once_per_applied_optimiser_step(tmp_path):
 
 
 def test_checkpoints_hold_the_ema_and_a_resume_continues_it_bit_for_bit(tmp_path):
-    train = {"epochs": 2, "ema_decay": DECAY, "checkpoint_every_steps": 7}
+    train = {"epochs": 1, "ema_decay": DECAY, "checkpoint_every_steps": 3}
     full = _trainer(tmp_path / "a", train=train)
     full.fit()
     checkpoints = tmp_path / "a" / "run" / "checkpoints"
     _assert_equal_states(_ema_of(checkpoints / "last.pt"), full.ema.state_dict())
     assert all("model_ema" in read_checkpoint(p) for p in checkpoints.glob("epoch_*.pt"))  # the kept best too
 
-    _fit_until_interrupted(_trainer(tmp_path / "b", train=train), 8)  # stops after step 7 of 10
-    assert read_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last.pt")["step"] == 7
+    _fit_until_interrupted(_trainer(tmp_path / "b", train=train), 4)  # stops after step 3 of 5, mid-epoch
+    assert read_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last.pt")["step"] == 3
     resumed = _trainer(tmp_path / "b", train=train)
     resumed.fit(resume="auto")
     _assert_equal_states(resumed.ema.state_dict(), full.ema.state_dict())
     _assert_equal_states(resumed.student.state_dict(), full.student.state_dict())  # raw weights resumed, not EMA
 
 
-def test_a_resume_that_changes_the_decay_is_refused(tmp_path):
-    _trainer(tmp_path, train={"epochs": 1, "ema_decay": DECAY}).fit()
+def test_a_resume_that_changes_the_decay_is_refused(ema_run, tmp_path):
+    _copy_run(ema_run, tmp_path)
     changed = _trainer(tmp_path, train={"epochs": 2, "ema_decay": 0.9})
     with pytest.raises(TrainingError, match=r"train\.ema_decay: 0\.5 → 0\.9"):
         changed.fit(resume="auto")
 
 
-def test_evaluation_and_the_best_ranking_use_the_ema_weights(tmp_path):
-    trainer = _trainer(tmp_path, train={"epochs": 1, "ema_decay": DECAY})
-    trainer.fit()
+def test_a_forced_resume_that_turns_the_ema_on_starts_it_from_the_checkpoint(plain_run, tmp_path):
+    _copy_run(plain_run, tmp_path)
+    resumed = _trainer(tmp_path, train={"epochs": 1, "ema_decay": DECAY})
+    resumed.fit(resume="auto", resume_force=True)  # the run is finished: nothing trains after the resume
+    _assert_equal_states(resumed.ema.state_dict(), resumed.student.state_dict())
+    assert "holds no EMA weights: the average starts from its weights" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_evaluation_and_the_best_ranking_use_the_ema_weights(ema_run):
+    trainer = ema_run
     raw = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     metrics = trainer.evaluate()
     _assert_equal_states(trainer.student.state_dict(), raw)  # the raw weights are back after it
@@ -174,13 +206,36 @@ def test_evaluation_and_the_best_ranking_use_the_ema_weights(tmp_path):
     assert trainer.state.best[0][0] == metrics["top1"]
 
 
+def _ddp_worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        E2KD_BACKEND=KERNELS,
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    _fit_on_strategy(Path(root) / "ddp", {"strategy": "ddp"}, {"ema_decay": DECAY}, {})
+    dist.destroy_process_group()
+
+
+def test_two_ddp_processes_average_what_one_process_averages(tmp_path, monkeypatch):
+    monkeypatch.setenv("E2KD_BACKEND", KERNELS)
+    single = _fit_on_strategy(tmp_path / "single", {"strategy": "single"}, {"ema_decay": DECAY}, {})
+    failure = _spawn_with_deadline(_ddp_worker, (find_free_port(), str(tmp_path)), seconds=120)
+    assert failure is None, failure
+    saved = read_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    _assert_close(saved["model_ema"], single.ema.state_dict())  # the underlying student's weights, averaged
+    assert any(not torch.equal(saved["model"][k], saved["model_ema"][k]) for k in saved["model"])
+
+
 # ---------------------------------------------------------------------------------------------- files and CLI
 
 
-def test_load_checkpoint_takes_the_ema_weights_unless_asked_for_the_raw_ones(tmp_path):
-    trainer = _trainer(tmp_path, train={"epochs": 1, "ema_decay": DECAY})
-    trainer.fit()
-    payload = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+def test_load_checkpoint_takes_the_ema_weights_unless_asked_for_the_raw_ones(ema_run):
+    payload = read_checkpoint(ema_run.ckpt_dir / "last.pt")
     assert has_ema_weights(payload)
     model = _tiny_bcos(0)
     assert load_checkpoint(model, payload).ema
