@@ -104,7 +104,8 @@ class ModelConfig(Section):
     Attributes:
         name: a name from `e2kd_fast.models.list_models()`, e.g. ``"bcos_resnet18"`` or ``"resnet18"``.
         num_classes: number of outputs; None takes the model's default (1000 for ImageNet models).
-        checkpoint: weights to start from (any format `load_checkpoint` accepts); None = fresh weights.
+        checkpoint: weights to start from (any format `load_checkpoint` accepts; of a checkpoint that
+            holds EMA weights, those); None = fresh weights.
         kwargs: extra keyword arguments of `create_model`, e.g. ``{"norm": "bnu", "b": 2}``. A plain
             dict (so it serialises as it is); treat it as read-only. It takes no part in the hash.
     """
@@ -128,7 +129,8 @@ class TeacherConfig(Section):
 
     Attributes:
         name: a registered model name; None = no teacher (only with ``distill.method: none``).
-        checkpoint: the teacher's weights (the official B-cos release files, torchvision files, ...).
+        checkpoint: the teacher's weights (the official B-cos release files, torchvision files, ...; of
+            a checkpoint that holds EMA weights, those).
         num_classes: number of outputs; None takes the model's default.
         mode: ``"live"`` runs the teacher on every augmented batch; ``"frozen"`` reads its logits and
             explanations, computed once per training image, from ``store`` (GTE's frozen explanations,
@@ -443,7 +445,9 @@ class TrainConfig(Section):
             (BatchNorm running statistics averaged too). A float in (0, 1), e.g. 0.9998 (about the last
             5,000 steps); None (the default): off. With it on, evaluation, the best-checkpoint ranking and
             ``e2kd-fast eval`` / ``explain`` / ``export`` use the averaged weights; checkpoints hold the
-            raw weights (to resume from) and the averaged ones (``model_ema``).
+            raw weights (to resume from) and the averaged ones (``model_ema``). The raw student is not
+            evaluated as well (that would be a second pass over the validation set): its accuracy is
+            ``epoch_top1`` on the training batches, or ``e2kd-fast eval --no-ema`` on a checkpoint.
     """
 
     _section = "train"
