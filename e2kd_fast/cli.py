@@ -2,9 +2,12 @@
 
 e2kd-fast train --config configs/x.yaml [--set optim.lr=3e-4 ...] [--resume auto|PATH [--resume-force]]
                 [--overwrite] [--print-config] [--dry-run]
-e2kd-fast eval --checkpoint runs/x/checkpoints/last.pt [--config configs/x.yaml]
-e2kd-fast explain --checkpoint ckpt.pt --out explanations/ img1.jpg img2.png
-e2kd-fast export runs/x/checkpoints/last.pt --out student.pt
+e2kd-fast eval --checkpoint runs/x/checkpoints/last.pt [--config configs/x.yaml] [--no-ema]
+e2kd-fast explain --checkpoint ckpt.pt --out explanations/ img1.jpg img2.png [--no-ema]
+e2kd-fast export runs/x/checkpoints/last.pt --out student.pt [--no-ema]
+
+eval, explain and export take a checkpoint's averaged weights (``train.ema_decay``) when it holds
+them, and say so; ``--no-ema`` takes the raw student's weights instead.
 e2kd-fast precompute --config configs/x_frozen.yaml
 e2kd-fast demo [--out runs/demo]
 e2kd-fast report runs/kd runs/e2kd --out reports/x [--images 4]
@@ -61,6 +64,24 @@ def _add_model_args(parser: argparse.ArgumentParser, fallback: bool) -> None:
     )
 
 
+def _add_ema_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-ema",
+        dest="use_ema",
+        action="store_false",
+        help="a checkpoint of a run with train.ema_decay: its raw weights, not the averaged ones (the default)",
+    )
+
+
+def _say_which_weights(source: object, payload: object, use_ema: bool) -> None:
+    """One line on stderr when a checkpoint holds averaged weights: which of its two sets is used."""
+    from e2kd_fast.models import has_ema_weights
+
+    if has_ema_weights(payload):
+        which = "the EMA (averaged) weights" if use_ema else "the raw weights (--no-ema)"
+        print(f"e2kd-fast: {source} holds EMA weights; using {which}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2kd-fast", description="Explanation-enhanced knowledge distillation.")
     parser.add_argument("--version", action="version", version=f"e2kd-fast {__version__}")
@@ -99,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its run's (or a config's) validation data")
     _add_config_args(evaluate, required=False, what=" (default: the run config stored in the checkpoint)")
     evaluate.add_argument("--checkpoint", required=True, type=Path, help="student checkpoint to evaluate")
+    _add_ema_arg(evaluate)
 
     explain = commands.add_parser(
         "explain", help="write PNG explanations of images for a model and one labelled grid of them"
@@ -106,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("images", nargs="+", type=Path, help="image files")
     explain.add_argument("--checkpoint", type=Path, default=None, help="weights to load (default: random init)")
     _add_model_args(explain, fallback=True)
+    _add_ema_arg(explain)
     explain.add_argument("--target", type=int, default=None, help="class to explain (default: the top-1)")
     explain.add_argument("--out", type=Path, default=Path("explanations"), help="output folder")
     explain.add_argument(
@@ -120,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=Path, help="a checkpoint, or a run folder (its checkpoints/last.pt)")
     export.add_argument("--out", required=True, type=Path, help="the file to write, e.g. student.pt")
     _add_model_args(export, fallback=False)
+    _add_ema_arg(export)
 
     precompute = commands.add_parser("precompute", help="store a frozen teacher's logits and explanations")
     _add_config_args(precompute)
@@ -299,7 +323,8 @@ def _eval(args: argparse.Namespace) -> int:
     data = build_datasets(cfg, train=False)
     device = resolve_device(cfg.train.device)
     student = create_model(cfg.student.name, num_classes=cfg.student.num_classes, **dict(cfg.student.kwargs))
-    load_checkpoint(student, payload)
+    load_checkpoint(student, payload, use_ema=args.use_ema)
+    _say_which_weights(args.checkpoint, payload, args.use_ema)
     teacher = build_teacher(cfg)
     loader = make_loader(
         data.val,
@@ -392,7 +417,8 @@ def _explain(args: argparse.Namespace) -> int:
     spec = _resolve_model(args, payload, args.checkpoint)
     model = build_model(spec)
     if payload is not None:
-        load_checkpoint(model, payload)
+        load_checkpoint(model, payload, use_ema=args.use_ema)
+        _say_which_weights(args.checkpoint, payload, args.use_ema)
     model.eval()
     transform = eval_transform(spec.image_size, spec.eval_resize, encoding=spec.encoding)
     plain = eval_transform(spec.image_size, spec.eval_resize, encoding="none")
@@ -428,15 +454,19 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from e2kd_fast.models import export_model, read_checkpoint
+    from e2kd_fast.models import export_model, has_ema_weights, read_checkpoint
 
     source = args.checkpoint / "checkpoints" / "last.pt" if args.checkpoint.is_dir() else args.checkpoint
-    spec = _resolve_model(args, read_checkpoint(source), source, fill_sizes=False)
-    path, spec = export_model(source, args.out, spec)
+    payload = read_checkpoint(source)
+    spec = _resolve_model(args, payload, source, fill_sizes=False)
+    path, spec = export_model(source, args.out, spec, use_ema=args.use_ema)
     size = f"{path.stat().st_size / 2**20:.1f} MiB (from {source.stat().st_size / 2**20:.1f} MiB)"
     classes = f"{len(spec.classes)} named classes" if spec.classes else f"{spec.num_classes} classes (no names)"
     sizes = f"at {spec.image_size} px (resize {spec.eval_resize})" if spec.image_size else "(image size unknown)"
-    print(f"{source} -> {path}: {spec.name}, {classes}, {spec.encoding} input {sizes}; {size}")
+    weights = ""
+    if has_ema_weights(payload):
+        weights = "; the EMA (averaged) weights" if args.use_ema else "; the raw weights (--no-ema), not the EMA"
+    print(f"{source} -> {path}: {spec.name}, {classes}, {spec.encoding} input {sizes}{weights}; {size}")
     return 0
 
 

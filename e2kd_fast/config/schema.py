@@ -104,7 +104,8 @@ class ModelConfig(Section):
     Attributes:
         name: a name from `e2kd_fast.models.list_models()`, e.g. ``"bcos_resnet18"`` or ``"resnet18"``.
         num_classes: number of outputs; None takes the model's default (1000 for ImageNet models).
-        checkpoint: weights to start from (any format `load_checkpoint` accepts); None = fresh weights.
+        checkpoint: weights to start from (any format `load_checkpoint` accepts; of a checkpoint that
+            holds EMA weights, those); None = fresh weights.
         kwargs: extra keyword arguments of `create_model`, e.g. ``{"norm": "bnu", "b": 2}``. A plain
             dict (so it serialises as it is); treat it as read-only. It takes no part in the hash.
     """
@@ -128,7 +129,8 @@ class TeacherConfig(Section):
 
     Attributes:
         name: a registered model name; None = no teacher (only with ``distill.method: none``).
-        checkpoint: the teacher's weights (the official B-cos release files, torchvision files, ...).
+        checkpoint: the teacher's weights (the official B-cos release files, torchvision files, ...; of
+            a checkpoint that holds EMA weights, those).
         num_classes: number of outputs; None takes the model's default.
         mode: ``"live"`` runs the teacher on every augmented batch; ``"frozen"`` reads its logits and
             explanations, computed once per training image, from ``store`` (GTE's frozen explanations,
@@ -439,6 +441,14 @@ class TrainConfig(Section):
             one device at batch 256 with 64 computes the statistics of 4 GPUs × 64 without SyncBN
             (the official full-ImageNet runs); running statistics follow the first group, as DDP
             broadcasts rank 0's. None: the whole micro-batch (`e2kd_fast.nn.set_batch_norm_groups`).
+        ema_decay: keep an exponential moving average of the student's weights (`e2kd_fast.engine.ema`),
+            updated after every applied optimiser step as ``ema ← decay · ema + (1 − decay) · weights``
+            (BatchNorm running statistics averaged too). A float in (0, 1), e.g. 0.9998 (about the last
+            5,000 steps); None (the default): off. With it on, evaluation, the best-checkpoint ranking and
+            ``e2kd-fast eval`` / ``explain`` / ``export`` use the averaged weights; checkpoints hold the
+            raw weights (to resume from) and the averaged ones (``model_ema``). The raw student is not
+            evaluated as well (that would be a second pass over the validation set): its accuracy is
+            ``epoch_top1`` on the training batches, or ``e2kd-fast eval --no-ema`` on a checkpoint.
     """
 
     _section = "train"
@@ -460,9 +470,16 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     log_every_steps: int = 50
     bn_group_size: int | None = None
+    ema_decay: float | None = None
 
     def _validate(self) -> None:
         self._positive("epochs", "grad_accum", "eval_every_epochs", "log_every_steps")
+        require(
+            self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+            self._key("ema_decay"),
+            "must be in (0, 1), e.g. 0.9998 (the weight of the old average per optimiser step), or None for no EMA",
+            self.ema_decay,
+        )
         self._positive("checkpoint_every_steps", "checkpoint_every_minutes", "bn_group_size", optional=True)
         self._positive("seed", "keep_best", allow_zero=True)
         require(

@@ -10,13 +10,19 @@ What a run writes into ``train.out_dir``:
     checkpoints/last.pt  the resume point: written atomically every ``checkpoint_every_steps``, every
                          ``checkpoint_every_minutes``, at the end of every epoch and on SIGTERM / SIGINT
     checkpoints/epoch_XXXX.pt  per-epoch checkpoints; only the best ``keep_best`` by val top-1 stay
+                         (with ``train.ema_decay``, every checkpoint also holds the averaged weights,
+                         ``model_ema``, beside the raw ones it resumes from)
     summary.json         status (finished, interrupted, failed and why), final metrics, counts of
                          skipped images, wall time
 
 Exact resume: data order, augmentation and all other randomness are functions of (seed, epoch,
 step) (`e2kd_fast.data.sampling`), the initial weights are functions of the seed, and the learning
 rate is a function of the step; resuming from ``last.pt`` reproduces the losses of an uninterrupted
-run. A resume whose config changes any of that is refused (`e2kd_fast.engine.resume`).
+run. A resume whose config changes any of that is refused (`e2kd_fast.engine.resume`). The EMA of the
+weights (`e2kd_fast.engine.ema`) is saved and restored with them, so it resumes exactly too.
+
+With ``train.ema_decay`` set, evaluations (and so the ranking of the kept-best checkpoints) measure the
+averaged weights; the training accuracy (``epoch_top1``) stays that of the raw student being trained.
 
 Nothing non-finite is saved and nothing outside the run folder is deleted; docs/reliability.md lists
 what survives a kill, a signal, a full disk and a changed config.
@@ -58,6 +64,7 @@ from e2kd_fast.engine.builders import (
     student_spec,
 )
 from e2kd_fast.engine.distributed import make_strategy
+from e2kd_fast.engine.ema import EmaWeights
 from e2kd_fast.engine.evaluate import ValidationLoss, evaluate, topk_hits
 from e2kd_fast.engine.logging import LOGGER_NAME, MetricsLogger, NullMetricsLogger, run_log
 from e2kd_fast.engine.optim import build_optimizer, set_learning_rate, warmup_cosine_factor
@@ -69,6 +76,7 @@ from e2kd_fast.engine.signals import StopSignals
 from e2kd_fast.engine.step import CompileWatch, make_train_step
 from e2kd_fast.engine.strategy import NonFiniteGradientError, StateDictView
 from e2kd_fast.models import CheckpointWriteError, load_checkpoint, read_checkpoint, save_checkpoint
+from e2kd_fast.models.checkpoint import EMA_KEY
 
 # The loss terms logged per step (means over the images the step used on all ranks), when the objective
 # returns them.
@@ -224,6 +232,8 @@ class Trainer:
             agc=cfg.optim.agc and self.is_bcos,
             extra=self.step_fn.objective,
         )
+        # After the strategy: DDP and DeepSpeed have made every rank's weights rank 0's by now.
+        self.ema = None if cfg.train.ema_decay is None else EmaWeights(self.student, cfg.train.ema_decay)
 
     def _log(self, line: str) -> None:
         """One line of the run's log (rank 0 only): ``train.log`` and the console while `fit` runs."""
@@ -366,10 +376,18 @@ class Trainer:
         forward is no collective and the shares may differ by a batch), then one all-gather puts the
         shares together and every rank returns the same metrics. Every rank runs rank 0's BatchNorm
         running statistics, those the checkpoint holds (`Strategy.main_rank_buffers`).
+
+        With ``train.ema_decay`` these are the averaged weights' metrics: the student holds them during
+        the evaluation (rank 0's averaged statistics on every rank) and its own weights again
+        afterwards, bit for bit.
         """
         loader = self._loader(self.val_set, self.val_indices, shuffle=False, epoch=0, start=0, train=False)
         explanation = self.cfg.distill.explanation if self.teacher is not None else None
-        with self.strategy.main_rank_buffers():
+        with ExitStack() as weights:
+            if self.ema is not None:
+                weights.enter_context(self.ema.applied_to(self.student))
+            # After the average is in place: every rank takes rank 0's (averaged) statistics.
+            weights.enter_context(self.strategy.main_rank_buffers())
             return evaluate(
                 self.student,
                 loader,
@@ -544,6 +562,12 @@ class Trainer:
             + f"; loader {cfg.data.loader} with {resolve_num_workers(cfg.data.num_workers)} workers"
         )
         lines.append(self._compile_note)
+        if self.ema is not None:
+            lines.append(
+                f"ema: decay {self.ema.decay} per optimiser step (about the last {1 / (1 - self.ema.decay):,.0f} "
+                f"steps), {len(self.ema)} tensors averaged in float32; evaluations, the kept-best ranking and "
+                "exports use the averaged weights"
+            )
         lines.append(f"out_dir: {self.run_dir.resolve()}")
         return lines
 
@@ -700,7 +724,8 @@ class Trainer:
             return self.step_fn(images, labels, step, frozen)
 
     def _optimizer_step(self) -> None:
-        """Clipping (AGC, global norm), the optimiser, cleared gradients: the strategy's step.
+        """Clipping (AGC, global norm), the optimiser, cleared gradients: the strategy's step; then the
+        EMA of the weights, when the update was applied (not on a skipped fp16 overflow step).
 
         The strategy first checks the whole gradient for inf and NaN (one fused check, one sync) and
         applies nothing when it finds one: a finite loss can still have a non-finite gradient.
@@ -708,6 +733,8 @@ class Trainer:
         try:
             if not self.strategy.step():
                 self.state.overflow_steps += 1
+            elif self.ema is not None:
+                self.ema.update(self.student)
         except NonFiniteGradientError:
             s = self.state
             raise TrainingError(
@@ -772,6 +799,8 @@ class Trainer:
         # Whole weights and optimiser state on every strategy (DeepSpeed gathers its partitions: collective).
         model_state, optimizer_state = self.strategy.model_state(), self.strategy.optimizer_state()
         extra = {} if self.step_fn.objective is None else {"distill_objective": self.step_fn.objective.state_dict()}
+        if self.ema is not None:  # beside the raw weights, which the run resumes from
+            extra[EMA_KEY] = self.ema.state_dict()
         # Every rank checks its copy and the ranks agree, so that all of them stop together.
         (non_finite,) = self.strategy.any_rank(not _all_finite([model_state, optimizer_state, extra]))
         if non_finite:
@@ -870,7 +899,16 @@ class Trainer:
             raise TrainingError(
                 f"{path} was written for student {saved_student!r}, this run trains {self.cfg.student.name!r}"
             )
-        load_checkpoint(self.student, payload)
+        load_checkpoint(self.student, payload, use_ema=False)  # the raw weights: training goes on from them
+        if self.ema is not None:
+            if EMA_KEY in payload:
+                try:
+                    self.ema.load_state_dict(payload[EMA_KEY])
+                except ValueError as err:
+                    raise TrainingError(f"{path}: {err}") from None
+            else:  # a forced resume that turned train.ema_decay on
+                self.ema.reset(self.student)
+                self._log(f"{path} holds no EMA weights: the average starts from its weights")
         if self.step_fn.objective is not None:
             if "distill_objective" not in payload:
                 raise TrainingError(

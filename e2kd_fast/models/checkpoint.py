@@ -8,6 +8,11 @@
 * Lightning-style ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers, and the ``module.``
   (DDP) and ``_orig_mod.`` (torch.compile) key prefixes.
 
+A checkpoint of a run with ``train.ema_decay`` holds two sets of weights: ``model`` (the raw student,
+what a resume goes on from) and ``model_ema`` (the exponential moving average, what the run evaluated).
+Loading takes the averaged weights by default (``use_ema=True``, as timm's ``load_checkpoint`` does,
+which also finds timm's own ``state_dict_ema`` entry); the trainer's resume asks for the raw ones.
+
 Models may define ``convert_state_dict(sd) -> sd`` to map foreign key names (the official ViT's
 ``0.`` prefix, torchvision's legacy DenseNet names). Files are read with ``weights_only=True``:
 nothing in them is executed. All mismatches are reported together and nothing is loaded unless
@@ -37,6 +42,9 @@ from e2kd_fast._files import ordinary_file_mode
 from e2kd_fast.nn.norms import make_norm2d
 
 CHECKPOINT_FORMAT = "e2kd-fast/checkpoint"
+EMA_KEY = "model_ema"  # a training checkpoint's averaged weights (`e2kd_fast.engine.ema`), beside "model"
+# Where other trainers keep averaged weights: timm's train.py, then timm's ModelEmaV2 callers.
+_FOREIGN_EMA_KEYS = ("state_dict_ema", EMA_KEY)
 _STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.")
 _LIST_LIMIT = 8
 
@@ -54,9 +62,29 @@ class LoadReport:
     """What `load_checkpoint` found and loaded."""
 
     source: str
-    kind: str  # "state_dict", "e2kd-fast", "wrapped:<key>"
+    kind: str  # "state_dict", "e2kd-fast", "e2kd-fast:model_ema", "wrapped:<key>"
     num_tensors: int
     stripped_prefix: str
+
+    @property
+    def ema(self) -> bool:
+        """Whether the averaged (EMA) weights were loaded."""
+        return self.kind.endswith("_ema")
+
+
+def has_ema_weights(obj: Any) -> bool:
+    """Whether a loaded checkpoint holds averaged (EMA) weights that `load_checkpoint` takes by default."""
+    return isinstance(obj, Mapping) and _ema_entry(obj) is not None
+
+
+def _ema_entry(obj: Mapping) -> str | None:
+    """The key of ``obj``'s averaged weights (a state dict of tensors), or None."""
+    keys = (EMA_KEY,) if obj.get("format") == CHECKPOINT_FORMAT else _FOREIGN_EMA_KEYS
+    for key in keys:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+            return key
+    return None
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
@@ -82,13 +110,17 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
 
 
-def extract_state_dict(obj: Any, source: str = "checkpoint", prefix: str | None = None) -> tuple[dict, str, str]:
+def extract_state_dict(
+    obj: Any, source: str = "checkpoint", prefix: str | None = None, *, use_ema: bool = True
+) -> tuple[dict, str, str]:
     """Finds the model state dict inside a loaded checkpoint object.
 
     Args:
         obj: what `read_checkpoint` returned, or a state dict.
         source: a name for error messages (the file path).
         prefix: keep only keys starting with this prefix, and remove it (e.g. ``"student."``).
+        use_ema: take the averaged weights when the checkpoint holds them (``model_ema``; timm's
+            ``state_dict_ema``); False: the raw weights.
 
     Returns:
         (state_dict, kind, stripped_prefix).
@@ -98,8 +130,11 @@ def extract_state_dict(obj: Any, source: str = "checkpoint", prefix: str | None 
             f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
         )
     kind = "state_dict"
+    ema = _ema_entry(obj) if use_ema else None
     if obj.get("format") == CHECKPOINT_FORMAT:
-        obj, kind = obj.get("model"), "e2kd-fast"
+        obj, kind = (obj.get("model"), "e2kd-fast") if ema is None else (obj[ema], f"e2kd-fast:{ema}")
+    elif ema is not None:
+        obj, kind = obj[ema], f"wrapped:{ema}"
     else:
         for key in ("state_dict", "model"):
             inner = obj.get(key)
@@ -134,6 +169,7 @@ def load_checkpoint(
     src: str | os.PathLike | Mapping[str, Any],
     *,
     prefix: str | None = None,
+    use_ema: bool = True,
 ) -> LoadReport:
     """Loads weights into ``model``, all or nothing.
 
@@ -141,6 +177,8 @@ def load_checkpoint(
         model: the model to fill (e.g. from `create_model`).
         src: a file path, or an object as ``torch.load`` returns it (a state dict or a wrapper).
         prefix: take only the keys under this prefix (e.g. ``"teacher."`` in a combined checkpoint).
+        use_ema: the averaged (EMA) weights of a checkpoint that holds them (the weights a run with
+            ``train.ema_decay`` evaluated); False: its raw weights, as a resume needs them.
 
     Returns:
         A `LoadReport`.
@@ -153,7 +191,7 @@ def load_checkpoint(
     """
     source = str(src) if isinstance(src, str | os.PathLike) else "<in-memory checkpoint>"
     obj = read_checkpoint(src) if isinstance(src, str | os.PathLike) else src
-    state, kind, stripped = extract_state_dict(obj, source, prefix)
+    state, kind, stripped = extract_state_dict(obj, source, prefix, use_ema=use_ema)
     convert = getattr(model, "convert_state_dict", None)
     if callable(convert):
         state = convert(state)

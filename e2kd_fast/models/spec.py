@@ -118,18 +118,20 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 def export_model(
-    src: str | os.PathLike, dst: str | os.PathLike, spec: ModelSpec | None = None
+    src: str | os.PathLike, dst: str | os.PathLike, spec: ModelSpec | None = None, *, use_ema: bool = True
 ) -> tuple[Path, ModelSpec]:
     """Writes the weights of checkpoint ``src`` to ``dst`` with its spec and nothing else (no optimiser
     state, no run config): a file for `load_checkpoint` and ``e2kd-fast explain`` / ``eval``.
 
     The weights are loaded into the model the spec describes first, so a file that does not fit it is
-    refused rather than exported.
+    refused rather than exported. Of a checkpoint that holds averaged weights (``train.ema_decay``)
+    those are written, unless ``use_ema`` is False; the exported file holds one set of weights.
 
     Args:
         src: a training checkpoint, an exported model or (with ``spec``) any file `load_checkpoint` reads.
         dst: the file to write (atomically, mode as an ordinary new file).
         spec: the model; default: what ``src`` stores (`ModelSpec.from_checkpoint`).
+        use_ema: export the averaged (EMA) weights when ``src`` holds them; False: the raw weights.
 
     Returns:
         (the path written, the spec stored in it).
@@ -145,7 +147,7 @@ def export_model(
             "(e2kd-fast export --model NAME --num-classes N)"
         )
     model = build_model(spec)
-    load_checkpoint(model, payload)
+    load_checkpoint(model, payload, use_ema=use_ema)
     return save_checkpoint(model, dst, **{SPEC_KEY: spec.to_dict()}), spec
 
 
