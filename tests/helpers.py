@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from e2kd_fast.config import load_config
+
+
+def set_rank_environment(rank: int, world_size: int, port: int, backend: str | None = None) -> None:
+    """The variables a launcher gives rank ``rank`` of a one-node group on localhost, and with
+    ``backend`` the ``E2KD_BACKEND`` of its ops; ``DS_ACCELERATOR=cpu`` so that DeepSpeed, if used,
+    runs on the CPU."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
+    if backend is not None:
+        os.environ["E2KD_BACKEND"] = backend
 
 
 def randomize_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:

@@ -7,7 +7,6 @@ against a 4-process DDP run on the CPU (gloo) whose ranks each normalise their o
 from __future__ import annotations
 
 import copy
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from e2kd_fast.nn import (
     batch_norm_group_indices,
     set_batch_norm_groups,
 )
+from tests.helpers import set_rank_environment
 from tests.test_trainer import ShapesSet
 
 WORLD = 4
@@ -141,10 +141,7 @@ def _fit(out_dir: Path, group: int | None) -> None:
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    os.environ["E2KD_BACKEND"] = "reference"
+    set_rank_environment(rank, WORLD, port, "reference")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     _fit(Path(out_dir), None)

@@ -27,6 +27,7 @@ from e2kd_fast.engine.distributed import make_strategy
 from e2kd_fast.engine.process_group import DistEnv, dist_env, find_free_port, setup_distributed
 from e2kd_fast.engine.zero import deepspeed_config
 from e2kd_fast.models import read_checkpoint
+from tests.helpers import set_rank_environment
 from tests.test_trainer import ShapesSet
 from tests.test_trainer import _tiny_bcos_without_norms as _tiny_bcos  # batch statistics are per rank
 
@@ -140,15 +141,7 @@ def _spawn_with_deadline(fn, args: tuple, seconds: float) -> str | None:
 
 
 def _worker(rank: int, port: int, root: str, single_root: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        DS_ACCELERATOR="cpu",
-        E2KD_BACKEND=KERNELS,
-    )
+    set_rank_environment(rank, WORLD, port, KERNELS)
     torch.set_num_threads(1)
     import logging
 

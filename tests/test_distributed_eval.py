@@ -8,7 +8,6 @@ Each rank evaluates its round-robin share of the validation set and the shares a
 from __future__ import annotations
 
 import json
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from e2kd_fast.engine import Trainer
 from e2kd_fast.engine.evaluate import evaluate
 from e2kd_fast.engine.process_group import find_free_port
 from e2kd_fast.metrics.scores import EvalExtras
+from tests.helpers import set_rank_environment
 from tests.test_distributed import KERNELS, WORLD, _spawn_with_deadline
 from tests.test_trainer import ShapesSet, _tiny_bcos
 
@@ -111,15 +111,7 @@ def _scored_batches(rank: int | None, world: int, kind: str) -> list[dict]:
 
 
 def _worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        E2KD_BACKEND=KERNELS,
-        DS_ACCELERATOR="cpu",
-    )
+    set_rank_environment(rank, WORLD, port, KERNELS)
     torch.set_num_threads(1)
     import logging
 

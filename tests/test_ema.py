@@ -4,7 +4,6 @@ exact resume, evaluation of the averaged weights, and eval / export of a checkpo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +19,7 @@ from e2kd_fast.engine import TrainingError, evaluate
 from e2kd_fast.engine.ema import EmaWeights
 from e2kd_fast.engine.process_group import find_free_port
 from e2kd_fast.models import has_ema_weights, load_checkpoint, read_checkpoint
-from tests.helpers import write_image_folder
+from tests.helpers import set_rank_environment, write_image_folder
 from tests.test_distributed import KERNELS, WORLD, _assert_close, _spawn_with_deadline
 from tests.test_distributed import _fit as _fit_on_strategy
 from tests.test_trainer import _config, _fit_until_interrupted, _tiny_bcos, _trainer
@@ -207,14 +206,7 @@ def test_evaluation_and_the_best_ranking_use_the_ema_weights(ema_run):
 
 
 def _ddp_worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        E2KD_BACKEND=KERNELS,
-    )
+    set_rank_environment(rank, WORLD, port, KERNELS)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     _fit_on_strategy(Path(root) / "ddp", {"strategy": "ddp"}, {"ema_decay": DECAY}, {})

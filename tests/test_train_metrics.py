@@ -10,6 +10,7 @@ from e2kd_fast.distill import e2kd_objective
 from e2kd_fast.engine import Trainer, read_metrics
 from e2kd_fast.engine.evaluate import ValidationLoss
 from e2kd_fast.reference.losses import uniform_off_label_bce
+from tests.helpers import set_rank_environment
 from tests.test_trainer import ShapesSet, _config, _fit_until_interrupted, _tiny_bcos, _tiny_bcos_without_norms
 
 
@@ -136,14 +137,11 @@ def _fit_ddp_config(out_dir) -> None:
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    import os
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    set_rank_environment(rank, 2, port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     _fit_ddp_config(out_dir)
