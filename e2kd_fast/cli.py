@@ -5,13 +5,13 @@ e2kd-fast train --config configs/x.yaml [--set optim.lr=3e-4 ...] [--resume auto
 e2kd-fast eval --checkpoint runs/x/checkpoints/last.pt [--config configs/x.yaml] [--no-ema]
 e2kd-fast explain --checkpoint ckpt.pt --out explanations/ img1.jpg img2.png [--no-ema]
 e2kd-fast export runs/x/checkpoints/last.pt --out student.pt [--no-ema]
-
-eval, explain and export take a checkpoint's averaged weights (``train.ema_decay``) when it holds
-them, and say so; ``--no-ema`` takes the raw student's weights instead.
 e2kd-fast precompute --config configs/x_frozen.yaml
 e2kd-fast demo [--out runs/demo]
 e2kd-fast report runs/kd runs/e2kd --out reports/x [--images 4]
 e2kd-fast xdistill configs/xdistill/synthetic.yaml --out runs/xdistill
+
+eval, explain and export take a checkpoint's averaged weights (``train.ema_decay``) when it holds
+them, and say so; ``--no-ema`` takes the raw student's weights instead.
 """
 
 from __future__ import annotations
