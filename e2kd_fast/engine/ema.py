@@ -83,11 +83,9 @@ class EmaWeights:
         for k, shadow in self._shadow.items():
             shadow.copy_(state[k])
 
-    @torch.no_grad()
     def reset(self, model: nn.Module) -> None:
         """Starts the average afresh from ``model``'s current weights."""
-        for k, v in model.state_dict().items():
-            self._shadow[k].copy_(v)
+        self.load_state_dict(model.state_dict())
 
     @contextmanager
     def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
