@@ -1,8 +1,9 @@
 """Triton kernels of ``e2kd::bcos_conv2d``, ``e2kd::patch_norm`` and ``e2kd::scaled_conv_adjoint``.
 
-The B-cos conv keeps its FLOPs on cuDNN (``F.conv2d``) and fuses the memory-bound rest:
-the norm, scale and product move several times the bytes of the conv output and need no FLOPs
-worth a tensor core (the traffic model is in bench/NOTES.md):
+Two designs, chosen per call by `conv_kernel_choice` (``kernel=`` or ``$E2KD_TRITON_CONV``):
+
+``cudnn-epilogue`` (the default, measured on a GPU): the FLOPs stay on cuDNN (``F.conv2d``) and
+the memory-bound rest is fused after or before it:
 
 ``bcos_conv2d_epilogue(l, x, ...)``, given the conv output l [N, O, Ho, Wo] and its input x [N, C, H, W]:
 
@@ -16,14 +17,27 @@ worth a tensor core (the traffic model is in bench/NOTES.md):
 ``scale_product(s, g)``: the explanation sweep's s ⊙ g, the prologue of cuDNN's transposed conv
 (``e2kd::scaled_conv_adjoint``).
 
-Every kernel takes explicit strides (NCHW and channels_last both work), upcasts to fp32 right after
-each load (the interpreter has no bf16 arithmetic) and accumulates in fp32. On CPU tensors the
-kernels run only under ``TRITON_INTERPRET=1``, whose cost scales with the number of programs, so the
-launchers pick large blocks there. This module imports without Triton; the launchers need it. It
-imports nothing of the package but `e2kd_fast.ops._common` and `e2kd_fast.reference`.
+``implicit-gemm`` (groups = 1; not yet measured on a GPU): the conv itself in Triton
+(``_conv_gemm_kernel``), so the B-cos maths rides on it and no activation is read twice:
+
+- ``bcos_conv2d_gemm``: Σ_c x² as a one-channel map (given by the op that made x, or one read of x),
+  its separable box sum and sqrt (``_box_sum_kernel``, rows then columns), then the conv with
+  l and s = scale(l, n) written from the accumulator;
+- ``scaled_conv_adjoint_gemm``: the transposed conv with s ⊙ g formed as it loads g;
+- ``conv2d_product``: the adjoint's backward, d = conv(dy, ŵ) written as (s ⊙ d, g ⊙ d).
+
+Every kernel takes explicit strides (NCHW and channels_last both work; the GEMM reads its K axis
+along the channels, so channels_last is the fast layout), upcasts to fp32 right after each load
+(the interpreter has no bf16 arithmetic; the GEMM feeds tl.dot the input dtype) and accumulates in
+fp32 (fp64 for float64 inputs). On CPU tensors the kernels run only under ``TRITON_INTERPRET=1``,
+whose cost scales with the number of programs, so the launchers pick large blocks there. This
+module imports without Triton; the launchers need it. It imports nothing of the package but
+`e2kd_fast.ops._common` and `e2kd_fast.reference`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -37,6 +51,19 @@ try:
 except ImportError:  # the package must import without Triton; the launchers then raise
     triton = None
     tl = None
+
+
+CONV_KERNELS = ("cudnn-epilogue", "implicit-gemm")
+CONV_KERNEL_ENV = "E2KD_TRITON_CONV"
+
+
+def conv_kernel_choice(kernel: str | None = None) -> str:
+    """``kernel``, else ``$E2KD_TRITON_CONV``, else ``cudnn-epilogue`` (the version measured on a GPU)."""
+    name = kernel if kernel is not None else (os.environ.get(CONV_KERNEL_ENV, "").strip().lower() or CONV_KERNELS[0])
+    if name not in CONV_KERNELS:
+        where = "kernel" if kernel is not None else CONV_KERNEL_ENV
+        raise ValueError(f"e2kd_fast.kernels.bcos_conv2d: {where}={name!r}; expected one of {', '.join(CONV_KERNELS)}")
+    return name
 
 
 def _require_triton() -> None:
@@ -325,3 +352,424 @@ def scale_product(scale: Tensor, g: Tensor) -> Tensor:
     block = _pow2(numel, 16, 65536 if g.device.type == "cpu" else 1024)
     _product_kernel[(triton.cdiv(numel, block),)](scale, g, out, numel, ACC=_acc(scale, g), BLOCK=block)
     return out
+
+
+# ------------------------------------------------------------------------------------ implicit GEMM
+# The conv's FLOPs in Triton, so the B-cos maths rides on the GEMM instead of re-reading its output:
+# the M axis is the output pixels (n, h, w), the N axis the output channels, the K axis the input
+# channels of one filter tap, looped over the taps. One kernel, three uses:
+#   conv + B-cos epilogue:      l = conv(x, ŵ), s = |l|/n from the norm map (e2kd::bcos_conv2d)
+#   transposed conv + prologue: conv2dᵀ(s ⊙ g, ŵ), the product made while loading the A tile
+#                               (e2kd::scaled_conv_adjoint)
+#   conv + product epilogue:    d = conv(dy, ŵ), then (s·d, g·d) (the adjoint's backward)
+
+EPILOGUE_NONE, EPILOGUE_BCOS, EPILOGUE_PRODUCT = 0, 1, 2
+
+if triton is not None:
+
+    @triton.jit
+    def _box_sum_kernel(
+        src_ptr,
+        dst_ptr,
+        lines,
+        inner,
+        length_in,
+        length_out,
+        s_outer,
+        s_inner,
+        s_step,
+        d_outer,
+        d_inner,
+        d_step,
+        k_size,
+        stride,
+        pad,
+        SQRT: tl.constexpr,
+        NORM_EPS: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        """One axis of the separable box sum: dst[line, j] = Σ_{t<k} src[line, j·stride − pad + t].
+
+        Line ℓ sits at (ℓ // inner)·outer + (ℓ % inner)·inner stride in both tensors (so the rows
+        of [N, H, W] and the columns of [N, H, W'] are both lines); padding adds 0. SQRT: store
+        sqrt(Σ + ε) instead (the second axis of the patch norm).
+        """
+        line = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+        j = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        lmask = line < lines
+        jmask = j < length_out
+        src_line = (line // inner) * s_outer + (line % inner) * s_inner
+        total = tl.zeros((BLOCK_L, BLOCK_P), dtype=ACC)
+        for t in range(0, k_size):
+            i = j * stride - pad + t
+            m = lmask[:, None] & (jmask & (i >= 0) & (i < length_in))[None, :]
+            total += tl.load(src_ptr + src_line[:, None] + i[None, :] * s_step, mask=m, other=0.0).to(ACC)
+        if SQRT:
+            total = tl.sqrt(total + NORM_EPS)
+        dst_line = (line // inner) * d_outer + (line % inner) * d_inner
+        mask = lmask[:, None] & jmask[None, :]
+        tl.store(dst_ptr + dst_line[:, None] + j[None, :] * d_step, total.to(dst_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _conv_gemm_kernel(
+        a_ptr,
+        p_ptr,
+        w_ptr,
+        out_ptr,
+        out2_ptr,
+        e1_ptr,
+        e2_ptr,
+        batch,
+        in_h,
+        in_w,
+        out_h,
+        out_w,
+        k_channels,
+        n_channels,
+        kh_size,
+        kw_size,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        san,
+        sac,
+        sah,
+        saw,
+        spn,
+        spc,
+        sph,
+        spw,
+        swk,
+        swn,
+        swh,
+        sww,
+        son,
+        soc,
+        soh,
+        sow,
+        s1n,
+        s1c,
+        s1h,
+        s1w,
+        s2n,
+        s2c,
+        s2h,
+        s2w,
+        b,
+        TRANSPOSED: tl.constexpr,
+        PROLOGUE: tl.constexpr,
+        EPILOGUE: tl.constexpr,
+        B_IS_2: tl.constexpr,
+        SCALE_EPS: tl.constexpr,
+        ACC: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """A [BLOCK_M pixels, BLOCK_N channels] tile of a conv (or transposed conv) as an implicit GEMM.
+
+        a [N, K, in_h, in_w] is the GEMM's A (the conv's input; the transposed conv's g), read along
+        K at each filter tap; w is addressed as w[k, n, kh, kw] through (swk, swn, swh, sww), so the
+        transposed conv passes ŵ's first two strides swapped. Pixel (h, w) of the output reads, at tap
+        (kh, kw), input pixel (h·s − p + kh, w·s − p + kw) (conv) or ((h + p − kh)/s, (w + p − kw)/s)
+        where that divides (transposed; the other taps are masked). PROLOGUE: A is a ⊙ p (p read
+        with a's indexing; stride 0 broadcasts), rounded to a's dtype as the unfused product is.
+        EPILOGUE: NONE stores the result; BCOS stores l and s = scale(l, n), n read from e1
+        [N, 1, out_h, out_w]; PRODUCT stores e1·r and e2·r (e1, e2 indexed like the output).
+        """
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1).to(tl.int64)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = m < batch * out_h * out_w
+        nb = m // (out_h * out_w)
+        rest = m % (out_h * out_w)
+        oh = rest // out_w
+        ow = rest % out_w
+        co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        co_mask = co < n_channels
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for kh in range(0, kh_size):
+            if TRANSPOSED:
+                th = oh + pad_h - kh
+                ih = th // stride_h
+                h_ok = (th >= 0) & (th % stride_h == 0) & (ih < in_h)
+            else:
+                ih = oh * stride_h - pad_h + kh
+                h_ok = (ih >= 0) & (ih < in_h)
+            for kw in range(0, kw_size):
+                if TRANSPOSED:
+                    tw = ow + pad_w - kw
+                    iw = tw // stride_w
+                    ok = m_mask & h_ok & (tw >= 0) & (tw % stride_w == 0) & (iw < in_w)
+                else:
+                    iw = ow * stride_w - pad_w + kw
+                    ok = m_mask & h_ok & (iw >= 0) & (iw < in_w)
+                a_pix = nb * san + ih * sah + iw * saw
+                p_pix = nb * spn + ih * sph + iw * spw
+                w_tap = kh * swh + kw * sww
+                for k0 in range(0, k_channels, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    k_mask = kk < k_channels
+                    a_mask = ok[:, None] & k_mask[None, :]
+                    a = tl.load(a_ptr + a_pix[:, None] + kk[None, :] * sac, mask=a_mask, other=0.0)
+                    if PROLOGUE:
+                        p = tl.load(p_ptr + p_pix[:, None] + kk[None, :] * spc, mask=a_mask, other=0.0)
+                        a = (a.to(ACC) * p.to(ACC)).to(a_ptr.dtype.element_ty)
+                    w_mask = k_mask[:, None] & co_mask[None, :]
+                    wt = tl.load(w_ptr + w_tap + kk[:, None] * swk + co[None, :] * swn, mask=w_mask, other=0.0)
+                    acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        mask = m_mask[:, None] & co_mask[None, :]
+        out_off = (nb * son + oh * soh + ow * sow)[:, None] + co[None, :] * soc
+        if EPILOGUE == 1:
+            norm = tl.load(e1_ptr + nb * s1n + oh * s1h + ow * s1w, mask=m_mask, other=1.0).to(ACC)
+            if B_IS_2:
+                scale = tl.abs(acc) / norm[:, None]
+            else:
+                scale = tl.exp2((b - 1.0) * tl.log2(tl.abs(acc / norm[:, None]) + SCALE_EPS))
+            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out2_ptr + out_off, scale.to(out2_ptr.dtype.element_ty), mask=mask)
+        elif EPILOGUE == 2:
+            e1_off = (nb * s1n + oh * s1h + ow * s1w)[:, None] + co[None, :] * s1c
+            e2_off = (nb * s2n + oh * s2h + ow * s2w)[:, None] + co[None, :] * s2c
+            first = tl.load(e1_ptr + e1_off, mask=mask, other=0.0).to(ACC)
+            second = tl.load(e2_ptr + e2_off, mask=mask, other=0.0).to(ACC)
+            tl.store(out_ptr + out_off, (first * acc).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out2_ptr + out_off, (second * acc).to(out2_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _gemm_blocks(m: int, k_channels: int, n_channels: int, dtype: torch.dtype, cpu: bool) -> dict[str, int]:
+    """Tile sizes: wide tiles for the interpreter (its cost is per program), tensor-core tiles on a GPU."""
+    if cpu:
+        return {
+            "BLOCK_M": _pow2(m, 16, 1024),
+            "BLOCK_N": _pow2(n_channels, 16, 256),
+            "BLOCK_K": _pow2(k_channels, 16, 256),
+        }
+    block_n = _pow2(n_channels, 16, 128)
+    block_k = _pow2(k_channels, 16, 32 if dtype == torch.float32 else 64)
+    block_m = 128 if m >= 4096 else 64
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "num_warps": 8 if block_m * block_n > 8192 else 4,
+        "num_stages": 3,
+    }
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows cuDNN's convs (TF32 when `torch.backends.cudnn.allow_tf32`); fp64 is exact."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def _conv_gemm(
+    a: Tensor,
+    weight: Tensor,
+    out_size: tuple[int, int],
+    stride: list[int],
+    padding: list[int],
+    *,
+    transposed: bool = False,
+    prologue: Tensor | None = None,
+    epilogue: int = EPILOGUE_NONE,
+    first: Tensor | None = None,
+    second: Tensor | None = None,
+    b: float = 2.0,
+) -> tuple[Tensor, Tensor | None]:
+    """Launches `_conv_gemm_kernel` (groups = 1). a: [N, K, h, w]; weight: ŵ [O, C, kH, kW] in a's
+    dtype; the output [N, O or C, *out_size] takes a's memory format (and, for BCOS/PRODUCT, a second
+    output of the same shape and strides)."""
+    n, k_channels, in_h, in_w = a.shape
+    out_h, out_w = out_size
+    kh, kw = weight.shape[-2:]
+    if transposed:
+        taps = weight.permute(2, 3, 0, 1).contiguous()  # [kH, kW, O (reduced), C (produced)]
+    else:
+        taps = weight.permute(2, 3, 1, 0).contiguous()  # [kH, kW, C (reduced), O (produced)]
+    n_channels = taps.shape[3]
+    if taps.shape[2] != k_channels:
+        raise ValueError(
+            f"conv_gemm: the input has {k_channels} channels, the weight {taps.shape[2]} "
+            f"(shape {tuple(weight.shape)}, transposed={transposed}, groups must be 1)"
+        )
+    shape = (n, n_channels, out_h, out_w)
+    fmt = memory_format_of(a)
+    out = torch.empty(shape, dtype=a.dtype, device=a.device, memory_format=fmt)
+    out2 = torch.empty_like(out) if epilogue != EPILOGUE_NONE else None
+    m = n * out_h * out_w
+    blocks = _gemm_blocks(m, k_channels, n_channels, a.dtype, a.device.type == "cpu")
+    grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n_channels, blocks["BLOCK_N"]))
+    _conv_gemm_kernel[grid](
+        a,
+        prologue if prologue is not None else a,
+        taps,
+        out,
+        out2 if out2 is not None else out,
+        first if first is not None else out,
+        second if second is not None else out,
+        n,
+        in_h,
+        in_w,
+        out_h,
+        out_w,
+        k_channels,
+        n_channels,
+        kh,
+        kw,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        *a.stride(),
+        *_strides4(prologue),
+        taps.stride(2),
+        taps.stride(3),
+        taps.stride(0),
+        taps.stride(1),
+        *out.stride(),
+        *_strides4(first),
+        *_strides4(second),
+        float(b),
+        TRANSPOSED=transposed,
+        PROLOGUE=prologue is not None,
+        EPILOGUE=epilogue,
+        B_IS_2=float(b) == 2.0,
+        SCALE_EPS=SCALE_EPS,
+        ACC=_acc(a),
+        DOT_PRECISION=_dot_precision(a.dtype),
+        **blocks,
+    )
+    return out, out2
+
+
+def norm_from_sumsq(sumsq: Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    """[N, 1, H, W] Σ_c x² → [N, 1, Ho, Wo] patch norm sqrt(boxsum + ε) in sumsq's dtype (fp32/fp64),
+    contiguous: the box sum along the rows, then along the columns (k_h + k_w loads per pixel, not k_h·k_w)."""
+    _require_triton()
+    n, one, h, w = sumsq.shape
+    if one != 1:
+        raise ValueError(f"norm_from_sumsq: expected one channel of sums of squares, got shape {tuple(sumsq.shape)}")
+    out_h = conv_output_size(h, kernel[0], stride[0], padding[0])
+    out_w = conv_output_size(w, kernel[1], stride[1], padding[1])
+    rows = torch.empty(n, h, out_w, dtype=sumsq.dtype, device=sumsq.device)
+    norm = torch.empty(n, 1, out_h, out_w, dtype=sumsq.dtype, device=sumsq.device)
+    cpu = sumsq.device.type == "cpu"
+    acc = _acc(sumsq)
+
+    def run(src, dst, lines, inner, length_in, length_out, s, d, k, st, pad, sqrt):
+        block_p = _pow2(length_out, 16, 1024 if cpu else 128)
+        block_l = _pow2(lines, 1, 256 if cpu else 8)
+        grid = (triton.cdiv(lines, block_l), triton.cdiv(length_out, block_p))
+        _box_sum_kernel[grid](
+            src, dst, lines, inner, length_in, length_out, *s, *d, k, st, pad,
+            SQRT=sqrt, NORM_EPS=PATCH_NORM_EPS, ACC=acc, BLOCK_L=block_l, BLOCK_P=block_p,
+        )  # fmt: skip
+
+    sq = sumsq.stride()
+    run(
+        sumsq,
+        rows,
+        n * h,
+        h,
+        w,
+        out_w,
+        (sq[0], sq[2], sq[3]),
+        (h * out_w, out_w, 1),
+        kernel[1],
+        stride[1],
+        padding[1],
+        False,
+    )
+    run(
+        rows,
+        norm,
+        n * out_w,
+        out_w,
+        h,
+        out_h,
+        (h * out_w, 1, out_w),
+        (out_h * out_w, 1, out_w),
+        kernel[0],
+        stride[0],
+        padding[0],
+        True,
+    )
+    return norm
+
+
+def bcos_conv2d_gemm(
+    x: Tensor,
+    weight: Tensor,
+    b: float,
+    stride: list[int],
+    padding: list[int],
+    sumsq: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The B-cos conv (groups = 1) in one implicit-GEMM launch with the scale as its epilogue.
+
+    Args:
+        x: [N, C, H, W]; weight: the unit-norm ŵ [O, C, kH, kW] (cast to x's dtype here).
+        sumsq: [N, 1, H, W] Σ_c x² when the op that made x computed it (fp32); else one read of x here.
+
+    Returns:
+        (l, s), each [N, O, Ho, Wo] in x's dtype and memory format.
+    """
+    _require_triton()
+    kernel = list(weight.shape[-2:])
+    _check_geometry("bcos_conv2d_gemm", x, kernel, stride, padding, 1)
+    if sumsq is None:
+        sumsq = channel_sum_of_squares(x, 1)
+    norm = norm_from_sumsq(sumsq, kernel, stride, padding)
+    out_size = tuple(conv_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i]) for i in range(2))
+    return _conv_gemm(x, weight.to(x.dtype), out_size, stride, padding, epilogue=EPILOGUE_BCOS, first=norm, b=b)
+
+
+def scaled_conv_adjoint_gemm(
+    g: Tensor, scale: Tensor, weight: Tensor, in_size: list[int], stride: list[int], padding: list[int]
+) -> Tensor:
+    """conv2dᵀ(s ⊙ g, ŵ) (groups = 1) with the product made as the transposed conv loads g.
+
+    g [N, O, h, w]; scale broadcastable to g (e.g. [N, 1, h, w]); ŵ [O, C, kH, kW] → [N, C, *in_size]
+    in g's dtype and memory format.
+    """
+    _require_triton()
+    out, _ = _conv_gemm(
+        g, weight.to(g.dtype), tuple(in_size), stride, padding, transposed=True, prologue=scale.expand_as(g)
+    )
+    return out
+
+
+def conv2d_product(
+    grad: Tensor, weight: Tensor, stride: list[int], padding: list[int], first: Tensor, second: Tensor
+) -> tuple[Tensor, Tensor]:
+    """d = conv2d(grad, ŵ) (groups = 1), returned as (first ⊙ d, second ⊙ d): the adjoint's backward.
+
+    grad [N, C, H, W]; ŵ [O, C, kH, kW]; first, second broadcastable to d [N, O, Ho, Wo]; both outputs
+    are d's shape in grad's dtype and memory format.
+    """
+    _require_triton()
+    kernel = list(weight.shape[-2:])
+    out_size = tuple(conv_output_size(grad.shape[2 + i], kernel[i], stride[i], padding[i]) for i in range(2))
+    shape = (grad.shape[0], weight.shape[0], *out_size)
+    return _conv_gemm(
+        grad,
+        weight.to(grad.dtype),
+        out_size,
+        stride,
+        padding,
+        epilogue=EPILOGUE_PRODUCT,
+        first=first.expand(shape),
+        second=second.expand(shape),
+    )

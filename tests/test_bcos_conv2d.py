@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from e2kd_fast import ops
 from e2kd_fast.ops import backends
-from e2kd_fast.ops._common import memory_format_of
+from e2kd_fast.ops._common import empty_like_format, memory_format_of
 from e2kd_fast.reference.bcos import dynamic_scale, unit_norm_weight
 from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
 
@@ -122,6 +122,160 @@ def test_triton_patch_norm_and_product(geometry, layout):
     _assert_close(out, norm, torch.float32)
     gsig = torch.randn(lin.shape)
     _assert_close(kernels.scale_product(lin, gsig), lin.double() * gsig.double(), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- Triton implicit GEMM
+
+# (N, C, H, W, O, k, stride, padding, B), groups = 1: the stem's 7×7, strided 3×3 and 1×1, and maps that
+# reach 2×2 and 1×1 (the late layers of a small input).
+GEMM_GEOMETRIES = [
+    (2, 3, 5, 7, 4, 3, 1, 1, 2.0),
+    (2, 6, 9, 8, 5, 7, 2, 3, 2.5),
+    (2, 8, 5, 7, 8, 1, 2, 0, 2.0),
+    (1, 5, 4, 3, 6, 3, 2, 1, 1.5),
+    (2, 4, 2, 2, 5, 3, 2, 1, 2.0),
+    (1, 4, 1, 1, 3, 1, 1, 0, 2.0),
+]
+
+
+def _gemm_case(geometry, dtype, layout):
+    n, c, h, w, o, k, s, p, b = geometry
+    x, lin, scale, norm, weight = _case((n, c, h, w, o, k, s, p, 1, b), dtype, layout)
+    return x, lin, scale, norm, unit_norm_weight(weight)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("geometry", GEMM_GEOMETRIES, ids=str)
+def test_triton_implicit_gemm_conv_matches_reference(geometry, dtype, layout):
+    """l and s from one launch, against float64; fp16 within twice the reference's own error."""
+    from e2kd_fast.kernels import bcos_conv2d as kernels
+
+    n, c, h, w, o, k, s, p, b = geometry
+    x, lin, scale, _, w_hat = _gemm_case(geometry, dtype, layout)
+    got_lin, got_scale = kernels.bcos_conv2d_gemm(x, w_hat, b, [s, s], [p, p])
+    assert got_lin.dtype == got_scale.dtype == dtype
+    assert got_scale.stride() == got_lin.stride() == empty_like_format(x, lin.shape).stride()  # as the fake
+    budgets = [None, None]
+    if dtype == torch.float16:  # the reference layer's own error in fp16, weights rounded too
+        from e2kd_fast.reference.bcos import bcos_conv2d_parts
+
+        low = bcos_conv2d_parts(x, w_hat.to(dtype), b, 1, [s, s], [p, p], 1, 1)
+        budgets = [
+            2 * (a.double() - e).abs().max().item() + 1e-3 for a, e in zip(low, (lin.double(), scale), strict=True)
+        ]
+    _assert_close(got_lin, lin.double(), dtype, budgets[0])
+    _assert_close(got_scale, scale, dtype, budgets[1])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("geometry", GEMM_GEOMETRIES, ids=str)
+def test_triton_implicit_gemm_adjoint_and_its_backward_match_reference(geometry, dtype, layout):
+    """conv2dᵀ(s ⊙ g, ŵ) with the product in the prologue, for a full and a one-channel scale, and
+    the backward's (s ⊙ d, g ⊙ d) from one conv."""
+    from e2kd_fast.kernels import bcos_conv2d as kernels
+
+    from e2kd_fast.reference.bcos import scaled_conv_adjoint
+
+    n, c, h, w, o, k, s, p, b = geometry
+    _, lin, _, _, w_hat = _gemm_case(geometry, torch.float64, layout)
+    gen = torch.Generator().manual_seed(5)
+    g = _layout(torch.randn(lin.shape, generator=gen, dtype=torch.float64), layout)
+    for scale in (torch.rand(lin.shape, generator=gen, dtype=torch.float64), torch.rand(n, 1, *lin.shape[-2:])):
+        expected = scaled_conv_adjoint(g, scale.double(), w_hat, [h, w], [s, s], [p, p])
+        got = kernels.scaled_conv_adjoint_gemm(g.to(dtype), scale.to(dtype), w_hat, [h, w], [s, s], [p, p])
+        assert got.shape == (n, c, h, w) and got.is_contiguous(memory_format=memory_format_of(g))
+        _assert_close(got, expected, dtype)
+        grad = _layout(torch.randn(n, c, h, w, generator=gen, dtype=torch.float64), layout)
+        d = F.conv2d(grad, w_hat, None, s, p)
+        first, second = kernels.conv2d_product(grad.to(dtype), w_hat, [s, s], [p, p], scale.to(dtype), g.to(dtype))
+        _assert_close(first, scale.double() * d, dtype)
+        _assert_close(second, g * d, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("geometry", [(2, 6, 9, 8, 7, 2, 3), (1, 3, 4, 5, 3, 1, 1), (2, 2, 1, 1, 1, 1, 0)], ids=str)
+def test_triton_separable_box_sum_is_the_patch_norm(geometry):
+    """Rows, then columns (with the sqrt) of a one-channel Σx² map, in any strides."""
+    from e2kd_fast.kernels import bcos_conv2d as kernels
+
+    n, c, h, w, k, s, p = geometry
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    sumsq = (x * x).sum(1, keepdim=True)
+    for q in (sumsq, sumsq.contiguous(memory_format=torch.channels_last), sumsq.transpose(2, 3).contiguous().mT):
+        got = kernels.norm_from_sumsq(q, [k, k], [s, s], [p, p])
+        torch.testing.assert_close(got, patch_norm_reference(x, k, s, p, 1, None), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="one channel"):
+        kernels.norm_from_sumsq(torch.ones(1, 2, 3, 3), [1, 1], [1, 1], [0, 0])
+
+
+def test_conv_kernel_choice_names_the_variable_and_the_choices(monkeypatch):
+    pytest.importorskip("triton")
+    from e2kd_fast.kernels import bcos_conv2d as kernels
+
+    monkeypatch.delenv("E2KD_TRITON_CONV", raising=False)
+    assert kernels.conv_kernel_choice() == "cudnn-epilogue"
+    monkeypatch.setenv("E2KD_TRITON_CONV", " Implicit-GEMM ")
+    assert kernels.conv_kernel_choice() == "implicit-gemm"
+    monkeypatch.setenv("E2KD_TRITON_CONV", "winograd")
+    with pytest.raises(ValueError, match="E2KD_TRITON_CONV='winograd'; expected one of cudnn-epilogue, implicit-gemm"):
+        kernels.conv_kernel_choice()
+
+
+@needs_interpreter
+def test_ops_route_through_the_implicit_gemm_kernels_and_differentiate(monkeypatch):
+    """With ``E2KD_TRITON_CONV=implicit-gemm`` the ops call the GEMM launchers (grouped convs keep the
+    cuDNN epilogue); gradients equal the reference's; the adjoint's first-order eager backward comes
+    from `conv2d_product`, a double backward or a compiled one from torch ops."""
+    from e2kd_fast.kernels import bcos_conv2d as kernels
+
+    calls: dict[str, int] = {}
+    for name in ("bcos_conv2d_gemm", "scaled_conv_adjoint_gemm", "conv2d_product", "bcos_conv2d_epilogue"):
+        original = getattr(kernels, name)
+
+        def spy(*args, original=original, name=name, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    monkeypatch.setenv("E2KD_TRITON_CONV", "implicit-gemm")
+    gen = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    x, w = rand(2, 3, 6, 5), rand(4, 3, 3, 3)
+    g, scale, w_hat = rand(2, 4, 3, 3), rand(2, 1, 3, 3), rand(4, 3, 3, 3)
+    adjoint_args = ([6, 5], [2, 2], [1, 1], [1, 1], 1)
+    with backends.use_backend("reference"):
+        expected = ops.bcos_conv2d(x, w, 2.0, [2, 2], [1, 1], 1)
+        expected_adjoint = ops.scaled_conv_adjoint(g, scale, w_hat, *adjoint_args)
+        expected_grads = torch.autograd.grad(expected_adjoint.square().sum(), (g, scale, w_hat))
+    with backends.use_backend("triton"):
+        got = ops.bcos_conv2d(x, w, 2.0, [2, 2], [1, 1], 1)
+        assert calls == {"bcos_conv2d_gemm": 1}
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        ops.bcos_conv2d(x, rand(6, 1, 3, 3), 2.0, [1, 1], [1, 1], 3)  # grouped: the cuDNN epilogue
+        assert calls["bcos_conv2d_epilogue"] == 1
+        adjoint = ops.scaled_conv_adjoint(g, scale, w_hat, *adjoint_args)
+        assert calls["scaled_conv_adjoint_gemm"] == 1
+        torch.testing.assert_close(adjoint, expected_adjoint, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(adjoint.square().sum(), (g, scale, w_hat))
+        assert calls["conv2d_product"] == 1
+        for a, e in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda *t: ops.bcos_conv2d(*t, 2.0, [2, 2], [1, 1], 1), (x, w), fast_mode=True)
+        assert torch.autograd.gradgradcheck(
+            lambda *t: ops.scaled_conv_adjoint(*t, *adjoint_args), (g, scale, w_hat), fast_mode=True
+        )
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda *t: ops.scaled_conv_adjoint(*t, *adjoint_args), backend="aot_eager")
+        grads = torch.autograd.grad(compiled(g, scale, w_hat).square().sum(), (g, scale, w_hat))
+        for a, e in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- C++
@@ -282,10 +436,13 @@ def test_sweep_with_a_fast_backend_equals_autograd(backend):
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
-def test_gpu_epilogue_in_low_precision(backend, dtype, layout):
+@pytest.mark.parametrize("backend", ["triton", "triton-implicit-gemm", "cpp"])
+def test_gpu_epilogue_in_low_precision(backend, dtype, layout, monkeypatch):
     if backend == "cpp" and "cpp" not in backends.candidates("e2kd::bcos_conv2d", "cuda"):
         pytest.skip("the extension was built without CUDA")
+    if backend == "triton-implicit-gemm":
+        backend = "triton"
+        monkeypatch.setenv("E2KD_TRITON_CONV", "implicit-gemm")
     for geometry in GEOMETRIES:
         n, c, h, w, o, k, s, p, g, b = geometry
         x, lin, scale, _, weight = _case(geometry, dtype, layout)
@@ -298,6 +455,7 @@ def test_gpu_epilogue_in_low_precision(backend, dtype, layout):
         with backends.use_backend(backend):
             got_lin, got_scale = ops.bcos_conv2d(x, weight, b, [s, s], [p, p], g)
         assert got_scale.is_contiguous(memory_format=memory_format_of(x))
-        ref_err = (low_scale.double() - ref_scale).abs().max().item()
-        err = (got_scale.double() - ref_scale).abs().max().item()
-        assert err <= 2 * ref_err + 1e-6, f"{geometry}: {err:.3g} > 2 × {ref_err:.3g}"
+        for got, low, ref in ((got_scale, low_scale, ref_scale), (got_lin, low_lin, ref_lin)):
+            ref_err = (low.double() - ref).abs().max().item()
+            err = (got.double() - ref).abs().max().item()
+            assert err <= 2 * ref_err + 1e-6, f"{geometry}: {err:.3g} > 2 × {ref_err:.3g}"

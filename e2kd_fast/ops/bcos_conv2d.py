@@ -14,11 +14,15 @@ dilation); the layer's output is scale · linear, and the scale is what the expl
 
 The maths of every op here is stated once, in `e2kd_fast.reference.bcos` (``bcos_conv2d_parts``,
 ``patch_norm``, ``scaled_conv_adjoint``): each op's reference back end calls it and fixes the output
-layout. The backwards are plain torch ops, so they are differentiable again (gradgradcheck).
+layout. The backwards are plain torch ops, so they are differentiable again (gradgradcheck);
+the one exception is a first-order backward of the adjoint in eager mode under the Triton
+``implicit-gemm`` kernels, which writes (s ⊙ d, g ⊙ d) from one conv launch.
 
-Back ends: ``triton`` (``kernels/bcos_conv2d.py``: the epilogue, the patch norm and the scale
-product after or before cuDNN's conv) and ``cpp`` (``csrc/{cpu,cuda}/bcos_conv2d.*``, library ops
-``e2kd_cpp::bcos_conv2d_epilogue`` and ``e2kd_cpp::bcos_conv2d_patch_norm``).
+Back ends: ``triton`` (``kernels/bcos_conv2d.py``: by default the epilogue, the patch norm and the
+scale product after or before cuDNN's conv; with ``E2KD_TRITON_CONV=implicit-gemm`` the conv and
+transposed conv themselves, with the scale as epilogue and prologue) and ``cpp``
+(``csrc/{cpu,cuda}/bcos_conv2d.*``, library ops ``e2kd_cpp::bcos_conv2d_epilogue`` and
+``e2kd_cpp::bcos_conv2d_patch_norm``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from e2kd_fast.ops import backends
 from e2kd_fast.ops._common import conv_output_size, empty_like_format, memory_format_of, scale_slope
@@ -141,17 +146,36 @@ def _adjoint_setup(ctx, inputs, output) -> None:
     ctx.geometry = (stride, padding, dilation, groups)
 
 
+def _fused_adjoint_backward(grad: Tensor, groups: int, dilation: list[int]):
+    """The Triton kernels for the adjoint's backward, or None: only a first-order backward outside
+    compiled graphs (a kernel launch is not differentiable again, nor traceable with fake tensors)
+    where the Triton ``implicit-gemm`` kernels run this op."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    # Tracing (AOTAutograd, opcheck, make_fx) runs the backward under a dispatch mode or on
+    # tensor subclasses; a kernel launch needs real storage.
+    if _python_dispatch._get_current_dispatch_mode() is not None or type(grad) is not torch.Tensor:
+        return None
+    if backends.choose("e2kd::scaled_conv_adjoint", grad.device.type) != "triton":
+        return None
+    return _gemm_kernels(groups, dilation)
+
+
 def _adjoint_backward(ctx, grad: Tensor):
     g, scale, weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
-    # Mixed precision: grad, g and the scale may be bf16/fp16 while the weight stays fp32.
-    grad_scaled = F.conv2d(
-        grad, weight.to(grad.dtype), None, stride, padding, dilation, groups
-    )  # adjoint of the transpose
     grad_weight = None
     if ctx.needs_input_grad[2]:
         scaled = (scale * g).to(grad.dtype)
         grad_weight = torch.nn.grad.conv2d_weight(grad, weight.shape, scaled, stride, padding, dilation, groups)
+    fused = _fused_adjoint_backward(grad, groups, dilation)
+    if fused is not None:  # (s ⊙ d, g ⊙ d) written by the conv d = conv2d(grad, ŵ) itself
+        grad_g, grad_scale = fused.conv2d_product(grad, weight, stride, padding, scale, g)
+        return grad_g, grad_scale, grad_weight, None, None, None, None, None
+    # Mixed precision: grad, g and the scale may be bf16/fp16 while the weight stays fp32.
+    grad_scaled = F.conv2d(
+        grad, weight.to(grad.dtype), None, stride, padding, dilation, groups
+    )  # adjoint of the transpose
     return scale * grad_scaled, g * grad_scaled, grad_weight, None, None, None, None, None
 
 
@@ -291,11 +315,34 @@ def patch_norm_triton(x, kernel, stride, padding, groups, out_channels):
     return kernels.patch_norm(x, kernel, stride, padding, groups, out_channels)
 
 
-@backends.register("e2kd::bcos_conv2d", "triton", ("cuda",))
-def bcos_conv2d_triton(x, weight, b, stride, padding, groups):
-    """cuDNN conv, then the fused epilogue (channel sum of squares, box sum, sqrt, scale) in Triton."""
+def _gemm_kernels(groups: int, dilation: list[int] | None = None):
+    """The Triton kernel module when `conv_kernel_choice` is ``implicit-gemm`` and the conv is one
+    they cover (groups = 1, no dilation); else None (the cuDNN-epilogue kernels run)."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
 
+    if groups != 1 or (dilation is not None and list(dilation) != [1, 1]):
+        return None
+    return kernels if kernels.conv_kernel_choice() == "implicit-gemm" else None
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the conv runs in: autocast's for a float32 input inside an autocast region, else x's."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+@backends.register("e2kd::bcos_conv2d", "triton", ("cuda",))
+def bcos_conv2d_triton(x, weight, b, stride, padding, groups):
+    """``cudnn-epilogue``: cuDNN conv, then the fused epilogue (channel sum of squares, box sum, sqrt,
+    scale) in Triton. ``implicit-gemm``: the conv in Triton with the scale as its epilogue."""
+    from e2kd_fast.kernels import bcos_conv2d as kernels
+
+    gemm = _gemm_kernels(groups)
+    if gemm is not None:
+        dtype = _compute_dtype(x)
+        return gemm.bcos_conv2d_gemm(x.to(dtype), reference.unit_norm_weight(weight).to(dtype), b, stride, padding)
     linear = _conv_linear(x, weight, stride, padding, groups)
     # Under autocast the conv runs in the low precision: the epilogue reads x in that dtype too.
     x = x.to(linear.dtype)
@@ -305,9 +352,13 @@ def bcos_conv2d_triton(x, weight, b, stride, padding, groups):
 
 @backends.register("e2kd::scaled_conv_adjoint", "triton", ("cuda",))
 def scaled_conv_adjoint_triton(g, scale, weight, in_size, stride, padding, dilation, groups):
-    """s ⊙ g in one Triton pass (in g's memory format), then cuDNN's transposed conv."""
+    """``cudnn-epilogue``: s ⊙ g in one Triton pass (in g's memory format), then cuDNN's transposed
+    conv. ``implicit-gemm``: the transposed conv in Triton, forming s ⊙ g as it loads g."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
 
+    gemm = _gemm_kernels(groups, dilation)
+    if gemm is not None:
+        return gemm.scaled_conv_adjoint_gemm(g, scale.to(g.dtype), weight, in_size, stride, padding)
     product = kernels.scale_product(scale.to(g.dtype).expand_as(g), g)
     return _conv_transpose(product, weight, in_size, stride, padding, dilation, groups)
 
