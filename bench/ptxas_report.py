@@ -56,7 +56,7 @@ MAP_SHAPE = (6, 224, 224)  # the explanation maps and contribution-map inputs of
 B_VALUES = (2.0,)  # every conv of the zoo's B-cos models (the epilogue's B = 2 branch)
 
 # (C, H, W, O, k, stride, padding, groups): the stem, a 3×3 at 56², the strided 1×1 and 3×3
-# down-samples, a 3×3 on 7×7 maps and DenseNet's wide 1×1 at 7×7. Together they reach every block size and
+# down-samples, a 3×3 on 7×7 maps, DenseNet's wide 1×1 at 7×7 and its 3×3 growth conv (32 outputs). Together they reach every block size and
 # constant the zoo reaches (checked by `main` on the zoo workload).
 CORE_CONV_GEOMETRIES: tuple[tuple[int, ...], ...] = (
     (6, 224, 224, 64, 7, 2, 3, 1),
@@ -65,6 +65,7 @@ CORE_CONV_GEOMETRIES: tuple[tuple[int, ...], ...] = (
     (64, 56, 56, 128, 3, 2, 1, 1),
     (512, 7, 7, 512, 3, 1, 1, 1),
     (1632, 7, 7, 128, 1, 1, 0, 1),
+    (128, 28, 28, 32, 3, 1, 1, 1),
 )
 
 
@@ -207,6 +208,16 @@ def _conv_launches(
                     kernels.patch_norm(x, [k, k], [s, s], [p, p], g, o)
                     set_origin(f"scaled_conv_adjoint {where}")
                     kernels.scale_product(_meta(lin.shape, dtype, channels_last), lin)
+                    if g == 1 and channels_last:  # the implicit GEMM (E2KD_TRITON_CONV=implicit-gemm)
+                        w_hat = _meta((o, c, k, k), dtype)
+                        for b in B_VALUES:
+                            set_origin(f"bcos_conv2d implicit-gemm {where}")
+                            kernels.bcos_conv2d_gemm(x, w_hat, b, [s, s], [p, p])
+                        set_origin(f"scaled_conv_adjoint implicit-gemm {where}")
+                        scale = _meta((n, 1, ho, wo), dtype, channels_last)
+                        kernels.scaled_conv_adjoint_gemm(lin, scale, w_hat, [h, w], [s, s], [p, p])
+                        set_origin(f"scaled_conv_adjoint backward implicit-gemm {where}")
+                        kernels.conv2d_product(x, w_hat, [s, s], [p, p], scale, lin)
 
 
 def _loss_launches(batches: Sequence[int], set_origin: Callable[[str], None]) -> None:

@@ -465,6 +465,7 @@ if triton is not None:
         B_IS_2: tl.constexpr,
         SCALE_EPS: tl.constexpr,
         ACC: tl.constexpr,
+        INDEX: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -480,9 +481,10 @@ if triton is not None:
         with a's indexing; stride 0 broadcasts), rounded to a's dtype as the unfused product is.
         EPILOGUE: NONE stores the result; BCOS stores l and s = scale(l, n), n read from e1
         [N, 1, out_h, out_w]; PRODUCT stores e1·r and e2·r (e1, e2 indexed like the output).
+        INDEX: int32 offsets (half the registers of int64) when every tensor has < 2³¹ elements.
         """
-        pid_m = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1).to(tl.int64)
+        pid_m = tl.program_id(0).to(INDEX)
+        pid_n = tl.program_id(1).to(INDEX)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = m < batch * out_h * out_w
         nb = m // (out_h * out_w)
@@ -543,7 +545,9 @@ if triton is not None:
             tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _gemm_blocks(m: int, k_channels: int, n_channels: int, dtype: torch.dtype, cpu: bool) -> dict[str, int]:
+def _gemm_blocks(
+    m: int, k_channels: int, n_channels: int, dtype: torch.dtype, epilogue: int, cpu: bool
+) -> dict[str, int]:
     """Tile sizes: wide tiles for the interpreter (its cost is per program), tensor-core tiles on a GPU."""
     if cpu:
         return {
@@ -551,9 +555,13 @@ def _gemm_blocks(m: int, k_channels: int, n_channels: int, dtype: torch.dtype, c
             "BLOCK_N": _pow2(n_channels, 16, 256),
             "BLOCK_K": _pow2(k_channels, 16, 256),
         }
+    # 4 warps up to a 64×128 fp32 accumulator (64 registers a thread), 8 above. fp32 operands and the
+    # product epilogue (two more tiles read) take half the K depth and, with wide N, half the M
+    # depth (the sm_90a report: no spills).
+    heavy = dtype == torch.float32 or epilogue == EPILOGUE_PRODUCT
     block_n = _pow2(n_channels, 16, 128)
-    block_k = _pow2(k_channels, 16, 32 if dtype == torch.float32 else 64)
-    block_m = 128 if m >= 4096 else 64
+    block_k = _pow2(k_channels, 16, 32 if heavy else 64)
+    block_m = 128 if m >= 4096 and not (heavy and block_n > 64) else 64
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
@@ -568,6 +576,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def _int32_offsets(t: Tensor | None) -> bool:
+    """Whether every element offset of ``t`` (its largest reachable one) fits in an int32."""
+    if t is None:
+        return True
+    return sum((size - 1) * abs(step) for size, step in zip(t.shape, t.stride(), strict=True)) < 2**31
 
 
 def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
@@ -609,7 +624,7 @@ def _conv_gemm(
     out = torch.empty(shape, dtype=a.dtype, device=a.device, memory_format=fmt)
     out2 = torch.empty_like(out) if epilogue != EPILOGUE_NONE else None
     m = n * out_h * out_w
-    blocks = _gemm_blocks(m, k_channels, n_channels, a.dtype, a.device.type == "cpu")
+    blocks = _gemm_blocks(m, k_channels, n_channels, a.dtype, epilogue, a.device.type == "cpu")
     grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n_channels, blocks["BLOCK_N"]))
     _conv_gemm_kernel[grid](
         a,
@@ -648,6 +663,7 @@ def _conv_gemm(
         B_IS_2=float(b) == 2.0,
         SCALE_EPS=SCALE_EPS,
         ACC=_acc(a),
+        INDEX=tl.int32 if all(_int32_offsets(t) for t in (a, taps, out, prologue, first, second)) else tl.int64,
         DOT_PRECISION=_dot_precision(a.dtype),
         **blocks,
     )

@@ -227,9 +227,10 @@ def test_conv_kernel_choice_names_the_variable_and_the_choices(monkeypatch):
 
 @needs_interpreter
 def test_ops_route_through_the_implicit_gemm_kernels_and_differentiate(monkeypatch):
-    """With ``E2KD_TRITON_CONV=implicit-gemm`` the ops call the GEMM launchers (grouped convs keep the
-    cuDNN epilogue); gradients equal the reference's; the adjoint's first-order eager backward comes
-    from `conv2d_product`, a double backward or a compiled one from torch ops."""
+    """With ``E2KD_TRITON_CONV=implicit-gemm`` the ops call the GEMM launchers on channels_last inputs
+    (grouped convs and NCHW inputs keep the cuDNN epilogue); gradients equal the reference's; the
+    adjoint's first-order eager backward comes from `conv2d_product`, a double backward or a
+    compiled one from torch ops."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
 
     calls: dict[str, int] = {}
@@ -245,7 +246,8 @@ def test_ops_route_through_the_implicit_gemm_kernels_and_differentiate(monkeypat
     gen = torch.Generator().manual_seed(11)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return _layout(t, "channels_last").requires_grad_()
 
     x, w = rand(2, 3, 6, 5), rand(4, 3, 3, 3)
     g, scale, w_hat = rand(2, 4, 3, 3), rand(2, 1, 3, 3), rand(4, 3, 3, 3)
@@ -259,7 +261,8 @@ def test_ops_route_through_the_implicit_gemm_kernels_and_differentiate(monkeypat
         assert calls == {"bcos_conv2d_gemm": 1}
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         ops.bcos_conv2d(x, rand(6, 1, 3, 3), 2.0, [1, 1], [1, 1], 3)  # grouped: the cuDNN epilogue
-        assert calls["bcos_conv2d_epilogue"] == 1
+        ops.bcos_conv2d(x.detach().contiguous(), w, 2.0, [2, 2], [1, 1], 1)  # NCHW: likewise
+        assert calls["bcos_conv2d_epilogue"] == 2
         adjoint = ops.scaled_conv_adjoint(g, scale, w_hat, *adjoint_args)
         assert calls["scaled_conv_adjoint_gemm"] == 1
         torch.testing.assert_close(adjoint, expected_adjoint, rtol=1e-12, atol=1e-12)

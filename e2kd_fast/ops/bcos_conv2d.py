@@ -158,7 +158,7 @@ def _fused_adjoint_backward(grad: Tensor, groups: int, dilation: list[int]):
         return None
     if backends.choose("e2kd::scaled_conv_adjoint", grad.device.type) != "triton":
         return None
-    return _gemm_kernels(groups, dilation)
+    return _gemm_kernels(grad, groups, dilation)
 
 
 def _adjoint_backward(ctx, grad: Tensor):
@@ -315,12 +315,14 @@ def patch_norm_triton(x, kernel, stride, padding, groups, out_channels):
     return kernels.patch_norm(x, kernel, stride, padding, groups, out_channels)
 
 
-def _gemm_kernels(groups: int, dilation: list[int] | None = None):
+def _gemm_kernels(a: Tensor, groups: int, dilation: list[int] | None = None):
     """The Triton kernel module when `conv_kernel_choice` is ``implicit-gemm`` and the conv is one
-    they cover (groups = 1, no dilation); else None (the cuDNN-epilogue kernels run)."""
+    its kernels cover: groups = 1, no dilation, and the GEMM's input ``a`` with its channels
+    innermost (channels_last; in NCHW its K axis would be a strided gather). Else None: the
+    cuDNN-epilogue kernels run."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
 
-    if groups != 1 or (dilation is not None and list(dilation) != [1, 1]):
+    if groups != 1 or (dilation is not None and list(dilation) != [1, 1]) or a.stride(1) != 1:
         return None
     return kernels if kernels.conv_kernel_choice() == "implicit-gemm" else None
 
@@ -339,7 +341,7 @@ def bcos_conv2d_triton(x, weight, b, stride, padding, groups):
     scale) in Triton. ``implicit-gemm``: the conv in Triton with the scale as its epilogue."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
 
-    gemm = _gemm_kernels(groups)
+    gemm = _gemm_kernels(x, groups)
     if gemm is not None:
         dtype = _compute_dtype(x)
         return gemm.bcos_conv2d_gemm(x.to(dtype), reference.unit_norm_weight(weight).to(dtype), b, stride, padding)
@@ -356,7 +358,7 @@ def scaled_conv_adjoint_triton(g, scale, weight, in_size, stride, padding, dilat
     conv. ``implicit-gemm``: the transposed conv in Triton, forming s ⊙ g as it loads g."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
 
-    gemm = _gemm_kernels(groups, dilation)
+    gemm = _gemm_kernels(g, groups, dilation)
     if gemm is not None:
         return gemm.scaled_conv_adjoint_gemm(g, scale.to(g.dtype), weight, in_size, stride, padding)
     product = kernels.scale_product(scale.to(g.dtype).expand_as(g), g)
