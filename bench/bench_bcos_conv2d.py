@@ -4,18 +4,24 @@
 
 CPU: the epilogue (patch norm + scale, given the conv output l and its input x) of the reference
 torch ops vs the C++ kernel, at the conv shapes of B-cos R18/R50/D169 at 224² (`bench_ops.trace_layer_shapes`).
-CUDA (skipped cleanly without it): the fused B-cos conv forward (cuDNN conv + Triton/CUDA epilogue)
-vs a plain cuDNN conv of the same shape and vs the reference layer; the scaled adjoint vs cuDNN's
-backward-data conv (``conv_transpose2d``). Prints one line per shape and the median ratios; timings
-are medians of ``--repeats`` runs after warm-up. Numbers are only comparable within one run.
+CUDA (skipped cleanly without it): the fused B-cos conv forward (cuDNN conv + Triton/CUDA epilogue,
+and Triton's implicit GEMM with the epilogue inside, ``E2KD_TRITON_CONV=implicit-gemm``) vs a plain
+cuDNN conv of the same shape and vs the reference layer; the scaled adjoint (both Triton designs) vs
+cuDNN's backward-data conv (``conv_transpose2d``); the adjoint's backward as one implicit GEMM vs
+cuDNN's conv and two products. The implicit GEMM runs on channels_last inputs (``--channels-last``);
+on NCHW it falls back to the cuDNN epilogue, so its rows then time that. Prints one line per shape
+and the median ratios; timings are medians of ``--repeats`` runs after warm-up. Numbers are only
+comparable within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +60,40 @@ def _reference_epilogue(lin, x, k, s, p, g, o):
     from e2kd_fast.reference.bcos import dynamic_scale, patch_norm
 
     return dynamic_scale(lin, patch_norm(x, k, s, p, g, o if g > 1 else None), 2.0)
+
+
+@contextlib.contextmanager
+def _conv_kernel(name: str | None) -> Iterator[None]:
+    """``E2KD_TRITON_CONV=name`` inside the block (unchanged for None)."""
+    from e2kd_fast.kernels.bcos_conv2d import CONV_KERNEL_ENV
+
+    before = os.environ.get(CONV_KERNEL_ENV)
+    if name is not None:
+        os.environ[CONV_KERNEL_ENV] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CONV_KERNEL_ENV, None)
+        else:
+            os.environ[CONV_KERNEL_ENV] = before
+
+
+def _adjoint_backward_row(x, w_hat, scale, g, s, p, device, args, row: dict, ratios: dict) -> None:
+    """The adjoint's backward: conv(dy, ŵ) then s·d and g·d in torch, against `conv2d_product`."""
+    from e2kd_fast.kernels.bcos_conv2d import conv2d_product
+
+    dy = torch.randn_like(x)
+
+    def torch_backward():
+        d = F.conv2d(dy, w_hat, None, s, p)
+        return scale * d, g * d
+
+    row["torch adjoint bwd"] = base = _time(torch_backward, device, 2, args.repeats)
+    row["triton implicit-gemm adjoint bwd"] = t = _time(
+        lambda: conv2d_product(dy, w_hat, [s, s], [p, p], scale, g), device, 2, args.repeats
+    )
+    ratios.setdefault("triton implicit-gemm adjoint bwd / torch (cuDNN conv + 2 products)", []).append(t / base)
 
 
 def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list[str], ratios: dict) -> None:
@@ -98,21 +138,24 @@ def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list
                 args.repeats,
             )
             for name in fast:
-                with backends.use_backend(name):
+                backend, _, conv_kernel = name.partition(" ")
+                with backends.use_backend(backend), _conv_kernel(conv_kernel or None):
                     row[f"{name} layer"] = t = _time(
                         lambda: ops.bcos_conv2d(x, weight, 2.0, [s, s], [p, p], g), device, 2, args.repeats
                     )
                     ratios.setdefault(f"{name} layer / cuDNN conv", []).append(t / row["cuDNN conv"])
                     ratios.setdefault(f"ref layer / {name} layer", []).append(row["ref layer"] / t)
-                    if name == "triton":
+                    if backend == "triton":
                         t_adj = _time(
                             lambda: ops.scaled_conv_adjoint(grad, scale, w_hat, [h, w], [s, s], [p, p], [1, 1], g),
                             device,
                             2,
                             args.repeats,
                         )
-                        row["triton adjoint"] = t_adj
-                        ratios.setdefault("triton adjoint / cuDNN bwd-data", []).append(t_adj / row["cuDNN bwd-data"])
+                        row[f"{name} adjoint"] = t_adj
+                        ratios.setdefault(f"{name} adjoint / cuDNN bwd-data", []).append(t_adj / row["cuDNN bwd-data"])
+            if "triton implicit-gemm" in fast and g == 1:
+                _adjoint_backward_row(x, w_hat, scale, grad, s, p, device, args, row, ratios)
     print(f"  {label:34s} " + "  ".join(f"{key}: {value:.3f} ms" for key, value in row.items()))
 
 
@@ -128,6 +171,8 @@ def run(args: argparse.Namespace) -> None:
     if args.limit:
         shapes = shapes[: args.limit]
     fast = [b for b in ("cpp", "triton") if b in backends.candidates("e2kd::bcos_conv2d", device.type)]
+    if "triton" in fast and device.type == "cuda":  # both Triton designs, side by side
+        fast += ["triton implicit-gemm"]
     print(f"{len(shapes)} conv shapes, batch {args.batch}, {dtype}, {device}; fast back ends: {fast or 'none'}")
     ratios: dict[str, list[float]] = {}
     for shape in shapes:

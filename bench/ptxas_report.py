@@ -48,6 +48,7 @@ RESULTS_FILE = "sm90a-ptxas.jsonl"
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "ptxas"
 KERNEL_MODULES = ("bcos_conv2d", "contribution_map", "distill_loss")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+GEMM_DTYPES = (torch.bfloat16, torch.float32)
 ZOO_MODELS = ("bcos_resnet18", "bcos_resnet50", "bcos_densenet169")
 ZOO_BATCHES = (64, 128)
 LOSS_BATCHES = (64, 128, 256)
@@ -55,17 +56,25 @@ LOSS_CLASSES = 1000
 MAP_SHAPE = (6, 224, 224)  # the explanation maps and contribution-map inputs of a 224² B-cos model
 B_VALUES = (2.0,)  # every conv of the zoo's B-cos models (the epilogue's B = 2 branch)
 
-# (C, H, W, O, k, stride, padding, groups): the stem, a 3×3 at 56², the strided 1×1 and 3×3
-# down-samples, a 3×3 on 7×7 maps, DenseNet's wide 1×1 at 7×7 and its 3×3 growth conv (32 outputs). Together they reach every block size and
-# constant the zoo reaches (checked by `main` on the zoo workload).
+# (C, H, W, O, k, stride, padding, groups): the stem; 3×3 and 1×1 at 56², 28², 14² and 7×7, strided
+# and not; 32 (DenseNet's growth), 64, 128, 512 and 1000 outputs; DenseNet's wide 1×1 at 7×7.
+# Together they reach every block size and constant the zoo reaches (checked by `main` on the zoo
+# workload); the implicit GEMM's tile choices make most of them necessary.
 CORE_CONV_GEOMETRIES: tuple[tuple[int, ...], ...] = (
     (6, 224, 224, 64, 7, 2, 3, 1),
     (64, 56, 56, 64, 3, 1, 1, 1),
+    (64, 56, 56, 64, 1, 1, 0, 1),
     (64, 56, 56, 128, 1, 2, 0, 1),
     (64, 56, 56, 128, 3, 2, 1, 1),
-    (512, 7, 7, 512, 3, 1, 1, 1),
-    (1632, 7, 7, 128, 1, 1, 0, 1),
     (128, 28, 28, 32, 3, 1, 1, 1),
+    (128, 28, 28, 128, 3, 1, 1, 1),
+    (128, 28, 28, 512, 1, 1, 0, 1),
+    (256, 14, 14, 512, 1, 2, 0, 1),
+    (256, 14, 14, 512, 3, 2, 1, 1),
+    (128, 7, 7, 32, 3, 1, 1, 1),
+    (512, 7, 7, 512, 3, 1, 1, 1),
+    (512, 7, 7, 1000, 1, 1, 0, 1),
+    (1632, 7, 7, 128, 1, 1, 0, 1),
 )
 
 
@@ -208,7 +217,9 @@ def _conv_launches(
                     kernels.patch_norm(x, [k, k], [s, s], [p, p], g, o)
                     set_origin(f"scaled_conv_adjoint {where}")
                     kernels.scale_product(_meta(lin.shape, dtype, channels_last), lin)
-                    if g == 1 and channels_last:  # the implicit GEMM (E2KD_TRITON_CONV=implicit-gemm)
+                    # The implicit GEMM (E2KD_TRITON_CONV=implicit-gemm) runs on channels_last inputs;
+                    # fp16 takes bf16's tiles and instructions, so bf16 stands for both.
+                    if g == 1 and channels_last and dtype in GEMM_DTYPES:
                         w_hat = _meta((o, c, k, k), dtype)
                         for b in B_VALUES:
                             set_origin(f"bcos_conv2d implicit-gemm {where}")

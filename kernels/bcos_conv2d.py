@@ -546,7 +546,7 @@ if triton is not None:
 
 
 def _gemm_blocks(
-    m: int, k_channels: int, n_channels: int, dtype: torch.dtype, epilogue: int, cpu: bool
+    m: int, k_channels: int, n_channels: int, dtype: torch.dtype, epilogue: int, transposed: bool, cpu: bool
 ) -> dict[str, int]:
     """Tile sizes: wide tiles for the interpreter (its cost is per program), tensor-core tiles on a GPU."""
     if cpu:
@@ -555,13 +555,15 @@ def _gemm_blocks(
             "BLOCK_N": _pow2(n_channels, 16, 256),
             "BLOCK_K": _pow2(k_channels, 16, 256),
         }
-    # 4 warps up to a 64×128 fp32 accumulator (64 registers a thread), 8 above. fp32 operands and the
-    # product epilogue (two more tiles read) take half the K depth and, with wide N, half the M
-    # depth (the sm_90a report: no spills).
-    heavy = dtype == torch.float32 or epilogue == EPILOGUE_PRODUCT
-    block_n = _pow2(n_channels, 16, 128)
-    block_k = _pow2(k_channels, 16, 32 if heavy else 64)
-    block_m = 128 if m >= 4096 and not (heavy and block_n > 64) else 64
+    # Register pressure beyond the accumulator: fp32 operands, the product epilogue's two extra tiles,
+    # the transposed conv's index maths, and (counting twice) output channels that are not a multiple
+    # of 16, whose unaligned stores also cap N at 64. Any of them halves the K depth, two or more (or
+    # one with 128 channels) the M depth: the sm_90a report then shows no spill for any conv of the zoo.
+    unaligned = n_channels % 16 != 0
+    pressure = (dtype == torch.float32) + (epilogue == EPILOGUE_PRODUCT) + transposed + 2 * unaligned
+    block_n = _pow2(n_channels, 16, 64 if unaligned else 128)
+    block_k = _pow2(k_channels, 16, 64 if pressure == 0 else 32)
+    block_m = 128 if m >= 4096 and (pressure == 0 or (pressure == 1 and block_n <= 64)) else 64
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
@@ -624,7 +626,7 @@ def _conv_gemm(
     out = torch.empty(shape, dtype=a.dtype, device=a.device, memory_format=fmt)
     out2 = torch.empty_like(out) if epilogue != EPILOGUE_NONE else None
     m = n * out_h * out_w
-    blocks = _gemm_blocks(m, k_channels, n_channels, a.dtype, epilogue, a.device.type == "cpu")
+    blocks = _gemm_blocks(m, k_channels, n_channels, a.dtype, epilogue, transposed, a.device.type == "cpu")
     grid = (triton.cdiv(m, blocks["BLOCK_M"]), triton.cdiv(n_channels, blocks["BLOCK_N"]))
     _conv_gemm_kernel[grid](
         a,
