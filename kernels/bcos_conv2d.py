@@ -214,7 +214,7 @@ def _pixel_flat(*tensors: Tensor) -> bool:
     return all(t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1 for t in tensors)
 
 
-def channel_sum_of_squares(x: Tensor, groups: int) -> Tensor:
+def channel_sums_of_squares(x: Tensor, groups: int) -> Tensor:
     """[N, C, H, W] → fp32 (fp64 for float64 x) [N, groups, H, W]: Σ x² over each group's channels."""
     _require_triton()
     n, c, h, w = x.shape
@@ -229,6 +229,11 @@ def channel_sum_of_squares(x: Tensor, groups: int) -> Tensor:
     return q
 
 
+def _sums_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the Σx² maps the kernels read: fp64 for float64 x, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _launch_epilogue(
     lin: Tensor | None,
     x: Tensor,
@@ -240,10 +245,11 @@ def _launch_epilogue(
     groups: int,
     o_per_group: int,
     b: float,
+    sums: Tensor | None = None,
 ) -> None:
     n, _, h, w = x.shape
     out_h, out_w = out.shape[-2:]
-    q = channel_sum_of_squares(x, groups)
+    q = channel_sums_of_squares(x, groups) if sums is None else sums.to(_sums_dtype(x)).contiguous()
     cpu = x.device.type == "cpu"
     block_p = _pow2(out_h * out_w, 16, 4096 if cpu else 64)
     block_o = _pow2(o_per_group, 1, 64 if cpu else 32)
@@ -300,6 +306,7 @@ def bcos_conv2d_epilogue(
     groups: int,
     b: float,
     write_out: bool = True,
+    sums: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """The B-cos conv epilogue: (y = s·lin or None, s) from the conv output lin and its input x.
 
@@ -309,6 +316,7 @@ def bcos_conv2d_epilogue(
         kernel, stride, padding: the conv's geometry (no dilation); groups: the conv's groups.
         b: the exponent B > 1.
         write_out: also write y = s·lin (otherwise only s, which the op returns next to lin).
+        sums: [N, groups, H, W] Σ_c x² made by x's producer (else one read of x here).
 
     Returns:
         (y, s), each [N, O, Ho, Wo] in l's dtype and memory format (NCHW or channels_last).
@@ -320,7 +328,7 @@ def bcos_conv2d_epilogue(
     fmt = memory_format_of(lin)
     s = torch.empty(lin.shape, dtype=lin.dtype, device=lin.device, memory_format=fmt)
     y = torch.empty_like(s) if write_out else None
-    _launch_epilogue(lin, x, s, y, kernel, stride, padding, groups, lin.shape[1] // groups, b)
+    _launch_epilogue(lin, x, s, y, kernel, stride, padding, groups, lin.shape[1] // groups, b, sums)
     return y, s
 
 
@@ -672,19 +680,21 @@ def _conv_gemm(
     return out, out2
 
 
-def norm_from_sumsq(sumsq: Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
-    """[N, 1, H, W] Σ_c x² → [N, 1, Ho, Wo] patch norm sqrt(boxsum + ε) in sumsq's dtype (fp32/fp64),
+def patch_norm_from_sums(sums: Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    """[N, 1, H, W] Σ_c x² → [N, 1, Ho, Wo] patch norm sqrt(boxsum + ε) in the sums' dtype (fp32/fp64),
     contiguous: the box sum along the rows, then along the columns (k_h + k_w loads per pixel, not k_h·k_w)."""
     _require_triton()
-    n, one, h, w = sumsq.shape
+    n, one, h, w = sums.shape
     if one != 1:
-        raise ValueError(f"norm_from_sumsq: expected one channel of sums of squares, got shape {tuple(sumsq.shape)}")
+        raise ValueError(
+            f"patch_norm_from_sums: expected one channel of sums of squares, got shape {tuple(sums.shape)}"
+        )
     out_h = conv_output_size(h, kernel[0], stride[0], padding[0])
     out_w = conv_output_size(w, kernel[1], stride[1], padding[1])
-    rows = torch.empty(n, h, out_w, dtype=sumsq.dtype, device=sumsq.device)
-    norm = torch.empty(n, 1, out_h, out_w, dtype=sumsq.dtype, device=sumsq.device)
-    cpu = sumsq.device.type == "cpu"
-    acc = _acc(sumsq)
+    rows = torch.empty(n, h, out_w, dtype=sums.dtype, device=sums.device)
+    norm = torch.empty(n, 1, out_h, out_w, dtype=sums.dtype, device=sums.device)
+    cpu = sums.device.type == "cpu"
+    acc = _acc(sums)
 
     def run(src, dst, lines, inner, length_in, length_out, s, d, k, st, pad, sqrt):
         block_p = _pow2(length_out, 16, 1024 if cpu else 128)
@@ -695,9 +705,9 @@ def norm_from_sumsq(sumsq: Tensor, kernel: list[int], stride: list[int], padding
             SQRT=sqrt, NORM_EPS=PATCH_NORM_EPS, ACC=acc, BLOCK_L=block_l, BLOCK_P=block_p,
         )  # fmt: skip
 
-    sq = sumsq.stride()
+    sq = sums.stride()
     run(
-        sumsq,
+        sums,
         rows,
         n * h,
         h,
@@ -733,13 +743,13 @@ def bcos_conv2d_gemm(
     b: float,
     stride: list[int],
     padding: list[int],
-    sumsq: Tensor | None = None,
+    sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The B-cos conv (groups = 1) in one implicit-GEMM launch with the scale as its epilogue.
 
     Args:
         x: [N, C, H, W]; weight: the unit-norm ŵ [O, C, kH, kW] (cast to x's dtype here).
-        sumsq: [N, 1, H, W] Σ_c x² when the op that made x computed it (fp32); else one read of x here.
+        sums: [N, 1, H, W] Σ_c x² when the op that made x computed it (fp32); else one read of x here.
 
     Returns:
         (l, s), each [N, O, Ho, Wo] in x's dtype and memory format.
@@ -747,9 +757,8 @@ def bcos_conv2d_gemm(
     _require_triton()
     kernel = list(weight.shape[-2:])
     _check_geometry("bcos_conv2d_gemm", x, kernel, stride, padding, 1)
-    if sumsq is None:
-        sumsq = channel_sum_of_squares(x, 1)
-    norm = norm_from_sumsq(sumsq, kernel, stride, padding)
+    sums = channel_sums_of_squares(x, 1) if sums is None else sums.to(_sums_dtype(x))
+    norm = patch_norm_from_sums(sums, kernel, stride, padding)
     out_size = tuple(conv_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i]) for i in range(2))
     return _conv_gemm(x, weight.to(x.dtype), out_size, stride, padding, epilogue=EPILOGUE_BCOS, first=norm, b=b)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from e2kd_fast import ops
 from e2kd_fast.ops import backends
 from e2kd_fast.ops._common import empty_like_format, memory_format_of
+from e2kd_fast.ops.bcos_conv2d import reads_producer_sums
 from e2kd_fast.reference.bcos import dynamic_scale, unit_norm_weight
 from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
 
@@ -204,12 +205,12 @@ def test_triton_separable_box_sum_is_the_patch_norm(geometry):
 
     n, c, h, w, k, s, p = geometry
     x = torch.randn(n, c, h, w, dtype=torch.float64)
-    sumsq = (x * x).sum(1, keepdim=True)
-    for q in (sumsq, sumsq.contiguous(memory_format=torch.channels_last), sumsq.transpose(2, 3).contiguous().mT):
-        got = kernels.norm_from_sumsq(q, [k, k], [s, s], [p, p])
+    sums = (x * x).sum(1, keepdim=True)
+    for q in (sums, sums.contiguous(memory_format=torch.channels_last), sums.transpose(2, 3).contiguous().mT):
+        got = kernels.patch_norm_from_sums(q, [k, k], [s, s], [p, p])
         torch.testing.assert_close(got, patch_norm_reference(x, k, s, p, 1, None), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="one channel"):
-        kernels.norm_from_sumsq(torch.ones(1, 2, 3, 3), [1, 1], [1, 1], [0, 0])
+        kernels.patch_norm_from_sums(torch.ones(1, 2, 3, 3), [1, 1], [1, 1], [0, 0])
 
 
 def test_conv_kernel_choice_names_the_variable_and_the_choices(monkeypatch):
@@ -279,6 +280,48 @@ def test_ops_route_through_the_implicit_gemm_kernels_and_differentiate(monkeypat
         grads = torch.autograd.grad(compiled(g, scale, w_hat).square().sum(), (g, scale, w_hat))
         for a, e in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@needs_interpreter
+def test_layer_hands_the_implicit_gemm_the_sums_of_squares(monkeypatch):
+    """With the implicit GEMM chosen, `BcosConv2d` computes Σ_c x² in torch (under torch.compile
+    Inductor fuses it into the kernel that makes x) and the op reads it instead of x; the layer's
+    values and gradients equal the reference layer's, eager and compiled."""
+    from e2kd_fast.kernels import bcos_conv2d as kernels
+
+    from e2kd_fast.nn import BcosConv2d
+
+    handed = []
+    original = kernels.bcos_conv2d_gemm
+
+    def spy(x, weight, b, stride, padding, sums=None):
+        handed.append(sums)
+        return original(x, weight, b, stride, padding, sums)
+
+    monkeypatch.setattr(kernels, "bcos_conv2d_gemm", spy)
+    monkeypatch.setenv("E2KD_TRITON_CONV", "implicit-gemm")
+    layer = BcosConv2d(4, 6, 3, stride=2, padding=1).double()
+    x = _layout(torch.randn(2, 4, 7, 5, dtype=torch.float64), "channels_last").requires_grad_()
+    params = (x, layer.linear.weight)
+    with backends.use_backend("reference"):
+        expected = layer(x)
+        expected_grads = torch.autograd.grad(expected.square().sum(), params)
+    with backends.use_backend("triton"):
+        assert reads_producer_sums("cpu")
+        got = layer(x)
+        grads = torch.autograd.grad(got.square().sum(), params)
+        assert len(handed) == 1 and handed[0] is not None and handed[0].shape == (2, 1, 7, 5)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        got_compiled = compiled(x)
+        grads_compiled = torch.autograd.grad(got_compiled.square().sum(), params)
+    for a, e in zip((got, *grads), (expected, *expected_grads), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    for a, e in zip((got_compiled, *grads_compiled), (expected, *expected_grads), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    monkeypatch.setenv("E2KD_TRITON_CONV", "cudnn-epilogue")
+    with backends.use_backend("triton"):
+        assert not reads_producer_sums("cpu")
 
 
 # ---------------------------------------------------------------------------------------------- C++

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from e2kd_fast import ops
 from e2kd_fast.nn.explanation import DynamicLinearModule
 from e2kd_fast.ops.backends import use_fused
-from e2kd_fast.reference.bcos import IntPair, bcos_conv2d_parts, bcos_linear_parts, pair, unit_norm_weight
+from e2kd_fast.ops.bcos_conv2d import reads_producer_sums
+from e2kd_fast.reference.bcos import (
+    IntPair,
+    bcos_conv2d_parts,
+    bcos_linear_parts,
+    channel_sums_of_squares,
+    pair,
+    unit_norm_weight,
+)
 
 
 def _check_bcos_args(layer: str, b: float, max_out: int) -> None:
@@ -97,7 +106,10 @@ class BcosConv2d(DynamicLinearModule):
             and use_fused("e2kd::bcos_conv2d", x.device.type)
         ):
             geometry = (list(self.stride), list(self.padding), self.groups)
-            linear, scale = ops.bcos_conv2d(x, self.linear.weight, float(self.b), *geometry)
+            sums = None
+            if reads_producer_sums(x.device.type):  # compiled, Inductor fuses this into x's producer
+                sums = channel_sums_of_squares(x.to(torch.promote_types(x.dtype, torch.float32)), self.groups)
+            linear, scale = ops.bcos_conv2d(x, self.linear.weight, float(self.b), *geometry, sums)
             return self.dyn_mul(scale, linear)
         linear, scale = bcos_conv2d_parts(
             x, self.linear.weight, self.b, self.max_out, self.stride, self.padding, self.dilation, self.groups

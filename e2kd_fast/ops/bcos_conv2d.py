@@ -78,12 +78,17 @@ def _patch_norm_setup(ctx, inputs, output) -> None:
     ctx.geometry = (kernel, stride, padding, groups, out_channels)
 
 
-def _patch_norm_vjp(x: Tensor, norm: Tensor, grad: Tensor, kernel, stride, padding, groups: int, out_channels: int):
-    """∂/∂x of ⟨grad, n⟩ for n = patch_norm(x): dS = dn / 2n, dx = 2x · boxsumᵀ(dS)."""
+def _sums_vjp(norm: Tensor, grad: Tensor, kernel, stride, padding, groups: int, out_channels: int, in_size):
+    """∂/∂q of ⟨grad, n⟩ for n = patch_norm_from_sums(q) ([N, groups, *in_size]): boxsumᵀ(dn / 2n)."""
     grad_sq = grad / (2 * norm)  # d/dS of sqrt(S + eps)
     if groups > 1:  # the adjoint of repeat_interleave: sum the copies of each group
         grad_sq = grad_sq.unflatten(1, (groups, out_channels // groups)).sum(2)
-    grad_box = _box_sum_adjoint(grad_sq, kernel, stride, padding, x.shape[-2:])
+    return _box_sum_adjoint(grad_sq, kernel, stride, padding, in_size)
+
+
+def _patch_norm_vjp(x: Tensor, norm: Tensor, grad: Tensor, kernel, stride, padding, groups: int, out_channels: int):
+    """∂/∂x of ⟨grad, n⟩ for n = patch_norm(x): dS = dn / 2n, dx = 2x · boxsumᵀ(dS)."""
+    grad_box = _sums_vjp(norm, grad, kernel, stride, padding, groups, out_channels, x.shape[-2:])
     if groups > 1:
         grad_box = grad_box.repeat_interleave(x.shape[1] // groups, dim=1)
     return 2 * x * grad_box
@@ -208,7 +213,13 @@ register_op_test(scaled_conv_adjoint, _adjoint_inputs, reference.scaled_conv_adj
 
 @torch.library.custom_op("e2kd::bcos_conv2d", mutates_args=())
 def bcos_conv2d(
-    x: Tensor, weight: Tensor, b: float, stride: list[int], padding: list[int], groups: int
+    x: Tensor,
+    weight: Tensor,
+    b: float,
+    stride: list[int],
+    padding: list[int],
+    groups: int,
+    sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The two factors of a B-cos conv (B > 1, no MaxOut, no dilation): (linear, scale).
 
@@ -217,24 +228,44 @@ def bcos_conv2d(
     scale · linear, and the scale is what the explanation sweep needs. Returning the linear part
     lets the backward reuse it instead of recomputing the conv. Both outputs are in x's memory
     format (NCHW or channels_last).
+
+    sums: [N, groups, H, W] Σ_c x² per group (`reference.bcos.channel_sums_of_squares`), made where
+    x was made so that the conv need not read x twice; the patch norm is taken from it (and its
+    gradient goes to it, not to x). None: computed from x inside.
     """
     impl = backends.implementation("e2kd::bcos_conv2d", x.device.type)
-    return impl(x, weight, b, stride, padding, groups)
+    return impl(x, weight, b, stride, padding, groups, sums)
 
 
 @backends.register("e2kd::bcos_conv2d", "reference", ("cpu", "cuda"))
 def bcos_conv2d_ref(
-    x: Tensor, weight: Tensor, b: float, stride: list[int], padding: list[int], groups: int
+    x: Tensor,
+    weight: Tensor,
+    b: float,
+    stride: list[int],
+    padding: list[int],
+    groups: int,
+    sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The reference forward of `bcos_conv2d`: conv, patch norm and scale as separate torch ops."""
-    linear, scale = reference.bcos_conv2d_parts(x, weight, b, 1, stride, padding, 1, groups)
+    if sums is None:
+        linear, scale = reference.bcos_conv2d_parts(x, weight, b, 1, stride, padding, 1, groups)
+    else:
+        linear = reference.bcos_conv_linear(x, weight, stride, padding, 1, groups)
+        scale = _reference_scale(linear, x, weight, b, stride, padding, groups, sums)
     fmt = memory_format_of(x)
     return linear.contiguous(memory_format=fmt), scale.contiguous(memory_format=fmt)
 
 
-def _reference_scale(linear: Tensor, x: Tensor, weight: Tensor, b: float, stride, padding, groups: int) -> Tensor:
-    """The dynamic scale of the conv output ``linear``, in x's memory format."""
-    scale = reference.conv_dynamic_scale(linear, x, weight.shape[-2:], b, stride, padding, groups)
+def _reference_scale(
+    linear: Tensor, x: Tensor, weight: Tensor, b: float, stride, padding, groups: int, sums: Tensor | None = None
+) -> Tensor:
+    """The dynamic scale of the conv output ``linear`` (norm from ``sums`` when given), in x's memory format."""
+    if sums is None:
+        scale = reference.conv_dynamic_scale(linear, x, weight.shape[-2:], b, stride, padding, groups)
+    else:
+        norm = reference.patch_norm_from_sums(sums, weight.shape[-2:], stride, padding, linear.shape[1])
+        scale = reference.dynamic_scale(linear, norm, b)
     return scale.contiguous(memory_format=memory_format_of(x))
 
 
@@ -245,7 +276,7 @@ def _conv_linear(x: Tensor, weight: Tensor, stride: list[int], padding: list[int
 
 
 @bcos_conv2d.register_fake
-def _(x, weight, b, stride, padding, groups):
+def _(x, weight, b, stride, padding, groups, sums=None):
     h = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0])
     w = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1])
     shape = (x.shape[0], weight.shape[0], h, w)
@@ -253,20 +284,24 @@ def _(x, weight, b, stride, padding, groups):
 
 
 def _bcos_conv_setup(ctx, inputs, output) -> None:
-    x, weight, b, stride, padding, groups = inputs
-    ctx.save_for_backward(x, weight, output[0])
+    x, weight, b, stride, padding, groups, sums = inputs
+    ctx.save_for_backward(x, weight, output[0], sums)
     ctx.geometry = (b, stride, padding, groups)
 
 
 def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
-    """s = f(l/n) with l = conv(x, ŵ) and n = patch_norm(x) (recomputed: a pooling of x²):
-    dl = g_l + g_s·∂s/∂l and dn = g_s·∂s/∂n, then through the conv, the patch norm and ŵ = w/‖w‖."""
-    x, weight, linear = ctx.saved_tensors
+    """s = f(l/n) with l = conv(x, ŵ) and n = patch_norm(x) (recomputed: a pooling of x², or of the
+    given sums q): dl = g_l + g_s·∂s/∂l and dn = g_s·∂s/∂n, then through the conv, the patch norm
+    (to x, or to q) and ŵ = w/‖w‖."""
+    x, weight, linear, sums = ctx.saved_tensors
     b, stride, padding, groups = ctx.geometry
     out_channels, kernel = weight.shape[0], list(weight.shape[-2:])
     w_norm = torch.linalg.vector_norm(weight, dim=(1, 2, 3), keepdim=True)
     w_hat = weight / w_norm
-    norm = reference.patch_norm(x, kernel, stride, padding, groups, out_channels)
+    if sums is None:
+        norm = reference.patch_norm(x, kernel, stride, padding, groups, out_channels)
+    else:
+        norm = reference.patch_norm_from_sums(sums, kernel, stride, padding, out_channels)
     ratio = linear / norm
     ds_dratio = scale_slope(ratio, b)
     grad_linear = grad_linear + grad_scale * ds_dratio / norm
@@ -275,12 +310,16 @@ def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
         grad_norm = grad_norm.sum(1, keepdim=True)  # n was broadcast over the output channels
     # Through the patch norm and through l = conv(x, ŵ).
     out_pad = transposed_output_padding(x.shape[-2:], linear.shape[-2:], kernel, stride, padding)
-    grad_x = _patch_norm_vjp(x, norm, grad_norm, kernel, stride, padding, groups, out_channels)
-    grad_x = grad_x + F.conv_transpose2d(grad_linear, w_hat, None, stride, padding, out_pad, groups)
+    grad_x = F.conv_transpose2d(grad_linear, w_hat, None, stride, padding, out_pad, groups)
+    grad_sums = None
+    if sums is None:
+        grad_x = grad_x + _patch_norm_vjp(x, norm, grad_norm, kernel, stride, padding, groups, out_channels)
+    else:
+        grad_sums = _sums_vjp(norm, grad_norm, kernel, stride, padding, groups, out_channels, x.shape[-2:])
     grad_w_hat = torch.nn.grad.conv2d_weight(x, weight.shape, grad_linear, stride, padding, 1, groups)
     # Through ŵ = w / ‖w‖ (per output unit): dw = (dŵ − ŵ ⟨ŵ, dŵ⟩) / ‖w‖.
     grad_weight = (grad_w_hat - w_hat * (w_hat * grad_w_hat).sum(dim=(1, 2, 3), keepdim=True)) / w_norm
-    return grad_x, grad_weight, None, None, None, None
+    return grad_x, grad_weight, None, None, None, None, grad_sums
 
 
 bcos_conv2d.register_autograd(_bcos_conv_backward, setup_context=_bcos_conv_setup)
@@ -292,15 +331,21 @@ def _bcos_conv_inputs() -> list[tuple]:
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
+    def positive(*shape):
+        return (torch.rand(*shape, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+
     return [
         (rand(2, 3, 5, 5), rand(4, 3, 3, 3), 2.0, [1, 1], [1, 1], 1),
         (rand(1, 4, 6, 5), rand(6, 2, 3, 3), 2.0, [2, 2], [1, 1], 2),
         (rand(2, 3, 4, 4), rand(2, 3, 1, 1), 2.5, [1, 1], [0, 0], 1),
         (rand(1, 2, 7, 7), rand(3, 2, 7, 7), 1.5, [2, 2], [3, 3], 1),
+        # With the sums of squares given (any positive map: the op takes the norm from it).
+        (rand(2, 3, 5, 4), rand(4, 3, 3, 3), 2.0, [2, 2], [1, 1], 1, positive(2, 1, 5, 4)),
+        (rand(1, 4, 6, 5), rand(6, 2, 3, 3), 2.5, [1, 1], [1, 1], 2, positive(1, 2, 6, 5)),
     ]
 
 
-register_op_test(bcos_conv2d, _bcos_conv_inputs, reference.bcos_conv2d_parts)
+register_op_test(bcos_conv2d, _bcos_conv_inputs, reference.bcos_conv2d_parts, reference.patch_norm_from_sums)
 
 
 # ---------------------------------------------------------------------------------------------- fast back ends
@@ -335,8 +380,21 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+@torch.compiler.assume_constant_result
+def reads_producer_sums(device_type: str) -> bool:
+    """Whether `bcos_conv2d` on ``device_type`` should be handed Σ_c x² by the op that made x (the
+    ``sums`` input): true for the Triton implicit GEMM, which then reads x once, for its GEMM only.
+    The others read x for their own sums anyway. A trace-time constant under torch.compile, like
+    `backends.use_fused`; under it the layer's Σx² becomes part of the producer's fused kernel."""
+    if backends.choose("e2kd::bcos_conv2d", device_type) != "triton":
+        return False
+    from e2kd_fast.kernels.bcos_conv2d import conv_kernel_choice
+
+    return conv_kernel_choice() == "implicit-gemm"
+
+
 @backends.register("e2kd::bcos_conv2d", "triton", ("cuda",))
-def bcos_conv2d_triton(x, weight, b, stride, padding, groups):
+def bcos_conv2d_triton(x, weight, b, stride, padding, groups, sums=None):
     """``cudnn-epilogue``: cuDNN conv, then the fused epilogue (channel sum of squares, box sum, sqrt,
     scale) in Triton. ``implicit-gemm``: the conv in Triton with the scale as its epilogue."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
@@ -344,11 +402,14 @@ def bcos_conv2d_triton(x, weight, b, stride, padding, groups):
     gemm = _gemm_kernels(x, groups)
     if gemm is not None:
         dtype = _compute_dtype(x)
-        return gemm.bcos_conv2d_gemm(x.to(dtype), reference.unit_norm_weight(weight).to(dtype), b, stride, padding)
+        w_hat = reference.unit_norm_weight(weight).to(dtype)
+        return gemm.bcos_conv2d_gemm(x.to(dtype), w_hat, b, stride, padding, sums)
     linear = _conv_linear(x, weight, stride, padding, groups)
     # Under autocast the conv runs in the low precision: the epilogue reads x in that dtype too.
     x = x.to(linear.dtype)
-    _, scale = kernels.bcos_conv2d_epilogue(linear, x, list(weight.shape[-2:]), stride, padding, groups, b, False)
+    _, scale = kernels.bcos_conv2d_epilogue(
+        linear, x, list(weight.shape[-2:]), stride, padding, groups, b, False, sums=sums
+    )
     return linear, scale
 
 
@@ -385,14 +446,15 @@ def patch_norm_cpp(x, kernel, stride, padding, groups, out_channels):
     backends.cpp_device_types(),
     available=functools.partial(backends.cpp_op_current, "bcos_conv2d_epilogue"),
 )
-def bcos_conv2d_cpp(x, weight, b, stride, padding, groups):
-    """oneDNN/cuDNN conv, then the C++/CUDA epilogue (patch norm and scale in one pass over l)."""
+def bcos_conv2d_cpp(x, weight, b, stride, padding, groups, sums=None):
+    """oneDNN/cuDNN conv, then the C++/CUDA epilogue (patch norm and scale in one pass over l). The
+    kernel makes its own sums of squares; given ones are used through the reference maths."""
     linear = _conv_linear(x, weight, stride, padding, groups)
-    if linear.device.type == "cpu" and linear.dtype not in (torch.float32, torch.float64):
-        return linear, _reference_scale(linear, x, weight, b, stride, padding, groups)  # the CPU kernel: fp32/fp64
+    if sums is not None or (linear.device.type == "cpu" and linear.dtype not in (torch.float32, torch.float64)):
+        return linear, _reference_scale(linear, x, weight, b, stride, padding, groups, sums)  # CPU kernel: fp32/fp64
     args = (linear, x.to(linear.dtype), list(weight.shape[-2:]), stride, padding, groups, b, False)
     scale, _ = torch.ops.e2kd_cpp.bcos_conv2d_epilogue(*args)
     return linear, scale
 
 
-__all__ = ["bcos_conv2d", "patch_norm", "scaled_conv_adjoint"]
+__all__ = ["bcos_conv2d", "patch_norm", "reads_producer_sums", "scaled_conv_adjoint"]

@@ -60,6 +60,45 @@ def unit_norm_weight(weight: Tensor) -> Tensor:
     return weight / torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
 
 
+def channel_sums_of_squares(x: Tensor, groups: int = 1) -> Tensor:
+    """Σ_c x² per group of input channels: [N, C, H, W] → [N, groups, H, W], what a conv's patch norm
+    reads of x. The op that makes x can compute it while x is at hand (see `patch_norm_from_sums`)."""
+    squares = x * x
+    if groups == 1:
+        return squares.sum(1, keepdim=True)
+    return squares.unflatten(1, (groups, x.shape[1] // groups)).sum(2)
+
+
+def patch_norm_from_sums(
+    sums: Tensor,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    out_channels: int | None = None,
+) -> Tensor:
+    """The patch norm from the channel sums of squares: box sum, sqrt.
+
+    The box sum is an average pool times the patch size (zero padding counts), which is what the
+    official code does because ``divisor_override`` does not compile.
+
+    Args:
+        sums: [N, G, H, W] `channel_sums_of_squares` of the conv's input (G = the conv's groups).
+        kernel_size, stride, padding: the conv's geometry (no dilation; see `patch_norm_slow`).
+        out_channels: required when G > 1: each group's norm is repeated to its outputs.
+
+    Returns:
+        [N, 1, H_out, W_out] for G == 1, else [N, out_channels, H_out, W_out].
+    """
+    kernel = pair(kernel_size)
+    box_sum = F.avg_pool2d(sums, kernel, stride=pair(stride), padding=pair(padding)) * math.prod(kernel)
+    norms = (box_sum + PATCH_NORM_EPS).sqrt()
+    if sums.shape[1] > 1:
+        if out_channels is None:
+            raise ValueError("patch_norm: out_channels is required when groups > 1")
+        norms = norms.repeat_interleave(out_channels // sums.shape[1], dim=1)
+    return norms
+
+
 def patch_norm(
     x: Tensor,
     kernel_size: IntPair,
@@ -69,9 +108,6 @@ def patch_norm(
     out_channels: int | None = None,
 ) -> Tensor:
     """The L2 norm of every input patch a conv sees: square, channel sum, box sum, sqrt.
-
-    The box sum is an average pool times the patch size (zero padding counts), which is what the
-    official code does because ``divisor_override`` does not compile.
 
     Args:
         x: [N, C, H, W] input of the conv.
@@ -83,19 +119,8 @@ def patch_norm(
     Returns:
         [N, 1, H_out, W_out] for groups == 1, else [N, out_channels, H_out, W_out].
     """
-    kernel = pair(kernel_size)
-    squares = x * x
-    if groups == 1:
-        squares = squares.sum(1, keepdim=True)
-    else:
-        squares = squares.unflatten(1, (groups, x.shape[1] // groups)).sum(2)
-    box_sum = F.avg_pool2d(squares, kernel, stride=pair(stride), padding=pair(padding)) * math.prod(kernel)
-    norms = (box_sum + PATCH_NORM_EPS).sqrt()
-    if groups > 1:
-        if out_channels is None:
-            raise ValueError("patch_norm: out_channels is required when groups > 1")
-        norms = norms.repeat_interleave(out_channels // groups, dim=1)
-    return norms
+    sums = channel_sums_of_squares(x, groups)
+    return patch_norm_from_sums(sums, kernel_size, stride, padding, out_channels if groups > 1 else None)
 
 
 def patch_norm_slow(
