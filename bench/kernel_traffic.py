@@ -25,6 +25,11 @@ Per B-cos conv, with X = N·C·H·W input elements, Y = N·O·H'·W' output elem
 | … epilogue in the conv (the target) | e(X + K + 2Y) + 4·N·H·W (a one-channel Σx² map from the producer) | |
 | `e2kd::scaled_conv_adjoint`, Triton today | product + backward-data | |
 | … scale as the conv's prologue | e(2Y + K + X) | |
+| `_box_sum_kernel` ×2 (rows, then columns + sqrt) | 4(N·H·W + 2·N·H·W' + P) | k·N·H·W' + k·P |
+| `_conv_gemm_kernel`, B-cos epilogue | e(X + K + 2Y) + 4P (the norm map) | 2·Y·C·k² |
+| `e2kd::bcos_conv2d`, implicit GEMM (as built) | 4·N·H·W (Σx², written by the producer) + box sums + GEMM | |
+| `_conv_gemm_kernel`, product epilogue (adjoint's backward) | e(X + K + 4Y) (dy, ŵ, s, g; two outputs) | 2·Y·C·k² |
+| … unfused: cuDNN conv + s·d and g·d | conv + 2 × product | |
 
 The loss (`kernels/distill_loss.py`), N samples, C classes, D map elements per sample, e the maps'
 bytes (logits in the same dtype): the forward reads both maps and logits once, e·2N(D + C); with
@@ -96,6 +101,10 @@ def conv_kernels(conv: Conv, n: int, e: int) -> dict[str, tuple[Traffic, float]]
         "backward_data": (Traffic(conv_flops, e * (y + weights + x), 1), conv_flops),
         "fused_conv": (Traffic(conv_flops, e * (x + weights + 2 * y) + 4 * n * conv.h * conv.w, 1), conv_flops),
         "fused_adjoint": (Traffic(conv_flops, e * (2 * y + weights + x), 1), conv_flops),
+        "producer_sums": _vector(4 * n * conv.h * conv.w),
+        "box_norm": _vector(4 * (n * conv.h * conv.w + 2 * n * conv.h * wo + p), conv.k * (n * conv.h * wo + p)),
+        "gemm_conv": (Traffic(conv_flops, e * (x + weights + 2 * y) + 4 * p, 1), conv_flops),
+        "gemm_product": (Traffic(conv_flops, e * (x + weights + 4 * y), 1), conv_flops),
     }
 
 
@@ -107,6 +116,8 @@ def op_floors(conv: Conv, n: int, dtype: str, kind: str) -> dict[str, float]:
     parts["triton_layer"] = parts["conv"] + parts["sumsq"] + parts["epilogue"]
     parts["triton_patch_norm"] = parts["sumsq"] + parts["norm_epilogue"]
     parts["triton_adjoint"] = parts["product"] + parts["backward_data"]
+    parts["gemm_layer"] = parts["producer_sums"] + parts["box_norm"] + parts["gemm_conv"]
+    parts["adjoint_backward"] = parts["conv"] + 2 * parts["product"]
     return parts
 
 
@@ -163,6 +174,8 @@ def layer_table(models: Sequence[str], batches: Sequence[int], dtype: str) -> st
                         _ms(total["triton_adjoint"]),
                         f"{total['triton_adjoint'] / total['backward_data']:.2f}×",
                         _ms(total["fused_adjoint"]),
+                        _ms(total["gemm_layer"]),
+                        f"{total['gemm_layer'] / total['conv']:.2f}×",
                     ]
                 )
     headers = [
@@ -180,6 +193,8 @@ def layer_table(models: Sequence[str], batches: Sequence[int], dtype: str) -> st
         "Triton adjoint ms",
         "÷ bwd-data",
         "prologue in conv ms",
+        "implicit GEMM layer ms",
+        "÷ conv",
     ]
     return markdown_table(headers, rows)
 
@@ -199,6 +214,8 @@ def ratio_table(models: Sequence[str], batches: Sequence[int], dtype: str) -> st
                 ("epilogue in conv ÷ cuDNN conv", "fused_conv", "conv"),
                 ("Triton adjoint ÷ cuDNN bwd-data", "triton_adjoint", "backward_data"),
                 ("prologue in conv ÷ cuDNN bwd-data", "fused_adjoint", "backward_data"),
+                ("implicit GEMM layer (as built) ÷ cuDNN conv", "gemm_layer", "conv"),
+                ("implicit GEMM adjoint bwd ÷ cuDNN conv + 2 products", "gemm_product", "adjoint_backward"),
             ):
                 ratios = [f[num] / f[den] for f in floors]
                 rows.append(

@@ -17,6 +17,10 @@ def test_conv_kernel_bytes_and_flops_match_a_hand_count():
     assert parts["epilogue"][0].bytes == 4 * 72 + 2 * 2 * 576
     assert parts["product"][0].bytes == 3 * 2 * 576
     assert parts["fused_conv"][0].bytes == 2 * (288 + 288 + 2 * 576) + 4 * 2 * 36
+    # The implicit GEMM as built: its norm map (P = 72) instead of Σx², the two box-sum passes apart.
+    assert parts["gemm_conv"][0].bytes == 2 * (288 + 288 + 2 * 576) + 4 * 72
+    assert parts["box_norm"][0].bytes == 4 * (72 + 2 * 72 + 72)
+    assert parts["gemm_product"][0].bytes == 2 * (288 + 288 + 4 * 576)
     # The memory-bound kernels put no FLOPs against the matmul rate.
     assert all(parts[k][0].flops == 0 for k in ("sumsq", "epilogue", "norm_epilogue", "product"))
 
@@ -27,6 +31,9 @@ def test_layer_floor_is_the_sum_of_its_kernels(kind):
     f = kernel_traffic.op_floors(conv, 64, "bfloat16", kind)
     assert f["triton_layer"] == pytest.approx(f["conv"] + f["sumsq"] + f["epilogue"])
     assert f["conv"] <= f["fused_conv"] < f["triton_layer"]  # equal where the conv is compute-bound
+    assert f["gemm_layer"] == pytest.approx(f["producer_sums"] + f["box_norm"] + f["gemm_conv"])
+    assert f["fused_conv"] <= f["gemm_layer"] < f["triton_layer"]
+    assert f["gemm_product"] < f["adjoint_backward"] == pytest.approx(f["conv"] + 2 * f["product"])
     assert f["sumsq"] == pytest.approx(
         kernel_traffic.conv_kernels(conv, 64, 2)["sumsq"][0].bytes / floor.CEILINGS[kind]["bytes_per_s"] * 1e3
     )
