@@ -11,17 +11,22 @@ cuDNN's backward-data conv (``conv_transpose2d``); the adjoint's backward as one
 cuDNN's conv and two products. The implicit GEMM runs on channels_last inputs (``--channels-last``);
 on NCHW it falls back to the cuDNN epilogue, so its rows then time that. Prints one line per shape
 and the median ratios; timings are medians of ``--repeats`` runs after warm-up. Numbers are only
-comparable within one run.
+comparable within one run. On CUDA it also names, per op and conv shape class (kernel and stride),
+the candidate with the lowest median time, as ``fastest.json`` entries (``--fastest-out FILE``
+writes them; `auto` takes only what such a run measured, once merged into
+``e2kd_fast/ops/fastest.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +101,8 @@ def _adjoint_backward_row(x, w_hat, scale, g, s, p, device, args, row: dict, rat
     ratios.setdefault("triton implicit-gemm adjoint bwd / torch (cuDNN conv + 2 products)", []).append(t / base)
 
 
-def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list[str], ratios: dict) -> None:
-    """Times one conv geometry and appends its ratios."""
+def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list[str], ratios: dict) -> dict:
+    """Times one conv geometry, appends its ratios and returns its row of times (ms)."""
     from e2kd_fast import ops
     from e2kd_fast.ops import backends
     from e2kd_fast.ops.bcos_conv2d import _conv_transpose
@@ -131,6 +136,13 @@ def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list
                 )
             scale = torch.rand_like(lin)
             grad = torch.randn_like(lin)
+            with backends.use_backend("reference"):
+                row["ref adjoint"] = _time(
+                    lambda: ops.scaled_conv_adjoint(grad, scale, w_hat, [h, w], [s, s], [p, p], [1, 1], g),
+                    device,
+                    2,
+                    args.repeats,
+                )
             row["cuDNN bwd-data"] = _time(
                 lambda: _conv_transpose(grad, w_hat, [h, w], [s, s], [p, p], [1, 1], g),
                 device,
@@ -157,6 +169,46 @@ def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list
             if "triton implicit-gemm" in fast and g == 1:
                 _adjoint_backward_row(x, w_hat, scale, grad, s, p, device, args, row, ratios)
     print(f"  {label:34s} " + "  ".join(f"{key}: {value:.3f} ms" for key, value in row.items()))
+    return row
+
+
+# The fastest.json value of each timed column, per op: back end, and the Triton conv design after a colon.
+CANDIDATES = {
+    "e2kd::bcos_conv2d": {
+        "ref layer": "reference",
+        "cpp layer": "cpp",
+        "triton layer": "triton:cudnn-epilogue",
+        "triton implicit-gemm layer": "triton:implicit-gemm",
+    },
+    "e2kd::scaled_conv_adjoint": {
+        "ref adjoint": "reference",
+        "triton adjoint": "triton:cudnn-epilogue",
+        "triton implicit-gemm adjoint": "triton:implicit-gemm",
+    },
+}
+
+
+def propose_fastest(results: list[tuple[tuple, dict]], device_type: str) -> dict[str, str]:
+    """``fastest.json`` entries per op and conv shape class from one run's rows: the candidate with
+    the lowest median time over the class's shapes (the reference unless a kernel beat it there).
+    ``results``: (C, H, W, O, k, stride, padding, groups) and its row of times in ms."""
+    from e2kd_fast.ops._common import conv_shape_class
+
+    by_class: dict[str, list[dict]] = {}
+    for shape, row in results:
+        _, _, _, _, k, stride, _, _ = shape
+        by_class.setdefault(conv_shape_class((k, k), stride), []).append(row)
+    proposals = {}
+    for op_name, columns in CANDIDATES.items():
+        for shape_class, rows in sorted(by_class.items()):
+            medians = {
+                value: statistics.median(row[column] for row in rows)
+                for column, value in columns.items()
+                if all(column in row for row in rows)
+            }
+            if "reference" in medians:
+                proposals[f"{op_name}@{device_type}@{shape_class}"] = min(medians, key=medians.__getitem__)
+    return proposals
 
 
 def run(args: argparse.Namespace) -> None:
@@ -175,10 +227,17 @@ def run(args: argparse.Namespace) -> None:
         fast += ["triton implicit-gemm"]
     print(f"{len(shapes)} conv shapes, batch {args.batch}, {dtype}, {device}; fast back ends: {fast or 'none'}")
     ratios: dict[str, list[float]] = {}
-    for shape in shapes:
-        _one_shape(shape, args, device, dtype, fast, ratios)
+    results = [(shape, _one_shape(shape, args, device, dtype, fast, ratios)) for shape in shapes]
     for key, values in ratios.items():
         print(f"median {key}: {statistics.median(values):.2f}× (min {min(values):.2f}, max {max(values):.2f})")
+    proposals = propose_fastest(results, device.type)
+    if proposals:
+        print("fastest per shape class (fastest.json entries):")
+        for key, value in proposals.items():
+            print(f"  {key}: {value}")
+    if args.fastest_out is not None:
+        args.fastest_out.write_text(json.dumps(proposals, indent=2) + "\n")
+        print(f"wrote {len(proposals)} proposed entries to {args.fastest_out} (merge into e2kd_fast/ops/fastest.json)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,6 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--channels-last", action="store_true", help="CUDA: x in channels_last")
+    parser.add_argument(
+        "--fastest-out",
+        type=Path,
+        default=None,
+        help="write the fastest back end per op and conv shape class as fastest.json entries (CUDA)",
+    )
     args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 64 if args.device == "cuda" else 2

@@ -8,7 +8,8 @@
 #   ceilings   measured copy bandwidth and bf16 matmul   ceilings.log
 #   tests      the requires_cuda tests                   tests.log
 #   layer      bench/bench_bcos_conv2d.py: cuDNN-epilogue and implicit-GEMM B-cos convs and
-#              adjoints against cuDNN, per conv shape                     layer.log
+#              adjoints against cuDNN, per conv shape; the fastest per shape class
+#                                                               layer.log, fastest.json
 #   loss       the fused loss at N = 128 and 256: reference eager, CUDA, Triton split and one-pass
 #              forwards (`python -m bench ops --ops distill_loss`)        loss.log, loss.jsonl
 #   step       compiled step, B-cos R18 <- D169, batch 128, 224², bf16, channels_last:
@@ -121,7 +122,8 @@ fi
 
 # The kernels before the step: their first calls compile Triton specialisations (both conv designs,
 # every conv shape of R18/R50/D169), and a timed-out step must not leave them unmeasured.
-part layer "${LIMIT_LAYER:-$((90 * SCALE))}" "$PY" -m bench.bench_bcos_conv2d --device "$DEVICE" "${LAYER_SIZE[@]}"
+part layer "${LIMIT_LAYER:-$((90 * SCALE))}" "$PY" -m bench.bench_bcos_conv2d --device "$DEVICE" "${LAYER_SIZE[@]}" \
+  --fastest-out "$OUT/fastest.json"
 
 part loss "${LIMIT_LOSS:-$((30 * SCALE))}" "$PY" -m bench ops --device "$DEVICE" "${LOSS_SIZE[@]}" --ops distill_loss \
   --providers reference-eager,cpp,triton,triton-one-pass --quiet --out "$OUT/loss.jsonl"

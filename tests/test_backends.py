@@ -55,3 +55,29 @@ def test_every_backend_gives_the_reference_loss():
             got = distill_loss(*args)
         for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"back end {name}")
+
+
+def test_auto_reads_records_per_shape_class_and_their_kernel_variant(monkeypatch):
+    """``fastest.json`` refines an op's record per shape class; a value may name a kernel variant."""
+    monkeypatch.delenv("E2KD_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "candidates", lambda op, device: ["cpp", "triton", "reference"])
+    table = {
+        "e2kd::bcos_conv2d@cuda": "reference",
+        "e2kd::bcos_conv2d@cuda@k3x3-s1x1": "triton:implicit-gemm",
+        "e2kd::bcos_conv2d@cuda@k1x1-s2x2": "cpp",
+        "e2kd::bcos_conv2d@cuda@k7x7-s2x2": "magic",  # not available here: the first available runs
+    }
+    monkeypatch.setattr(backends, "_fastest_table", lambda: table)
+    op = "e2kd::bcos_conv2d"
+    assert backends.choose(op, "cuda") == "reference"
+    assert backends.choose(op, "cuda", "k3x3-s2x2") == "reference"  # no record for the class: the op's
+    assert backends.choose(op, "cuda", "k3x3-s1x1") == "triton"
+    assert backends.recorded_variant(op, "cuda", "k3x3-s1x1") == "implicit-gemm"
+    assert backends.use_fused(op, "cuda", "k3x3-s1x1") and not backends.use_fused(op, "cuda", "k3x3-s2x2")
+    assert backends.choose(op, "cuda", "k1x1-s2x2") == "cpp"
+    assert backends.recorded_variant(op, "cuda", "k1x1-s2x2") is None
+    assert backends.choose(op, "cuda", "k7x7-s2x2") == "cpp"
+    assert backends.implementation(op, "cuda", "k3x3-s1x1") is backends.registered(op)["triton"]
+    with backends.use_backend("triton"):  # asked by name: the record's variant does not apply
+        assert backends.choose(op, "cuda", "k1x1-s2x2") == "triton"
+        assert backends.recorded_variant(op, "cuda", "k3x3-s1x1") is None

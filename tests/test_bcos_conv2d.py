@@ -324,6 +324,21 @@ def test_layer_hands_the_implicit_gemm_the_sums_of_squares(monkeypatch):
         assert not reads_producer_sums("cpu")
 
 
+def test_conv_design_comes_from_the_variable_then_from_autos_record(monkeypatch):
+    pytest.importorskip("triton")
+    from e2kd_fast.ops.bcos_conv2d import _conv_kernel
+
+    def recorded(op_name, device_type, shape_class):
+        return "implicit-gemm" if shape_class == "k3x3-s1x1" else None
+
+    monkeypatch.delenv("E2KD_TRITON_CONV", raising=False)
+    monkeypatch.setattr(backends, "recorded_variant", recorded)
+    assert _conv_kernel("e2kd::bcos_conv2d", "cuda", "k3x3-s1x1") == "implicit-gemm"
+    assert _conv_kernel("e2kd::bcos_conv2d", "cuda", "k1x1-s1x1") == "cudnn-epilogue"
+    monkeypatch.setenv("E2KD_TRITON_CONV", "cudnn-epilogue")
+    assert _conv_kernel("e2kd::bcos_conv2d", "cuda", "k3x3-s1x1") == "cudnn-epilogue"
+
+
 # ---------------------------------------------------------------------------------------------- C++
 
 
@@ -430,6 +445,32 @@ def test_a_kernel_missing_from_the_extension_routes_ops_and_layers_to_the_refere
         assert backends.choose("e2kd::bcos_conv2d", "cpu") == "reference"
         assert not ops.use_fused("e2kd::bcos_conv2d", "cpu")
         assert backends.choose("e2kd::patch_norm", "cpu") == "cpp"
+
+
+@needs_cpp
+def test_layers_follow_the_record_of_their_shape_class(monkeypatch):
+    """``auto`` with a record for strided 3×3 convs only: that layer runs the fast op, a 1×1 the
+    inline reference maths."""
+    from e2kd_fast.nn import BcosConv2d
+
+    table = {"e2kd::bcos_conv2d@cpu": "reference", "e2kd::bcos_conv2d@cpu@k3x3-s2x2": "cpp"}
+    monkeypatch.delenv("E2KD_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_fastest_table", lambda: table)
+    key = ("e2kd::bcos_conv2d", "cpp")
+    calls = []
+    impl = backends._IMPLS[key]
+
+    def spy(*args, fn=impl.fn):
+        calls.append(args[3])
+        return fn(*args)
+
+    monkeypatch.setitem(backends._IMPLS, key, dataclasses.replace(impl, fn=spy))
+    strided, pointwise = BcosConv2d(4, 6, 3, stride=2, padding=1).double(), BcosConv2d(4, 6, 1).double()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    with backends.use_backend("auto"):
+        assert strided.fused_parts(x) is not None and pointwise.fused_parts(x) is None
+        strided(x), pointwise(x)
+    assert calls == [[2, 2], [2, 2]]
 
 
 @needs_interpreter

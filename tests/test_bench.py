@@ -279,3 +279,33 @@ def test_data_suite_smoke(tmp_path):
         assert records["dali-cpu"]["epoch_images"] == 8 and records["dali-cpu"]["ratio"] > 0
     if not torch.cuda.is_available():
         assert records["dali-gpu"]["status"] == "unsupported"
+
+
+def test_layer_benchmark_proposes_the_fastest_per_shape_class():
+    """Per op and conv shape class, the candidate with the lowest median time over the class's
+    shapes; a kernel must beat the reference there to be proposed."""
+    from bench.bench_bcos_conv2d import propose_fastest
+
+    def row(ref, epilogue, gemm, ref_adj, adj, gemm_adj):
+        return {
+            "ref layer": ref,
+            "triton layer": epilogue,
+            "triton implicit-gemm layer": gemm,
+            "ref adjoint": ref_adj,
+            "triton adjoint": adj,
+            "triton implicit-gemm adjoint": gemm_adj,
+        }
+
+    results = [
+        ((64, 56, 56, 64, 3, 1, 1, 1), row(1.0, 2.0, 0.8, 1.0, 3.0, 0.9)),
+        ((128, 28, 28, 128, 3, 1, 1, 1), row(1.0, 2.0, 0.9, 1.0, 3.0, 1.2)),
+        ((128, 28, 28, 128, 3, 1, 1, 1), row(1.0, 2.0, 0.7, 1.0, 3.0, 0.95)),
+        ((64, 56, 56, 128, 1, 2, 0, 1), row(1.0, 0.9, 1.5, 1.0, 3.0, 2.0)),
+    ]
+    assert propose_fastest(results, "cuda") == {
+        "e2kd::bcos_conv2d@cuda@k1x1-s2x2": "triton:cudnn-epilogue",
+        "e2kd::bcos_conv2d@cuda@k3x3-s1x1": "triton:implicit-gemm",
+        "e2kd::scaled_conv_adjoint@cuda@k1x1-s2x2": "reference",
+        "e2kd::scaled_conv_adjoint@cuda@k3x3-s1x1": "triton:implicit-gemm",
+    }
+    assert propose_fastest([((6, 8, 8, 4, 3, 1, 1, 1), {"ref epilogue": 1.0})], "cpu") == {}

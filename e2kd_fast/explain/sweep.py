@@ -201,10 +201,9 @@ def dynamic_weights_sweep(
 
 
 def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
-    if m.b != 1 and m.max_out == 1 and m.dilation == (1, 1) and ops.use_fused("e2kd::bcos_conv2d", x.device.type):
-        # A fast back end: conv plus fused epilogue in one op (its autograd is the full derivative).
-        geometry = (list(m.stride), list(m.padding), m.groups)
-        linear, scale = ops.bcos_conv2d(x, m.linear.weight, float(m.b), *geometry)
+    parts = m.fused_parts(x)
+    if parts is not None:  # a fast back end: conv plus fused epilogue in one op (its autograd is the full derivative)
+        linear, scale = parts
         tape.append((scale, None, x.shape[-2:]))
         return scale * linear
     linear = bcos_conv_linear(x, m.linear.weight, m.stride, m.padding, m.dilation, m.groups)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from e2kd_fast import ops
 from e2kd_fast.nn.explanation import DynamicLinearModule
+from e2kd_fast.ops._common import conv_shape_class
 from e2kd_fast.ops.backends import use_fused
 from e2kd_fast.ops.bcos_conv2d import reads_producer_sums
 from e2kd_fast.reference.bcos import (
@@ -97,19 +98,25 @@ class BcosConv2d(DynamicLinearModule):
         )
         self.patch_size = math.prod(self.kernel_size)
 
+    def fused_parts(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(linear, scale) from the registered op ``e2kd::bcos_conv2d`` when a fast back end runs it
+        for this layer, else None (the reference maths stays inline, visible to Inductor). The op
+        covers B > 1 without MaxOut or dilation, every zoo layer."""
+        if self.b == 1 or self.max_out != 1 or self.dilation != (1, 1):
+            return None
+        shape_class = conv_shape_class(self.kernel_size, self.stride)
+        if not use_fused("e2kd::bcos_conv2d", x.device.type, shape_class):
+            return None
+        sums = None
+        if reads_producer_sums(x.device.type, shape_class):  # compiled, Inductor fuses it into x's producer
+            sums = channel_sums_of_squares(x.to(torch.promote_types(x.dtype, torch.float32)), self.groups)
+        geometry = (list(self.stride), list(self.padding), self.groups)
+        return ops.bcos_conv2d(x, self.linear.weight, float(self.b), *geometry, sums)
+
     def forward(self, x: Tensor) -> Tensor:
-        # The fused op covers B > 1 without MaxOut or dilation (every zoo layer); else the reference maths.
-        if (
-            self.b != 1
-            and self.max_out == 1
-            and self.dilation == (1, 1)
-            and use_fused("e2kd::bcos_conv2d", x.device.type)
-        ):
-            geometry = (list(self.stride), list(self.padding), self.groups)
-            sums = None
-            if reads_producer_sums(x.device.type):  # compiled, Inductor fuses this into x's producer
-                sums = channel_sums_of_squares(x.to(torch.promote_types(x.dtype, torch.float32)), self.groups)
-            linear, scale = ops.bcos_conv2d(x, self.linear.weight, float(self.b), *geometry, sums)
+        parts = self.fused_parts(x)
+        if parts is not None:
+            linear, scale = parts
             return self.dyn_mul(scale, linear)
         linear, scale = bcos_conv2d_parts(
             x, self.linear.weight, self.b, self.max_out, self.stride, self.padding, self.dilation, self.groups

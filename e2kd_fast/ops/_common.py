@@ -40,6 +40,14 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def conv_shape_class(kernel: Sequence[int], stride: Sequence[int] | int) -> str:
+    """A conv's shape class for the per-shape back-end records of ``fastest.json``: its kernel and
+    stride, e.g. ``k3x3-s2x2``."""
+    kh, kw = (int(k) for k in kernel)
+    sh, sw = (int(stride), int(stride)) if isinstance(stride, int) else (int(v) for v in stride)
+    return f"k{kh}x{kw}-s{sh}x{sw}"
+
+
 def scale_slope(ratio: Tensor, b: float) -> Tensor:
     """ds/dr of the B-cos dynamic scale s(r), r = l/n (`e2kd_fast.reference.bcos.dynamic_scale`):
     sign(r) for B = 2 (s = |r|), else (B−1)(|r| + ε)^(B−2) sign(r). Shared by the conv and linear

@@ -21,6 +21,11 @@ recorded as fastest in ``fastest.json`` (written from benchmark runs), or else t
 ``cpp``, ``triton``, ``reference`` for that op and device (never the Triton interpreter on CPU
 tensors: it is there for tests and must be asked for by name).
 
+``fastest.json`` maps ``"<op>@<device>"`` to a back end, and may refine it per shape class,
+``"<op>@<device>@<class>"`` (the convs' class is their kernel and stride, ``k3x3-s1x1``; an op passes
+its class to `choose`). A value may name a kernel variant after a colon, ``"triton:implicit-gemm"``:
+the back end's own choice among its kernels (`recorded_variant`), taken under ``auto`` only.
+
 Triton kernels run on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (the
 interpreter the tests use); the C++ back end runs wherever the extension registered a kernel.
 """
@@ -167,7 +172,8 @@ def candidates(op_name: str, device_type: str) -> list[str]:
 
 @functools.cache
 def _fastest_table() -> dict[str, str]:
-    """``{"<op>@<device>": backend}`` as recorded by the benchmarks (``python -m bench ops --record-fastest``)."""
+    """``{"<op>@<device>[@<shape class>]": "backend[:variant]"}`` as written from benchmark runs
+    (``python -m bench.bench_bcos_conv2d --fastest-out`` proposes the conv entries)."""
     path = Path(__file__).with_name("fastest.json")
     if not path.exists():
         return {}
@@ -175,8 +181,22 @@ def _fastest_table() -> dict[str, str]:
     return {key: value for key, value in table.items() if key != "_comment"}
 
 
-def choose(op_name: str, device_type: str) -> str:
-    """The back end that runs ``op_name`` on ``device_type`` under the current request."""
+def _recorded(op_name: str, device_type: str, shape_class: str | None) -> tuple[str, str | None] | None:
+    """(back end, variant or None) recorded for the op, device and shape class (else for the op and
+    device), or None."""
+    table = _fastest_table()
+    entry = table.get(f"{op_name}@{device_type}@{shape_class}") if shape_class else None
+    if entry is None:
+        entry = table.get(f"{op_name}@{device_type}")
+    if entry is None:
+        return None
+    backend, _, variant = entry.partition(":")
+    return backend, variant or None
+
+
+def choose(op_name: str, device_type: str, shape_class: str | None = None) -> str:
+    """The back end that runs ``op_name`` on ``device_type`` (inputs of ``shape_class``) under the
+    current request."""
     requested = current_backend()
     if requested == "reference":
         return "reference"
@@ -184,16 +204,27 @@ def choose(op_name: str, device_type: str) -> str:
     if requested == "auto":
         # Triton on CPU tensors is the interpreter (tests): asked for by name, never a default.
         available = [b for b in available if not (b == "triton" and device_type == "cpu")]
-        recorded = _fastest_table().get(f"{op_name}@{device_type}")
-        return recorded if recorded in available else available[0]
+        recorded = _recorded(op_name, device_type, shape_class)
+        return recorded[0] if recorded and recorded[0] in available else available[0]
     reason = unavailable_reason(requested)
     if reason:
         raise RuntimeError(f"E2KD_BACKEND={requested!r} was requested for {op_name}, but it is not available: {reason}")
     return requested if requested in available else "reference"
 
 
+def recorded_variant(op_name: str, device_type: str, shape_class: str | None = None) -> str | None:
+    """The kernel variant ``fastest.json`` names for the op, device and shape class ("implicit-gemm"
+    of ``"triton:implicit-gemm"``), when ``auto`` is the request and chose that back end; else None."""
+    if current_backend() != "auto":
+        return None
+    recorded = _recorded(op_name, device_type, shape_class)
+    if recorded is None or choose(op_name, device_type, shape_class) != recorded[0]:
+        return None
+    return recorded[1]
+
+
 @torch.compiler.assume_constant_result
-def use_fused(op_name: str, device_type: str) -> bool:
+def use_fused(op_name: str, device_type: str, shape_class: str | None = None) -> bool:
     """Whether a layer should call the registered op ``op_name`` instead of its inline reference maths.
 
     True when the back end chosen for ``device_type`` is not the reference: the plain torch ops stay
@@ -202,12 +233,12 @@ def use_fused(op_name: str, device_type: str) -> bool:
     extension.) Under ``torch.compile`` the answer is a trace-time constant (no guard, no graph
     break): choose the back end before compiling.
     """
-    return choose(op_name, device_type) != "reference"
+    return choose(op_name, device_type, shape_class) != "reference"
 
 
-def implementation(op_name: str, device_type: str) -> Callable:
+def implementation(op_name: str, device_type: str, shape_class: str | None = None) -> Callable:
     """The forward function to call for ``op_name`` on ``device_type`` (see `choose`)."""
-    return _IMPLS[(op_name, choose(op_name, device_type))].fn
+    return _IMPLS[(op_name, choose(op_name, device_type, shape_class))].fn
 
 
 def registered(op_name: str) -> dict[str, Callable]:

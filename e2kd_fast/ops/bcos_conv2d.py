@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,13 @@ from torch import Tensor
 from torch.utils import _python_dispatch
 
 from e2kd_fast.ops import backends
-from e2kd_fast.ops._common import conv_output_size, empty_like_format, memory_format_of, scale_slope
+from e2kd_fast.ops._common import (
+    conv_output_size,
+    conv_shape_class,
+    empty_like_format,
+    memory_format_of,
+    scale_slope,
+)
 from e2kd_fast.ops._registry import register_op_test
 from e2kd_fast.reference import bcos as reference
 from e2kd_fast.reference.bcos import transposed_output_padding
@@ -52,7 +59,7 @@ def patch_norm(
     x: Tensor, kernel: list[int], stride: list[int], padding: list[int], groups: int, out_channels: int
 ) -> Tensor:
     """[N, C, H, W] → [N, 1 or out_channels, H_out, W_out]: the norm of every receptive field."""
-    impl = backends.implementation("e2kd::patch_norm", x.device.type)
+    impl = backends.implementation("e2kd::patch_norm", x.device.type, conv_shape_class(kernel, stride))
     return impl(x, kernel, stride, padding, groups, out_channels)
 
 
@@ -114,7 +121,8 @@ def scaled_conv_adjoint(
     groups: int,
 ) -> Tensor:
     """conv2dᵀ(scale ⊙ g, weight): [N, O, h, w] → [N, C, *in_size] (weight: the unit-norm ŵ)."""
-    impl = backends.implementation("e2kd::scaled_conv_adjoint", g.device.type)
+    shape_class = conv_shape_class(weight.shape[-2:], stride)
+    impl = backends.implementation("e2kd::scaled_conv_adjoint", g.device.type, shape_class)
     return impl(g, scale, weight, in_size, stride, padding, dilation, groups)
 
 
@@ -151,7 +159,7 @@ def _adjoint_setup(ctx, inputs, output) -> None:
     ctx.geometry = (stride, padding, dilation, groups)
 
 
-def _fused_adjoint_backward(grad: Tensor, groups: int, dilation: list[int]):
+def _fused_adjoint_backward(grad: Tensor, weight: Tensor, stride: list[int], groups: int, dilation: list[int]):
     """The Triton kernels for the adjoint's backward, or None: only a first-order backward outside
     compiled graphs (a kernel launch is not differentiable again, nor traceable with fake tensors)
     where the Triton ``implicit-gemm`` kernels run this op."""
@@ -161,9 +169,10 @@ def _fused_adjoint_backward(grad: Tensor, groups: int, dilation: list[int]):
     # tensor subclasses; a kernel launch needs real storage.
     if _python_dispatch._get_current_dispatch_mode() is not None or type(grad) is not torch.Tensor:
         return None
-    if backends.choose("e2kd::scaled_conv_adjoint", grad.device.type) != "triton":
+    op_name, shape_class = "e2kd::scaled_conv_adjoint", conv_shape_class(weight.shape[-2:], stride)
+    if backends.choose(op_name, grad.device.type, shape_class) != "triton":
         return None
-    return _gemm_kernels(grad, groups, dilation)
+    return _gemm_kernels(op_name, grad, shape_class, groups, dilation)
 
 
 def _adjoint_backward(ctx, grad: Tensor):
@@ -173,7 +182,7 @@ def _adjoint_backward(ctx, grad: Tensor):
     if ctx.needs_input_grad[2]:
         scaled = (scale * g).to(grad.dtype)
         grad_weight = torch.nn.grad.conv2d_weight(grad, weight.shape, scaled, stride, padding, dilation, groups)
-    fused = _fused_adjoint_backward(grad, groups, dilation)
+    fused = _fused_adjoint_backward(grad, weight, stride, groups, dilation)
     if fused is not None:  # (s ⊙ d, g ⊙ d) written by the conv d = conv2d(grad, ŵ) itself
         grad_g, grad_scale = fused.conv2d_product(grad, weight, stride, padding, scale, g)
         return grad_g, grad_scale, grad_weight, None, None, None, None, None
@@ -233,7 +242,7 @@ def bcos_conv2d(
     x was made so that the conv need not read x twice; the patch norm is taken from it (and its
     gradient goes to it, not to x). None: computed from x inside.
     """
-    impl = backends.implementation("e2kd::bcos_conv2d", x.device.type)
+    impl = backends.implementation("e2kd::bcos_conv2d", x.device.type, conv_shape_class(weight.shape[-2:], stride))
     return impl(x, weight, b, stride, padding, groups, sums)
 
 
@@ -360,16 +369,26 @@ def patch_norm_triton(x, kernel, stride, padding, groups, out_channels):
     return kernels.patch_norm(x, kernel, stride, padding, groups, out_channels)
 
 
-def _gemm_kernels(a: Tensor, groups: int, dilation: list[int] | None = None):
-    """The Triton kernel module when `conv_kernel_choice` is ``implicit-gemm`` and the conv is one
-    its kernels cover: groups = 1, no dilation, and the GEMM's input ``a`` with its channels
-    innermost (channels_last; in NCHW its K axis would be a strided gather). Else None: the
-    cuDNN-epilogue kernels run."""
+def _conv_kernel(op_name: str, device_type: str, shape_class: str) -> str:
+    """The Triton conv design for the op: ``$E2KD_TRITON_CONV``, else the variant ``auto``'s record
+    names for the shape class, else ``cudnn-epilogue`` (`kernels.bcos_conv2d.conv_kernel_choice`)."""
+    from e2kd_fast.kernels.bcos_conv2d import CONV_KERNEL_ENV, conv_kernel_choice
+
+    if os.environ.get(CONV_KERNEL_ENV, "").strip():
+        return conv_kernel_choice()
+    return conv_kernel_choice(backends.recorded_variant(op_name, device_type, shape_class))
+
+
+def _gemm_kernels(op_name: str, a: Tensor, shape_class: str, groups: int, dilation: list[int] | None = None):
+    """The Triton kernel module when the op's conv design (`_conv_kernel`) is ``implicit-gemm`` and
+    the conv is one its kernels cover: groups = 1, no dilation, and the GEMM's input ``a`` with its
+    channels innermost (channels_last; in NCHW its K axis would be a strided gather). Else None:
+    the cuDNN-epilogue kernels run."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
 
     if groups != 1 or (dilation is not None and list(dilation) != [1, 1]) or a.stride(1) != 1:
         return None
-    return kernels if kernels.conv_kernel_choice() == "implicit-gemm" else None
+    return kernels if _conv_kernel(op_name, a.device.type, shape_class) == "implicit-gemm" else None
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -381,16 +400,16 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 @torch.compiler.assume_constant_result
-def reads_producer_sums(device_type: str) -> bool:
-    """Whether `bcos_conv2d` on ``device_type`` should be handed Σ_c x² by the op that made x (the
-    ``sums`` input): true for the Triton implicit GEMM, which then reads x once, for its GEMM only.
-    The others read x for their own sums anyway. A trace-time constant under torch.compile, like
-    `backends.use_fused`; under it the layer's Σx² becomes part of the producer's fused kernel."""
-    if backends.choose("e2kd::bcos_conv2d", device_type) != "triton":
+def reads_producer_sums(device_type: str, shape_class: str | None = None) -> bool:
+    """Whether `bcos_conv2d` on ``device_type`` (convs of ``shape_class``) should be handed Σ_c x² by
+    the op that made x (the ``sums`` input): true for the Triton implicit GEMM, which then reads x
+    once, for its GEMM only. The others read x for their own sums anyway. A trace-time constant
+    under torch.compile, like `backends.use_fused`; under it the layer's Σx² becomes part of the
+    producer's fused kernel."""
+    op_name = "e2kd::bcos_conv2d"
+    if backends.choose(op_name, device_type, shape_class) != "triton":
         return False
-    from e2kd_fast.kernels.bcos_conv2d import conv_kernel_choice
-
-    return conv_kernel_choice() == "implicit-gemm"
+    return _conv_kernel(op_name, device_type, shape_class or "") == "implicit-gemm"
 
 
 @backends.register("e2kd::bcos_conv2d", "triton", ("cuda",))
@@ -399,7 +418,7 @@ def bcos_conv2d_triton(x, weight, b, stride, padding, groups, sums=None):
     scale) in Triton. ``implicit-gemm``: the conv in Triton with the scale as its epilogue."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
 
-    gemm = _gemm_kernels(x, groups)
+    gemm = _gemm_kernels("e2kd::bcos_conv2d", x, conv_shape_class(weight.shape[-2:], stride), groups)
     if gemm is not None:
         dtype = _compute_dtype(x)
         w_hat = reference.unit_norm_weight(weight).to(dtype)
@@ -419,7 +438,7 @@ def scaled_conv_adjoint_triton(g, scale, weight, in_size, stride, padding, dilat
     conv. ``implicit-gemm``: the transposed conv in Triton, forming s ⊙ g as it loads g."""
     from e2kd_fast.kernels import bcos_conv2d as kernels
 
-    gemm = _gemm_kernels(g, groups, dilation)
+    gemm = _gemm_kernels("e2kd::scaled_conv_adjoint", g, conv_shape_class(weight.shape[-2:], stride), groups, dilation)
     if gemm is not None:
         return gemm.scaled_conv_adjoint_gemm(g, scale.to(g.dtype), weight, in_size, stride, padding)
     product = kernels.scale_product(scale.to(g.dtype).expand_as(g), g)
