@@ -227,7 +227,13 @@ def run(args: argparse.Namespace) -> None:
         fast += ["triton implicit-gemm"]
     print(f"{len(shapes)} conv shapes, batch {args.batch}, {dtype}, {device}; fast back ends: {fast or 'none'}")
     ratios: dict[str, list[float]] = {}
-    results = [(shape, _one_shape(shape, args, device, dtype, fast, ratios)) for shape in shapes]
+    results = []
+    started = time.perf_counter()
+    for i, shape in enumerate(shapes):
+        if args.time_budget and time.perf_counter() - started > args.time_budget:
+            print(f"time budget of {args.time_budget:g} s spent: {len(shapes) - i} of {len(shapes)} shapes not timed")
+            break
+        results.append((shape, _one_shape(shape, args, device, dtype, fast, ratios)))
     for key, values in ratios.items():
         print(f"median {key}: {statistics.median(values):.2f}× (min {min(values):.2f}, max {max(values):.2f})")
     proposals = propose_fastest(results, device.type)
@@ -249,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--channels-last", action="store_true", help="CUDA: x in channels_last")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=0,
+        help="start no new shape after this many seconds (0: no limit); the summary covers the shapes timed",
+    )
     parser.add_argument(
         "--fastest-out",
         type=Path,

@@ -122,8 +122,9 @@ fi
 
 # The kernels before the step: their first calls compile Triton specialisations (both conv designs,
 # every conv shape of R18/R50/D169), and a timed-out step must not leave them unmeasured.
-part layer "${LIMIT_LAYER:-$((90 * SCALE))}" "$PY" -m bench.bench_bcos_conv2d --device "$DEVICE" "${LAYER_SIZE[@]}" \
-  --fastest-out "$OUT/fastest.json"
+LAYER_LIMIT=${LIMIT_LAYER:-$((90 * SCALE))}
+part layer "$LAYER_LIMIT" "$PY" -m bench.bench_bcos_conv2d --device "$DEVICE" "${LAYER_SIZE[@]}" \
+  --time-budget $((LAYER_LIMIT * 4 / 5)) --fastest-out "$OUT/fastest.json"
 
 part loss "${LIMIT_LOSS:-$((30 * SCALE))}" "$PY" -m bench ops --device "$DEVICE" "${LOSS_SIZE[@]}" --ops distill_loss \
   --providers reference-eager,cpp,triton,triton-one-pass --quiet --out "$OUT/loss.jsonl"
