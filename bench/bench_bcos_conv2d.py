@@ -151,7 +151,8 @@ def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list
             )
             for name in fast:
                 backend, _, conv_kernel = name.partition(" ")
-                with backends.use_backend(backend), _conv_kernel(conv_kernel or None):
+                design = conv_kernel or ("cudnn-epilogue" if backend == "triton" else None)
+                with backends.use_backend(backend), _conv_kernel(design):
                     row[f"{name} layer"] = t = _time(
                         lambda: ops.bcos_conv2d(x, weight, 2.0, [s, s], [p, p], g), device, 2, args.repeats
                     )

@@ -51,6 +51,13 @@ started=$(date +%s)
 
 say() { echo "$*" | tee -a "$OUT/summary.txt"; }
 
+# capped LIMIT: LIMIT, or the budget left when that is less (what `part` will allow), so that a
+# part's own time budget can be derived from the time it really gets.
+capped() {
+  local left=$((BUDGET_S - ($(date +%s) - started)))
+  echo $(($1 < left ? $1 : left))
+}
+
 # part NAME LIMIT_S CMD...: CMD under `timeout` (never past the budget), output in $OUT/NAME.log.
 part() {
   local name=$1 limit=$2 left t0 rc status
@@ -122,7 +129,7 @@ fi
 
 # The kernels before the step: their first calls compile Triton specialisations (both conv designs,
 # every conv shape of R18/R50/D169), and a timed-out step must not leave them unmeasured.
-LAYER_LIMIT=${LIMIT_LAYER:-$((90 * SCALE))}
+LAYER_LIMIT=$(capped "${LIMIT_LAYER:-$((90 * SCALE))}")
 part layer "$LAYER_LIMIT" "$PY" -m bench.bench_bcos_conv2d --device "$DEVICE" "${LAYER_SIZE[@]}" \
   --time-budget $((LAYER_LIMIT * 4 / 5)) --fastest-out "$OUT/fastest.json"
 
@@ -131,7 +138,7 @@ part loss "${LIMIT_LOSS:-$((30 * SCALE))}" "$PY" -m bench ops --device "$DEVICE"
 
 # Variants compile in this order (e2kd-live first); one whose first step would start after the step
 # limit minus 45 s (the rounds, the FLOP/byte count) gets a record saying so instead.
-STEP_LIMIT=${LIMIT_STEP:-$((150 * SCALE))}
+STEP_LIMIT=$(capped "${LIMIT_STEP:-$((150 * SCALE))}")
 part step "$STEP_LIMIT" "$PY" -m bench step --device "$DEVICE" "${STEP_SIZE[@]}" $COMPILE_FLAG \
   --warmup 1 --memory none --variants "${STEP_VARIANTS:-reference,e2kd-live,kd,e2kd-frozen}" \
   --time-budget $((STEP_LIMIT > 90 ? STEP_LIMIT - 45 : STEP_LIMIT / 2)) --out "$OUT/step.jsonl"

@@ -29,10 +29,10 @@ the memory-bound rest is fused after or before it:
 Every kernel takes explicit strides (NCHW and channels_last both work; the GEMM reads its K axis
 along the channels, so channels_last is the fast layout), upcasts to fp32 right after each load
 (the interpreter has no bf16 arithmetic; the GEMM feeds tl.dot the input dtype) and accumulates in
-fp32 (fp64 for float64 inputs). On CPU tensors the kernels run only under ``TRITON_INTERPRET=1``,
-whose cost scales with the number of programs, so the launchers pick large blocks there. This
-module imports without Triton; the launchers need it. It imports nothing of the package but
-`e2kd_fast.ops._common` and `e2kd_fast.reference`.
+fp32 (fp64 for float64 inputs, which only the interpreter's tests use). On CPU tensors the
+kernels run only under ``TRITON_INTERPRET=1``, whose cost scales with the number of programs, so
+the launchers pick large blocks there. This module imports without Triton; the launchers need it.
+It imports nothing of the package but `e2kd_fast.ops._common` and `e2kd_fast.reference`.
 """
 
 from __future__ import annotations
@@ -482,8 +482,9 @@ if triton is not None:
         """A [BLOCK_M pixels, BLOCK_N channels] tile of a conv (or transposed conv) as an implicit GEMM.
 
         a [N, K, in_h, in_w] is the GEMM's A (the conv's input; the transposed conv's g), read along
-        K at each filter tap; w is addressed as w[k, n, kh, kw] through (swk, swn, swh, sww), so the
-        transposed conv passes ŵ's first two strides swapped. Pixel (h, w) of the output reads, at tap
+        K at each filter tap; w is addressed as w[k, n, kh, kw] through (swk, swn, swh, sww) (the
+        launcher lays ŵ out as [kh, kw, k, n]: input channels first for the conv, output channels
+        first for the transposed conv). Pixel (h, w) of the output reads, at tap
         (kh, kw), input pixel (h·s − p + kh, w·s − p + kw) (conv) or ((h + p − kh)/s, (w + p − kw)/s)
         where that divides (transposed; the other taps are masked). PROLOGUE: A is a ⊙ p (p read
         with a's indexing; stride 0 broadcasts), rounded to a's dtype as the unfused product is.
@@ -749,7 +750,8 @@ def bcos_conv2d_gemm(
 
     Args:
         x: [N, C, H, W]; weight: the unit-norm ŵ [O, C, kH, kW] (cast to x's dtype here).
-        sums: [N, 1, H, W] Σ_c x² when the op that made x computed it (fp32); else one read of x here.
+        sums: [N, 1, H, W] Σ_c x² when the op that made x computed it (read as fp32, fp64 for float64
+            x); else one read of x here.
 
     Returns:
         (l, s), each [N, O, Ho, Wo] in x's dtype and memory format.

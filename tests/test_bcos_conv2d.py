@@ -337,6 +337,31 @@ def test_conv_design_comes_from_the_variable_then_from_autos_record(monkeypatch)
     assert _conv_kernel("e2kd::bcos_conv2d", "cuda", "k1x1-s1x1") == "cudnn-epilogue"
     monkeypatch.setenv("E2KD_TRITON_CONV", "cudnn-epilogue")
     assert _conv_kernel("e2kd::bcos_conv2d", "cuda", "k3x3-s1x1") == "cudnn-epilogue"
+    monkeypatch.delenv("E2KD_TRITON_CONV")
+    monkeypatch.setattr(backends, "recorded_variant", lambda *args: "implicit_gemm")
+    with pytest.raises(ValueError, match=r"fastest.json: the record for e2kd::bcos_conv2d on cuda \(k1x1-s1x1\)"):
+        _conv_kernel("e2kd::bcos_conv2d", "cuda", "k1x1-s1x1")
+
+
+def test_sums_of_the_wrong_shape_are_refused_and_a_bf16_layer_takes_fp32_sums():
+    """The kernels index the sums map as [N, groups, H, W]: anything else is a clear error. A bf16
+    layer with fp32 sums (what `BcosConv2d` hands over) keeps bf16 outputs, and its backward runs."""
+    from e2kd_fast.reference.bcos import channel_sums_of_squares
+
+    x = torch.randn(2, 4, 6, 5, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"sums must be .* shape \(2, 1, 6, 5\) .* got \(2, 1, 3, 3\)"):
+        ops.bcos_conv2d(x, w, 2.0, [1, 1], [1, 1], 1, torch.ones(2, 1, 3, 3))
+    with backends.use_backend("reference"):
+        sums = channel_sums_of_squares(x.float())
+        linear, scale = ops.bcos_conv2d(x, w.to(torch.bfloat16), 2.0, [1, 1], [1, 1], 1, sums)
+        assert linear.dtype == scale.dtype == torch.bfloat16
+        grad_x, grad_w = torch.autograd.grad((scale * linear).float().square().sum(), (x, w))
+        expected = ops.bcos_conv2d(x, w.to(torch.bfloat16), 2.0, [1, 1], [1, 1], 1)
+        expected_grads = torch.autograd.grad((expected[0] * expected[1]).float().square().sum(), (x, w))
+    assert grad_x.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
+    for got, want in zip((scale, grad_x, grad_w), (expected[1], *expected_grads), strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
 
 
 # ---------------------------------------------------------------------------------------------- C++

@@ -181,17 +181,21 @@ def _fastest_table() -> dict[str, str]:
     return {key: value for key, value in table.items() if key != "_comment"}
 
 
-def _recorded(op_name: str, device_type: str, shape_class: str | None) -> tuple[str, str | None] | None:
-    """(back end, variant or None) recorded for the op, device and shape class (else for the op and
-    device), or None."""
+def _recorded(
+    op_name: str, device_type: str, shape_class: str | None, available: list[str] | None = None
+) -> tuple[str, str | None] | None:
+    """(back end, variant or None) recorded for the op, device and shape class, else for the op and
+    device (the first whose back end is in ``available``, when given), or None."""
     table = _fastest_table()
-    entry = table.get(f"{op_name}@{device_type}@{shape_class}") if shape_class else None
-    if entry is None:
-        entry = table.get(f"{op_name}@{device_type}")
-    if entry is None:
-        return None
-    backend, _, variant = entry.partition(":")
-    return backend, variant or None
+    keys = [f"{op_name}@{device_type}@{shape_class}"] if shape_class else []
+    for key in [*keys, f"{op_name}@{device_type}"]:
+        entry = table.get(key)
+        if entry is None:
+            continue
+        backend, _, variant = entry.strip().partition(":")
+        if available is None or backend in available:
+            return backend, variant.strip() or None
+    return None
 
 
 def choose(op_name: str, device_type: str, shape_class: str | None = None) -> str:
@@ -204,8 +208,8 @@ def choose(op_name: str, device_type: str, shape_class: str | None = None) -> st
     if requested == "auto":
         # Triton on CPU tensors is the interpreter (tests): asked for by name, never a default.
         available = [b for b in available if not (b == "triton" and device_type == "cpu")]
-        recorded = _recorded(op_name, device_type, shape_class)
-        return recorded[0] if recorded and recorded[0] in available else available[0]
+        recorded = _recorded(op_name, device_type, shape_class, available)
+        return recorded[0] if recorded else available[0]
     reason = unavailable_reason(requested)
     if reason:
         raise RuntimeError(f"E2KD_BACKEND={requested!r} was requested for {op_name}, but it is not available: {reason}")
@@ -217,7 +221,7 @@ def recorded_variant(op_name: str, device_type: str, shape_class: str | None = N
     of ``"triton:implicit-gemm"``), when ``auto`` is the request and chose that back end; else None."""
     if current_backend() != "auto":
         return None
-    recorded = _recorded(op_name, device_type, shape_class)
+    recorded = _recorded(op_name, device_type, shape_class, candidates(op_name, device_type))
     if recorded is None or choose(op_name, device_type, shape_class) != recorded[0]:
         return None
     return recorded[1]

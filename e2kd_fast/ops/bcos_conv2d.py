@@ -242,8 +242,19 @@ def bcos_conv2d(
     x was made so that the conv need not read x twice; the patch norm is taken from it (and its
     gradient goes to it, not to x). None: computed from x inside.
     """
+    _check_sums(x, groups, sums)
     impl = backends.implementation("e2kd::bcos_conv2d", x.device.type, conv_shape_class(weight.shape[-2:], stride))
     return impl(x, weight, b, stride, padding, groups, sums)
+
+
+def _check_sums(x: Tensor, groups: int, sums: Tensor | None) -> None:
+    """A clear error for a sums map that is not [N, groups, H, W] of x (the kernels index it as such)."""
+    expected = (x.shape[0], groups, *x.shape[2:])
+    if sums is not None and tuple(sums.shape) != expected:
+        raise ValueError(
+            f"e2kd::bcos_conv2d: sums must be Σ_c x² per group, shape {expected} for x of shape "
+            f"{tuple(x.shape)} and groups={groups}; got {tuple(sums.shape)}"
+        )
 
 
 @backends.register("e2kd::bcos_conv2d", "reference", ("cpu", "cuda"))
@@ -274,7 +285,7 @@ def _reference_scale(
         scale = reference.conv_dynamic_scale(linear, x, weight.shape[-2:], b, stride, padding, groups)
     else:
         norm = reference.patch_norm_from_sums(sums, weight.shape[-2:], stride, padding, linear.shape[1])
-        scale = reference.dynamic_scale(linear, norm, b)
+        scale = reference.dynamic_scale(linear, norm.to(linear.dtype), b)  # fp32 sums, bf16 layer: bf16
     return scale.contiguous(memory_format=memory_format_of(x))
 
 
@@ -286,6 +297,7 @@ def _conv_linear(x: Tensor, weight: Tensor, stride: list[int], padding: list[int
 
 @bcos_conv2d.register_fake
 def _(x, weight, b, stride, padding, groups, sums=None):
+    _check_sums(x, groups, sums)
     h = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0])
     w = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1])
     shape = (x.shape[0], weight.shape[0], h, w)
@@ -309,8 +321,8 @@ def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
     w_hat = weight / w_norm
     if sums is None:
         norm = reference.patch_norm(x, kernel, stride, padding, groups, out_channels)
-    else:
-        norm = reference.patch_norm_from_sums(sums, kernel, stride, padding, out_channels)
+    else:  # in the layer's dtype, as the forward used it (the sums may be fp32 for a bf16 layer)
+        norm = reference.patch_norm_from_sums(sums, kernel, stride, padding, out_channels).to(linear.dtype)
     ratio = linear / norm
     ds_dratio = scale_slope(ratio, b)
     grad_linear = grad_linear + grad_scale * ds_dratio / norm
@@ -325,6 +337,7 @@ def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
         grad_x = grad_x + _patch_norm_vjp(x, norm, grad_norm, kernel, stride, padding, groups, out_channels)
     else:
         grad_sums = _sums_vjp(norm, grad_norm, kernel, stride, padding, groups, out_channels, x.shape[-2:])
+        grad_sums = grad_sums.to(sums.dtype)
     grad_w_hat = torch.nn.grad.conv2d_weight(x, weight.shape, grad_linear, stride, padding, 1, groups)
     # Through ŵ = w / ‖w‖ (per output unit): dw = (dŵ − ŵ ⟨ŵ, dŵ⟩) / ‖w‖.
     grad_weight = (grad_w_hat - w_hat * (w_hat * grad_w_hat).sum(dim=(1, 2, 3), keepdim=True)) / w_norm
@@ -376,7 +389,14 @@ def _conv_kernel(op_name: str, device_type: str, shape_class: str) -> str:
 
     if os.environ.get(CONV_KERNEL_ENV, "").strip():
         return conv_kernel_choice()
-    return conv_kernel_choice(backends.recorded_variant(op_name, device_type, shape_class))
+    variant = backends.recorded_variant(op_name, device_type, shape_class)
+    try:
+        return conv_kernel_choice(variant)
+    except ValueError as err:
+        raise ValueError(
+            f"e2kd_fast/ops/fastest.json: the record for {op_name} on {device_type} ({shape_class}) names the "
+            f"Triton conv design {variant!r}: {err}"
+        ) from None
 
 
 def _gemm_kernels(op_name: str, a: Tensor, shape_class: str, groups: int, dilation: list[int] | None = None):
