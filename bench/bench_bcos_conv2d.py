@@ -20,12 +20,10 @@ writes them; `auto` takes only what such a run measured, once merged into
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,23 +65,6 @@ def _reference_epilogue(lin, x, k, s, p, g, o):
     return dynamic_scale(lin, patch_norm(x, k, s, p, g, o if g > 1 else None), 2.0)
 
 
-@contextlib.contextmanager
-def _conv_kernel(name: str | None) -> Iterator[None]:
-    """``E2KD_TRITON_CONV=name`` inside the block (unchanged for None)."""
-    from e2kd_fast.kernels.bcos_conv2d import CONV_KERNEL_ENV
-
-    before = os.environ.get(CONV_KERNEL_ENV)
-    if name is not None:
-        os.environ[CONV_KERNEL_ENV] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(CONV_KERNEL_ENV, None)
-        else:
-            os.environ[CONV_KERNEL_ENV] = before
-
-
 def _adjoint_backward_row(x, w_hat, scale, g, s, p, device, args, row: dict, ratios: dict) -> None:
     """The adjoint's backward: conv(dy, ŵ) then s·d and g·d in torch, against `conv2d_product`."""
     from e2kd_fast.kernels.bcos_conv2d import conv2d_product
@@ -103,6 +84,9 @@ def _adjoint_backward_row(x, w_hat, scale, g, s, p, device, args, row: dict, rat
 
 def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list[str], ratios: dict) -> dict:
     """Times one conv geometry, appends its ratios and returns its row of times (ms)."""
+    from e2kd_fast.kernels.bcos_conv2d import CONV_KERNEL_ENV
+
+    from bench.common import environment_variable
     from e2kd_fast import ops
     from e2kd_fast.ops import backends
     from e2kd_fast.ops.bcos_conv2d import _conv_transpose
@@ -152,7 +136,7 @@ def _one_shape(shape: tuple, args: argparse.Namespace, device, dtype, fast: list
             for name in fast:
                 backend, _, conv_kernel = name.partition(" ")
                 design = conv_kernel or ("cudnn-epilogue" if backend == "triton" else None)
-                with backends.use_backend(backend), _conv_kernel(design):
+                with backends.use_backend(backend), environment_variable(CONV_KERNEL_ENV, design):
                     row[f"{name} layer"] = t = _time(
                         lambda: ops.bcos_conv2d(x, weight, 2.0, [s, s], [p, p], g), device, 2, args.repeats
                     )

@@ -24,7 +24,6 @@ of 6×224² inputs at the loss batch. ``small`` is a handful of tiny shapes for 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -96,18 +95,8 @@ def _loss_backend(
             name = fast[0] if backend == "fast" and fast else backend
             if name not in fast:
                 raise NotImplementedError(f"no {backend} kernel of e2kd::distill_loss on {device} here")
-            previous = os.environ.get("E2KD_TRITON_LOSS")
-            if triton_kernel is not None:
-                os.environ["E2KD_TRITON_LOSS"] = triton_kernel
-            try:
-                with backends.use_backend(name):
-                    return distill_loss(zs, zt, es, et, LOSS_TAU, LOSS_LAM)[0]
-            finally:
-                if triton_kernel is not None:
-                    if previous is None:
-                        del os.environ["E2KD_TRITON_LOSS"]
-                    else:
-                        os.environ["E2KD_TRITON_LOSS"] = previous
+            with common.environment_variable("E2KD_TRITON_LOSS", triton_kernel), backends.use_backend(name):
+                return distill_loss(zs, zt, es, et, LOSS_TAU, LOSS_LAM)[0]
 
         return call
 
