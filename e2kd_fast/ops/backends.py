@@ -198,33 +198,33 @@ def _recorded(
     return None
 
 
-def choose(op_name: str, device_type: str, shape_class: str | None = None) -> str:
-    """The back end that runs ``op_name`` on ``device_type`` (inputs of ``shape_class``) under the
-    current request."""
+def _choice(op_name: str, device_type: str, shape_class: str | None) -> tuple[str, str | None]:
+    """(back end, kernel variant) for ``op_name`` under the current request; the variant is the one
+    ``auto``'s record names, else None."""
     requested = current_backend()
     if requested == "reference":
-        return "reference"
+        return "reference", None
     available = candidates(op_name, device_type)
     if requested == "auto":
         # Triton on CPU tensors is the interpreter (tests): asked for by name, never a default.
         available = [b for b in available if not (b == "triton" and device_type == "cpu")]
-        recorded = _recorded(op_name, device_type, shape_class, available)
-        return recorded[0] if recorded else available[0]
+        return _recorded(op_name, device_type, shape_class, available) or (available[0], None)
     reason = unavailable_reason(requested)
     if reason:
         raise RuntimeError(f"E2KD_BACKEND={requested!r} was requested for {op_name}, but it is not available: {reason}")
-    return requested if requested in available else "reference"
+    return (requested if requested in available else "reference"), None
+
+
+def choose(op_name: str, device_type: str, shape_class: str | None = None) -> str:
+    """The back end that runs ``op_name`` on ``device_type`` (inputs of ``shape_class``) under the
+    current request."""
+    return _choice(op_name, device_type, shape_class)[0]
 
 
 def recorded_variant(op_name: str, device_type: str, shape_class: str | None = None) -> str | None:
     """The kernel variant ``fastest.json`` names for the op, device and shape class ("implicit-gemm"
-    of ``"triton:implicit-gemm"``), when ``auto`` is the request and chose that back end; else None."""
-    if current_backend() != "auto":
-        return None
-    recorded = _recorded(op_name, device_type, shape_class, candidates(op_name, device_type))
-    if recorded is None or choose(op_name, device_type, shape_class) != recorded[0]:
-        return None
-    return recorded[1]
+    of ``"triton:implicit-gemm"``), when ``auto`` chose that record's back end; else None."""
+    return _choice(op_name, device_type, shape_class)[1]
 
 
 @torch.compiler.assume_constant_result
