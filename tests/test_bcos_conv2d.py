@@ -20,7 +20,7 @@ from e2kd_fast import ops
 from e2kd_fast.ops import backends
 from e2kd_fast.ops._common import empty_like_format, memory_format_of
 from e2kd_fast.ops.bcos_conv2d import reads_producer_sums
-from e2kd_fast.reference.bcos import dynamic_scale, unit_norm_weight
+from e2kd_fast.reference.bcos import channel_sums_of_squares, dynamic_scale, unit_norm_weight
 from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
 
 # The fast back ends of the layer ops on CPU tensors here: Triton under TRITON_INTERPRET=1, C++ when
@@ -191,10 +191,14 @@ def test_triton_implicit_gemm_adjoint_and_its_backward_match_reference(geometry,
         assert got.shape == (n, c, h, w) and got.is_contiguous(memory_format=memory_format_of(g))
         _assert_close(got, expected, dtype)
         grad = _layout(torch.randn(n, c, h, w, generator=gen, dtype=torch.float64), layout)
-        d = F.conv2d(grad, w_hat, None, s, p)
+        # The backward's (s ⊙ d, g ⊙ d) are the reference adjoint's gradients for g and s (the second
+        # summed over the channels where s is one channel, as autograd does for a broadcast).
+        inputs = (g.clone().requires_grad_(), scale.double().requires_grad_())
+        adjoint = scaled_conv_adjoint(*inputs, w_hat, [h, w], [s, s], [p, p])
+        grad_g, grad_scale = torch.autograd.grad(adjoint, inputs, grad)
         first, second = kernels.conv2d_product(grad.to(dtype), w_hat, [s, s], [p, p], scale.to(dtype), g.to(dtype))
-        _assert_close(first, scale.double() * d, dtype)
-        _assert_close(second, g * d, dtype)
+        _assert_close(first, grad_g, dtype)
+        _assert_close(second.double().sum_to_size(grad_scale.shape), grad_scale, dtype)
 
 
 @needs_interpreter
@@ -205,7 +209,7 @@ def test_triton_separable_box_sum_is_the_patch_norm(geometry):
 
     n, c, h, w, k, s, p = geometry
     x = torch.randn(n, c, h, w, dtype=torch.float64)
-    sums = (x * x).sum(1, keepdim=True)
+    sums = channel_sums_of_squares(x)
     for q in (sums, sums.contiguous(memory_format=torch.channels_last), sums.transpose(2, 3).contiguous().mT):
         got = kernels.patch_norm_from_sums(q, [k, k], [s, s], [p, p])
         torch.testing.assert_close(got, patch_norm_reference(x, k, s, p, 1, None), rtol=1e-12, atol=1e-12)
@@ -346,8 +350,6 @@ def test_conv_design_comes_from_the_variable_then_from_autos_record(monkeypatch)
 def test_sums_of_the_wrong_shape_are_refused_and_a_bf16_layer_takes_fp32_sums():
     """The kernels index the sums map as [N, groups, H, W]: anything else is a clear error. A bf16
     layer with fp32 sums (what `BcosConv2d` hands over) keeps bf16 outputs, and its backward runs."""
-    from e2kd_fast.reference.bcos import channel_sums_of_squares
-
     x = torch.randn(2, 4, 6, 5, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(3, 4, 3, 3, requires_grad=True)
     with pytest.raises(ValueError, match=r"sums must be .* shape \(2, 1, 6, 5\) .* got \(2, 1, 3, 3\)"):
