@@ -9,7 +9,9 @@ backward, optimiser) and counts
 
 - **FLOPs** with `torch.utils.flop_counter`'s per-op formulas (matmuls, convolutions, attention;
   `FlopCounterMode` itself cannot be used because its module tracker fails inside
-  ``autograd.grad``, which every e²KD step calls);
+  ``autograd.grad``, which every e²KD step calls). A registered ``e2kd::`` op is one op to the
+  mode, whatever its back end runs inside (a oneDNN or cuDNN conv, a Triton kernel), so its FLOPs
+  are those of its reference (`e2kd_fast.ops.backends.registered`), counted on the same inputs;
 - **bytes**: every distinct storage that an op reads or writes, counted once, at the largest
   number of bytes any op touches in it (a view counts its own elements). A storage an op creates
   (an output that aliases none of the op's inputs) is new data, even if the allocator reuses an
@@ -115,10 +117,49 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return out
 
 
+def _flop_formula(func) -> Callable | None:
+    from torch.utils.flop_counter import flop_registry
+
+    return flop_registry.get(func._overloadpacket)
+
+
+def _reference_flops(func, args: tuple, kwargs: dict) -> int:
+    """FLOPs of the registered ``e2kd::`` op ``func`` on these inputs: those of its reference's aten ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from e2kd_fast.ops import backends
+
+    reference = backends.registered(func._schema.name).get("reference")
+    if reference is None:
+        return 0
+
+    class _Flops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flops = 0
+
+        def __torch_dispatch__(self, inner, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            formula = _flop_formula(inner)
+            if formula is None:
+                # Below autograd, composite ops (conv_transpose2d) reach the mode whole: count their parts.
+                with self:
+                    out = inner.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+            out = inner(*args, **kwargs)
+            if formula is not None:
+                self.flops += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    with torch.no_grad(), _Flops() as mode:
+        reference(*args, **kwargs)
+    return mode.flops
+
+
 def count_traffic(fn: Callable[[], Any]) -> Traffic:
     """FLOPs and the fewest bytes of one call of ``fn`` (see the module docstring for what counts)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
 
     class _Traffic(TorchDispatchMode):
         def __init__(self) -> None:
@@ -146,9 +187,11 @@ def count_traffic(fn: Callable[[], Any]) -> Traffic:
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
             self.ops += 1
-            formula = flop_registry.get(func._overloadpacket)
+            formula = _flop_formula(func)
             if formula is not None:
                 self.flops += int(formula(*args, **kwargs, out_val=out))
+            elif func.namespace == "e2kd":
+                self.flops += _reference_flops(func, args, kwargs)
             inputs = _tensors((args, kwargs))
             input_keys = {_storage_key(t) for t in inputs}
             for t in inputs:

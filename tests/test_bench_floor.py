@@ -45,6 +45,26 @@ def test_flops_agree_with_flop_counter_mode():
     assert floor.count_traffic(step).flops == counter.get_total_flops() > 0
 
 
+def test_a_registered_op_counts_the_flops_of_its_reference():
+    """The sweep's adjoint is one op to the dispatch mode; its transposed conv must still count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from e2kd_fast import ops
+    from e2kd_fast.ops import backends
+
+    g, scale = torch.randn(2, 8, 6, 6), torch.rand(2, 8, 6, 6)
+    weight = torch.randn(8, 3, 3, 3)
+    geometry = ([8, 8], [1, 1], [0, 0], [1, 1], 1)
+    reference = backends.registered("e2kd::scaled_conv_adjoint")["reference"]
+    with FlopCounterMode(display=False) as counter:
+        reference(g, scale, weight, *geometry)
+    expected = counter.get_total_flops()
+    assert expected > 0
+    for backend in ("reference", "triton"):
+        with backends.use_backend(backend):
+            assert floor.count_traffic(lambda: ops.scaled_conv_adjoint(g, scale, weight, *geometry)).flops == expected
+
+
 def test_each_storage_counts_once_views_and_in_place_add_nothing():
     x = torch.randn(100)
 
