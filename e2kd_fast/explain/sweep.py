@@ -473,7 +473,6 @@ register_sweep(BcosResNet)((_resnet_fwd, _resnet_adj))
 def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape) -> Tensor:
     if m.drop_rate > 0 and m.training:
         raise NotImplementedError("the sweep does not support dropout in dense layers during training")
-    tape.append([f.shape[1] for f in features])
     out = torch.cat(features, 1)
     # The bottleneck half reads the growing concatenation, a new shape in every layer; the rest has
     # one shape per dense block and is a compile region.
@@ -482,11 +481,12 @@ def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape) -> Tenso
     return _dense_tail_fwd(m, out, tape)
 
 
-def _dense_layer_adj(m: DenseLayer, g: Tensor, tape: Tape) -> list[Tensor]:
+def _dense_layer_adj(m: DenseLayer, g: Tensor, tape: Tape) -> Tensor:
+    """[N, growth, H, W] → the gradient of the layer's input concatenation [N, C_in, H, W]."""
     g = _dense_tail_adj(m, g, tape)
     for child in (m.conv1, m.norm1):
         g = adjoint(child, g, tape)
-    return list(g.split(tape.pop(), dim=1))
+    return g
 
 
 def _dense_tail_fwd_inline(m: DenseLayer, x: Tensor, tape: Tape) -> Tensor:
@@ -509,11 +509,15 @@ def _dense_block_fwd(m: DenseBlock, x: Tensor, tape: Tape) -> Tensor:
 
 
 def _dense_block_adj(m: DenseBlock, g: Tensor, tape: Tape) -> Tensor:
-    grads = list(g.split(tape.pop(), dim=1))  # one per feature map: the block input and each layer's output
+    # Layer j reads the first C_j channels of the block's output (the block input and the outputs of
+    # layers < j). Going down from the last layer, the channels past C_j have received every
+    # contribution, so layer j's output gradient is complete, and its input gradient adds onto the
+    # first C_j channels: one add per layer, in the order of one add per feature map and layer.
+    widths = tape.pop()  # the block input's channels, then each layer's
+    ends = [sum(widths[: j + 1]) for j in range(len(widths))]
     for j, layer in reversed(list(enumerate(m.values()))):
-        for i, part in enumerate(_dense_layer_adj(layer, grads[j + 1], tape)):
-            grads[i] = grads[i] + part
-    return grads[0]
+        g = g[:, : ends[j]] + _dense_layer_adj(layer, g[:, ends[j] : ends[j + 1]], tape)
+    return g
 
 
 register_sweep(DenseBlock)((_dense_block_fwd, _dense_block_adj))
