@@ -512,7 +512,8 @@ def _dense_block_adj(m: DenseBlock, g: Tensor, tape: Tape) -> Tensor:
     # Layer j reads the first C_j channels of the block's output (the block input and the outputs of
     # layers < j). Going down from the last layer, the channels past C_j have received every
     # contribution, so layer j's output gradient is complete, and its input gradient adds onto the
-    # first C_j channels: one add per layer, in the order of one add per feature map and layer.
+    # first C_j channels in one add per layer: each feature map's gradient sums the same terms in the
+    # same order as with one add per (layer, feature map), a graph a fraction the size to compile.
     widths = tape.pop()  # the block input's channels, then each layer's
     ends = [sum(widths[: j + 1]) for j in range(len(widths))]
     for j, layer in reversed(list(enumerate(m.values()))):
