@@ -123,6 +123,11 @@ def _flop_formula(func) -> Callable | None:
     return flop_registry.get(func._overloadpacket)
 
 
+def _formula_flops(formula: Callable | None, args: tuple, kwargs: dict, out: Any) -> int:
+    """FLOPs of one aten op by its `flop_registry` formula (0 for an op without one)."""
+    return 0 if formula is None else int(formula(*args, **kwargs, out_val=out))
+
+
 def _reference_flops(func, args: tuple, kwargs: dict) -> int:
     """FLOPs of the registered ``e2kd::`` op ``func`` on these inputs: those of its reference's aten ops."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -148,8 +153,7 @@ def _reference_flops(func, args: tuple, kwargs: dict) -> int:
                 if out is not NotImplemented:
                     return out
             out = inner(*args, **kwargs)
-            if formula is not None:
-                self.flops += int(formula(*args, **kwargs, out_val=out))
+            self.flops += _formula_flops(formula, args, kwargs, out)
             return out
 
     with torch.no_grad(), _Flops() as mode:
@@ -188,10 +192,10 @@ def count_traffic(fn: Callable[[], Any]) -> Traffic:
             out = func(*args, **kwargs)
             self.ops += 1
             formula = _flop_formula(func)
-            if formula is not None:
-                self.flops += int(formula(*args, **kwargs, out_val=out))
-            elif func.namespace == "e2kd":
+            if formula is None and func.namespace == "e2kd":
                 self.flops += _reference_flops(func, args, kwargs)
+            else:
+                self.flops += _formula_flops(formula, args, kwargs, out)
             inputs = _tensors((args, kwargs))
             input_keys = {_storage_key(t) for t in inputs}
             for t in inputs:

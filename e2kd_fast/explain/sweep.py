@@ -22,6 +22,7 @@ pops those records in reverse and returns ∂⟨g, m(x)⟩/∂x with the dynamic
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -514,8 +515,7 @@ def _dense_block_adj(m: DenseBlock, g: Tensor, tape: Tape) -> Tensor:
     # contribution, so layer j's output gradient is complete, and its input gradient adds onto the
     # first C_j channels in one add per layer: each feature map's gradient sums the same terms in the
     # same order as with one add per (layer, feature map), a graph a fraction the size to compile.
-    widths = tape.pop()  # the block input's channels, then each layer's
-    ends = [sum(widths[: j + 1]) for j in range(len(widths))]
+    ends = list(itertools.accumulate(tape.pop()))  # C_j: the block input's channels, then + each layer's
     for j, layer in reversed(list(enumerate(m.values()))):
         g = g[:, : ends[j]] + _dense_layer_adj(layer, g[:, ends[j] : ends[j + 1]], tape)
     return g
