@@ -16,7 +16,7 @@ from torch import nn
 
 from e2kd_fast.engine.step import TrainStep
 from e2kd_fast.explain import sweep
-from e2kd_fast.models.bcos_densenet import BcosDenseNet
+from e2kd_fast.models.bcos_densenet import BcosDenseNet, DenseBlock
 from e2kd_fast.models.bcos_resnet import BasicBlock, BcosResNet
 from e2kd_fast.models.bcos_vit import BcosViT
 from e2kd_fast.nn.activation_checkpointing import enable_activation_checkpointing
@@ -102,6 +102,18 @@ def test_teacher_graph_uses_regions_and_matches_eager(name):
     assert calls > distinct > 0, f"{calls} region calls, {distinct} distinct"
     torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(compiled.explanation, eager.explanation, rtol=1e-10, atol=1e-14)
+
+
+def test_every_dense_block_traces_one_forward_and_one_adjoint_region():
+    """The adjoint's input is a channel slice of the block's gradient, a view whose strides differ
+    from layer to layer; copied dense, every layer tail of a block reuses the same two regions."""
+    torch._dynamo.reset()
+    teacher = MODELS["densenet"]().double().eval().requires_grad_(False)
+    x = torch.rand(2, 6, 32, 32, dtype=torch.float64)
+    graphs, _ = _graphs(lambda x: sweep.dynamic_weights_sweep(teacher, x), x)
+    # A region called once is inlined: the blocks of one layer have none.
+    blocks = [len(b) for b in teacher.modules() if isinstance(b, DenseBlock) and len(b) > 1]
+    assert _region_calls(graphs[0]) == (2 * sum(blocks), 2 * len(blocks))
 
 
 def test_regions_can_be_turned_off(monkeypatch):

@@ -159,9 +159,18 @@ def _region(forward: TapedForward, backward: Adjoint) -> tuple[TapedForward, Adj
     def regional_backward(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
         if _inlined(m):
             return backward(m, g, tape)
-        return backward_region(m, g, tape.pop())
+        return backward_region(m, _dense(g) if torch.compiler.is_compiling() else g, tape.pop())
 
     return regional_forward, regional_backward
+
+
+def _dense(g: Tensor) -> Tensor:
+    """``g``, copied into dense memory in its own layout if it is a strided view (a dense block's
+    channel slice). Dynamo reuses a region only for inputs of equal strides, and a slice's strides
+    carry the width of the tensor it was cut from: each dense layer would trace its own copy."""
+    if g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last):
+        return g
+    return g.clone(memory_format=torch.preserve_format)
 
 
 def dynamic_weights_sweep(
