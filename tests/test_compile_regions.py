@@ -116,6 +116,22 @@ def test_every_dense_block_traces_one_forward_and_one_adjoint_region():
     assert _region_calls(graphs[0]) == (2 * sum(blocks), 2 * len(blocks))
 
 
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+def test_a_stride_one_block_records_tensors_alone(name):
+    """Dynamo reuses a traced region without tracing it again only when the region returns tensors
+    alone: the records of a block without strides, MaxOut or active stochastic depth are its
+    scales, with no sizes or placeholders."""
+    model = MODELS[name]().double().eval().requires_grad_(False)
+    if name == "resnet":
+        block, forward, channels = model.layer1[1], sweep.taped_forward, 8
+    else:  # a dense layer's tail: norm2 and the 3×3 conv
+        block = next(iter(model.features.denseblock1.values()))
+        forward, channels = sweep._dense_tail_fwd, block.norm2.num_features
+    tape: list = []
+    forward(block, torch.rand(2, channels, 8, 8, dtype=torch.float64), tape)
+    assert len(tape) == 1 and tape[0] and all(isinstance(r, torch.Tensor) for r in tape[0])
+
+
 def test_regions_can_be_turned_off(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(sweep, "compile_regions", False)

@@ -141,9 +141,13 @@ def _region(forward: TapedForward, backward: Adjoint) -> tuple[TapedForward, Adj
         return forward, backward
 
     @torch.compiler.nested_compile_region(max_reuse_entries=_REGION_ENTRIES)
-    def forward_region(m: nn.Module, x: Tensor) -> tuple[Tensor, tuple]:
+    def forward_region(m: nn.Module, x: Tensor) -> tuple:
         records: Tape = []
-        return forward(m, x, records), tuple(records)
+        out = forward(m, x, records)
+        # Dynamo reuses a traced region for a block like it only if the region returns tensors alone.
+        if all(isinstance(r, Tensor) for r in records):
+            return (out, *records)
+        return out, tuple(records)
 
     @torch.compiler.nested_compile_region(max_reuse_entries=_REGION_ENTRIES)
     def backward_region(m: nn.Module, g: Tensor, records: tuple) -> Tensor:
@@ -152,8 +156,8 @@ def _region(forward: TapedForward, backward: Adjoint) -> tuple[TapedForward, Adj
     def regional_forward(m: nn.Module, x: Tensor, tape: Tape) -> Tensor:
         if _inlined(m):
             return forward(m, x, tape)
-        out, records = forward_region(m, x)
-        tape.append(records)
+        out, *records = forward_region(m, x)
+        tape.append(records[0] if records and isinstance(records[0], tuple) else tuple(records))
         return out
 
     def regional_backward(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
@@ -214,7 +218,7 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
     parts = m.fused_parts(x)
     if parts is not None:  # a fast back end: conv plus fused epilogue in one op (its autograd is the full derivative)
         linear, scale = parts
-        tape.append((scale, None, x.shape[-2:]))
+        tape.append(_conv_record(m, scale, None, x))
         return scale * linear
     linear = bcos_conv_linear(x, m.linear.weight, m.stride, m.padding, m.dilation, m.groups)
     selection = None
@@ -229,8 +233,17 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
     else:
         norm = ops.patch_norm(x, list(m.kernel_size), list(m.stride), list(m.padding), m.groups, m.out_channels)
     scale = dynamic_scale(linear, norm, m.b)
-    tape.append((scale, selection, x.shape[-2:]))
+    tape.append(_conv_record(m, scale, selection, x))
     return scale * linear
+
+
+def _conv_record(m: BcosConv2d, scale: Tensor, selection: Tensor | None, x: Tensor) -> Tensor | tuple:
+    """A conv's tape record: its scale alone where the rest follows from the module and the output
+    gradient (no MaxOut selection; stride 1, where the input size follows from the output size), else
+    (scale, selection, input size). A region whose records are all tensors is reused untraced."""
+    if selection is None and m.stride == (1, 1):
+        return scale
+    return (scale, selection, x.shape[-2:])
 
 
 def _unselect(g: Tensor, selection: Tensor | None, units: int, dim: int) -> Tensor:
@@ -244,7 +257,13 @@ def _unselect(g: Tensor, selection: Tensor | None, units: int, dim: int) -> Tens
 
 
 def _conv_adj(m: BcosConv2d, g: Tensor, tape: Tape) -> Tensor:
-    scale, selection, in_size = tape.pop()
+    record = tape.pop()
+    if isinstance(record, Tensor):  # stride 1: in = out − 2·padding + dilation·(kernel − 1)
+        scale, selection = record, None
+        geometry = zip(g.shape[-2:], m.padding, m.dilation, m.kernel_size, strict=True)
+        in_size = [size - 2 * pad + dil * (k - 1) for size, pad, dil, k in geometry]
+    else:
+        scale, selection, in_size = record
     w_hat = unit_norm_weight(m.linear.weight)
     if scale is not None and selection is None:  # the common case: one op, the fusion target
         geometry = (list(m.stride), list(m.padding), list(m.dilation), m.groups)
@@ -416,10 +435,9 @@ register_sweep(nn.Sequential)((_sequential_fwd, _sequential_adj))
 
 def _drop_path(m: nn.Module, out: Tensor, tape: Tape) -> Tensor:
     """Stochastic depth as torchvision computes it, with the row mask recorded (a dynamic weight)."""
-    sd = m.stochastic_depth
-    if sd is None or not sd.training or sd.p == 0.0:
-        tape.append(None)
+    if not _drops_paths(m):
         return out
+    sd = m.stochastic_depth
     survival = 1.0 - sd.p
     noise = torch.empty([out.shape[0]] + [1] * (out.ndim - 1), dtype=out.dtype, device=out.device)
     noise = noise.bernoulli_(survival)
@@ -429,9 +447,14 @@ def _drop_path(m: nn.Module, out: Tensor, tape: Tape) -> Tensor:
     return out * noise
 
 
-def _drop_path_adj(g: Tensor, tape: Tape) -> Tensor:
-    noise = tape.pop()
-    return g if noise is None else g * noise
+def _drops_paths(m: nn.Module) -> bool:
+    """Whether the block's stochastic depth is active (only then does it record its row mask)."""
+    sd = m.stochastic_depth
+    return sd is not None and sd.training and sd.p > 0.0
+
+
+def _drop_path_adj(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
+    return g * tape.pop() if _drops_paths(m) else g
 
 
 def _block_fwd(m: BasicBlock | Bottleneck, x: Tensor, tape: Tape) -> Tensor:
@@ -446,7 +469,7 @@ def _block_fwd(m: BasicBlock | Bottleneck, x: Tensor, tape: Tape) -> Tensor:
 
 def _block_adj(m: BasicBlock | Bottleneck, g: Tensor, tape: Tape) -> Tensor:
     g_identity = g if m.downsample is None else adjoint(m.downsample, g, tape)
-    g_main = _drop_path_adj(g, tape)
+    g_main = _drop_path_adj(m, g, tape)
     convs = [(m.conv1, m.bn1), (m.conv2, m.bn2)] + ([(m.conv3, m.bn3)] if isinstance(m, Bottleneck) else [])
     for conv, norm in reversed(convs):
         g_main = adjoint(conv, adjoint(norm, g_main, tape), tape)
