@@ -287,12 +287,13 @@ def _linear_fwd(m: BcosLinear, x: Tensor, tape: Tape) -> Tensor:
         return linear
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) + LINEAR_NORM_EPS
     scale = dynamic_scale(linear, norm, m.b)
-    tape.append((scale, selection))
+    tape.append(scale if selection is None else (scale, selection))  # a lone scale: see _conv_record
     return scale * linear
 
 
 def _linear_adj(m: BcosLinear, g: Tensor, tape: Tape) -> Tensor:
-    scale, selection = tape.pop()
+    record = tape.pop()
+    scale, selection = (record, None) if isinstance(record, Tensor) else record
     if scale is not None:
         g = scale * g
     g = _unselect(g, selection, m.max_out, -1)
@@ -577,15 +578,16 @@ def _attention_fwd(m: Attention, x: Tensor, tape: Tape) -> Tensor:
     n, t, _ = x.shape
     q, k, v = m.to_qkv(x).view(n, t, 3, m.heads, -1).permute(2, 0, 3, 1, 4)
     attn = torch.softmax(q @ k.transpose(-1, -2) * m.scale, dim=-1)
-    tape.append((attn, v.shape))
+    tape.append(attn)  # [N, heads, T, T]; the values' shape follows from it and the gradient's
     out = (attn @ v).transpose(1, 2).reshape(n, t, -1)
     return taped_forward(m.to_out, out, tape)
 
 
 def _attention_adj(m: Attention, g: Tensor, tape: Tape) -> Tensor:
     g = adjoint(m.to_out, g, tape)
-    attn, v_shape = tape.pop()
-    n, heads, t, d = v_shape
+    attn = tape.pop()
+    n, heads, t, _ = attn.shape
+    d = g.shape[-1] // heads
     g_v = attn.transpose(-1, -2) @ g.view(n, t, heads, d).transpose(1, 2)  # [N, heads, T, d]
     w_v = m.to_qkv.weight[2 * heads * d :]  # only the values are linear in x; q and k act through attn
     g = g_v.transpose(1, 2).reshape(n, t, heads * d) @ w_v
