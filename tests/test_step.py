@@ -117,3 +117,16 @@ def test_guided_step_counter_counts_the_step_in_its_epoch_or_in_the_run():
     )
     step = make_train_step(student, teacher, cfg, steps_per_epoch=3)
     assert (step.guided_step_counter, step.guided_step_interval, step.steps_per_epoch) == ("epoch", 2, 3)
+
+
+def test_cpu_graphs_compile_without_inductor_layout_optimisation(monkeypatch):
+    """On the CPU the conv weights keep their layout (bench/NOTES.md); elsewhere Inductor decides."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    step = TrainStep(torch.nn.Identity(), None, compile=True)
+    step._compiled(lambda x: x, "cpu")
+    step._compiled(lambda x: x, "cuda")
+    assert calls == [
+        {"fullgraph": True, "options": {"layout_optimization": False}},
+        {"fullgraph": True, "options": None},
+    ]

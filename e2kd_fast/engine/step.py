@@ -109,7 +109,7 @@ class TrainStep:
             def forward_to_loss(images: Tensor, labels: Tensor | None, ramp: Tensor):
                 return objective(student, teacher, images, labels, ramp, phase)
 
-            self._fns[key] = (self._compiled(forward_to_loss), forward_to_loss)
+            self._fns[key] = (self._compiled(forward_to_loss, images.device.type), forward_to_loss)
         name = f"{self.objective.method} step ({phase})"
         return self._run(key, name, images, labels, torch.tensor(ramp, device=images.device))
 
@@ -131,16 +131,22 @@ class TrainStep:
             key = ("teacher", explain)
             if key not in self._fns:
                 eager = self._teacher_graph(explain)
-                self._fns[key] = (self._compiled(eager), eager)
+                self._fns[key] = (self._compiled(eager, images.device.type), eager)
             frozen = self._run(key, f"teacher {kind}", images)
         key = ("student", explain)
         if key not in self._fns:
             eager = self._student_graph(explain)
-            self._fns[key] = (self._compiled(eager), eager)
+            self._fns[key] = (self._compiled(eager, images.device.type), eager)
         return self._run(key, f"student {kind}", images, labels, frozen)
 
-    def _compiled(self, fn: Callable) -> Callable:
-        return torch.compile(fn, fullgraph=True) if self.compile else fn
+    def _compiled(self, fn: Callable, device_type: str) -> Callable:
+        if not self.compile:
+            return fn
+        # On the CPU, Inductor's layout optimisation stores the conv weights channels_last: oneDNN's
+        # convolution backward transposes them back on every step and the weight gradients are
+        # copied into the parameters' layout (bench/NOTES.md). Off there; GPUs keep it.
+        options = {"layout_optimization": False} if device_type == "cpu" else None
+        return torch.compile(fn, fullgraph=True, options=options)
 
     def _run(self, key: tuple, name: str, images: Tensor, *args: Any) -> dict[str, Tensor]:
         """Calls the graph of ``key``: compiled for full batches, eager for a batch of any other size."""
