@@ -225,7 +225,7 @@ def test_compiled_graphs_see_only_full_batches_and_short_ones_run_eagerly(tmp_pa
     (same loss), so the compiled graph is never called with, and never recompiled for, another size."""
     seen: list[int] = []
 
-    def recording_compile(fn, fullgraph=False):  # stands in for Inductor: records what the graph is called with
+    def recording_compile(fn, fullgraph=False, options=None):  # stands in for Inductor: records the calls
         assert fullgraph
 
         def compiled(images, *args):
