@@ -120,6 +120,12 @@ compile_regions = _regions_supported
 """Whether compiled sweeps use regions (set False to inline every block: one flat graph, as a baseline)."""
 
 
+def _drops_paths(m: nn.Module) -> bool:
+    """Whether the block has active stochastic depth (only then does it record its row mask)."""
+    sd = getattr(m, "stochastic_depth", None)
+    return sd is not None and sd.training and sd.p > 0.0
+
+
 def _inlined(m: nn.Module) -> bool:
     """Whether a block is traced inline rather than as a region.
 
@@ -131,8 +137,7 @@ def _inlined(m: nn.Module) -> bool:
         return True
     if m.training and next(m.buffers(), None) is not None:
         return True
-    depth = getattr(m, "stochastic_depth", None)
-    return depth is not None and depth.training and depth.p > 0
+    return _drops_paths(m)
 
 
 def _region(forward: TapedForward, backward: Adjoint) -> tuple[TapedForward, Adjoint]:
@@ -446,12 +451,6 @@ def _drop_path(m: nn.Module, out: Tensor, tape: Tape) -> Tensor:
         noise.div_(survival)
     tape.append(noise)
     return out * noise
-
-
-def _drops_paths(m: nn.Module) -> bool:
-    """Whether the block's stochastic depth is active (only then does it record its row mask)."""
-    sd = m.stochastic_depth
-    return sd is not None and sd.training and sd.p > 0.0
 
 
 def _drop_path_adj(m: nn.Module, g: Tensor, tape: Tape) -> Tensor:
