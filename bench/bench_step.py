@@ -585,6 +585,7 @@ def table(records: list[dict[str, Any]]) -> str:
 def _memprobe_main(payload: str) -> None:
     spec = json.loads(payload)
     torch.set_num_threads(int(spec["threads"]))
+    common.pin_heap(torch.device(spec["device"]))
     result = memory_probe(spec["config"], spec["variant"], torch.device(spec["device"]))
     print(json.dumps(result))
 
@@ -592,6 +593,7 @@ def _memprobe_main(payload: str) -> None:
 def _warmprobe_main(payload: str) -> None:
     spec = json.loads(payload)
     torch.set_num_threads(int(spec["threads"]))
+    common.pin_heap(torch.device(spec["device"]))
     seconds = warm_compile_probe(spec["config"], spec["variant"], torch.device(spec["device"]))
     print(json.dumps({"first_step_s": seconds}))
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from bench import floor
+from e2kd_fast.engine.cpu_heap import pin_cpu_heap
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -470,13 +471,22 @@ def fmt_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def pin_heap(device: torch.device) -> str | None:
+    """On the CPU, pins glibc's heap policy (`pin_cpu_heap`), so that every variant and every process
+    of a run allocates the same way (otherwise an eager step's time moves by up to a quarter with what
+    the process ran before); returns the log line, None elsewhere."""
+    return pin_cpu_heap() if device.type == "cpu" else None
+
+
 def header_line(env: dict[str, Any]) -> str:
     """One line naming the device, versions and commit, printed above every table."""
     load = env.get("loadavg")
     return (
         f"device: {env['device']} ({env['device_kind']}), torch {env['torch']}, CUDA {env['cuda']}, "
         f"triton {env['triton']}, driver {env['driver']}, commit {env['git_commit']}, "
-        f"threads {env['torch_threads']}" + (f", load avg {load[0]}" if load else "")
+        f"threads {env['torch_threads']}"
+        + (f", load avg {load[0]}" if load else "")
+        + (f"; {env['cpu_heap']}" if env.get("cpu_heap") else "")
     )
 
 

@@ -63,6 +63,7 @@ from e2kd_fast.engine.builders import (
     seeded_init,
     student_spec,
 )
+from e2kd_fast.engine.cpu_heap import pin_cpu_heap
 from e2kd_fast.engine.distributed import make_strategy
 from e2kd_fast.engine.ema import EmaWeights
 from e2kd_fast.engine.evaluate import ValidationLoss, evaluate, topk_hits
@@ -279,14 +280,16 @@ class Trainer:
             context.enter_context(run_log(self.run_dir, enabled=self.strategy.is_main))
             if cleared:
                 self._log(f"starting over in {self.run_dir}: removed {', '.join(p.name for p in cleared)}")
-            cuda_note = context.enter_context(
+            device_note = context.enter_context(
                 cuda_math_settings(self.device, tf32=cfg.train.tf32, cudnn_benchmark=cfg.train.cudnn_benchmark)
             )
+            if self.device.type == "cpu":
+                device_note = pin_cpu_heap()
             if self.strategy.is_main:
                 self._remove_stale_temporaries()
             if resume is not None:
                 self._load_state(Path(resume), force=resume_force)
-            self._log_start(resume, cuda_note)
+            self._log_start(resume, device_note)
             config_yaml = self.run_dir / "config.yaml"
             if self.strategy.is_main and (resume is None or not config_yaml.is_file()):
                 save_config(cfg, config_yaml)
@@ -518,13 +521,13 @@ class Trainer:
         other = evals_left * self._eval_seconds + epoch_ends_left * self._epoch_save_seconds
         return self._throughput.eta(self.total_steps - self.state.step, other)
 
-    def _log_start(self, resume: str | Path | None, cuda_note: str | None) -> None:
+    def _log_start(self, resume: str | Path | None, device_note: str | None) -> None:
         if resume is None:  # a resume said where it starts when it loaded its checkpoint
             self._log(f"starting a new run in {self.run_dir}")
-        for line in self.start_summary(cuda_note):
+        for line in self.start_summary(device_note):
             self._log(line)
 
-    def start_summary(self, cuda_note: str | None = None) -> list[str]:
+    def start_summary(self, device_note: str | None = None) -> list[str]:
         """The start-up summary's lines: what is trained on what, how long, where and how."""
         cfg = self.cfg
         lines = []
@@ -558,7 +561,7 @@ class Trainer:
             f"precision {cfg.train.precision}"
             + (" (autocast on CUDA only: fp32 here)" if cfg.train.precision == "bf16" and self.autocast is None else "")
             + f", channels_last {'on' if cfg.train.channels_last else 'off'}"
-            + (f"; {cuda_note}" if cuda_note else "")
+            + (f"; {device_note}" if device_note else "")
             + f"; loader {cfg.data.loader} with {resolve_num_workers(cfg.data.num_workers)} workers"
         )
         lines.append(self._compile_note)
