@@ -529,19 +529,28 @@ def test_layer_routes_through_the_fast_op_and_compiles_in_one_graph(backend):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_sweep_with_a_fast_backend_equals_autograd(backend):
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+def test_sweep_with_each_backend_equals_autograd_and_calls_only_fused_ops(backend, monkeypatch):
+    """The sweep routes its patch norms and adjoints like the layers: through the registered op where
+    a fast back end runs it, else as the reference maths inline (which Inductor fuses)."""
     from e2kd_fast.explain.sweep import dynamic_weights_sweep
     from e2kd_fast.models.bcos_resnet import BasicBlock, BcosResNet
     from e2kd_fast.reference.explain import dynamic_weights_autograd
 
+    called = set()
+    for name in ("patch_norm", "scaled_conv_adjoint"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _op=op, _name=name: called.add(_name) or _op(*args))
     torch.manual_seed(0)
     model = BcosResNet(BasicBlock, [1, 1, 1], num_classes=3, in_chans=6, inplanes=4, small_inputs=True).double().eval()
     x = torch.rand(2, 6, 7, 5, dtype=torch.float64, requires_grad=True)
     expected = dynamic_weights_autograd(model, x)
     with backends.use_backend(backend):
         got = dynamic_weights_sweep(model, x)
+        fused = {name for name in ("patch_norm", "scaled_conv_adjoint") if ops.use_fused(f"e2kd::{name}", "cpu")}
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    assert called <= fused
+    assert ("scaled_conv_adjoint" in called) == ("scaled_conv_adjoint" in fused)
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -43,13 +43,16 @@ from e2kd_fast.nn import (
     LogitLayer,
 )
 from e2kd_fast.nn.activation_checkpointing import is_checkpointed, run_checkpointed
+from e2kd_fast.ops._common import conv_shape_class
 from e2kd_fast.reference.bcos import (
     LINEAR_NORM_EPS,
     avg_pool_adjoint,
     bcos_conv_linear,
     conv_adjoint,
     dynamic_scale,
+    patch_norm,
     patch_norm_slow,
+    scaled_conv_adjoint,
     unit_norm_weight,
 )
 from e2kd_fast.reference.explain import check_target
@@ -235,8 +238,10 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
     if m.dilation != (1, 1):
         w_shape = (m.out_channels, *m.linear.weight.shape[1:])
         norm = patch_norm_slow(x, w_shape, m.stride, m.padding, m.dilation, m.groups)
-    else:
+    elif ops.use_fused("e2kd::patch_norm", x.device.type, conv_shape_class(m.kernel_size, m.stride)):
         norm = ops.patch_norm(x, list(m.kernel_size), list(m.stride), list(m.padding), m.groups, m.out_channels)
+    else:  # the reference maths inline, where Inductor fuses it (as the layer's own forward does)
+        norm = patch_norm(x, m.kernel_size, m.stride, m.padding, m.groups, m.out_channels)
     scale = dynamic_scale(linear, norm, m.b)
     tape.append(_conv_record(m, scale, selection, x))
     return scale * linear
@@ -271,8 +276,10 @@ def _conv_adj(m: BcosConv2d, g: Tensor, tape: Tape) -> Tensor:
         scale, selection, in_size = record
     w_hat = unit_norm_weight(m.linear.weight)
     if scale is not None and selection is None:  # the common case: one op, the fusion target
-        geometry = (list(m.stride), list(m.padding), list(m.dilation), m.groups)
-        return ops.scaled_conv_adjoint(g, scale, w_hat, list(in_size), *geometry)
+        if ops.use_fused("e2kd::scaled_conv_adjoint", g.device.type, conv_shape_class(m.kernel_size, m.stride)):
+            geometry = (list(m.stride), list(m.padding), list(m.dilation), m.groups)
+            return ops.scaled_conv_adjoint(g, scale, w_hat, list(in_size), *geometry)
+        return scaled_conv_adjoint(g, scale, w_hat, in_size, m.stride, m.padding, m.dilation, m.groups)
     if scale is not None:
         g = scale * g
     g = _unselect(g, selection, m.max_out, 1)
