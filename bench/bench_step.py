@@ -25,6 +25,7 @@ import contextlib
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -118,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warm-compile",
         action="store_true",
         help="with --compile: time the first step again in a fresh process with the compile caches populated",
+    )
+    parser.add_argument(
+        "--warm-compile-runs",
+        type=int,
+        default=3,
+        help="fresh processes per variant for --warm-compile; the record keeps their median and every sample "
+        "(one warm start varies by a second or more from process to process)",
     )
 
 
@@ -430,6 +438,8 @@ def run(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if args.warm_compile and args.warm_compile_runs < 1:
+        raise SystemExit(f"--warm-compile-runs must be at least 1, got {args.warm_compile_runs}")
     if REFERENCE not in variants:
         log("note: without the reference variant no ratios can be computed")
     records: list[dict[str, Any]] = []
@@ -469,11 +479,12 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
                 samples[v].append(common.time_once(steps[v], device))
     # FLOPs and bytes are counted on eager steps: a compiled step hides its ops from the counter.
     traffic = {v: (None if args.no_flops else _count(make_step(setup, v, compile=False))) for v in variants}
-    warm_s = {
-        v: run_warm_compile_probe(config, v, device)
+    warm_samples = {
+        v: [s for s in (run_warm_compile_probe(config, v, device) for _ in range(args.warm_compile_runs)) if s]
         for v in variants
         if args.warm_compile and config["compile"] and v != REFERENCE
     }
+    warm_s = {v: statistics.median(s) for v, s in warm_samples.items() if s}
     del steps, setup
     records = []
     for v in skipped:
@@ -522,6 +533,7 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
             time_over_floor=over,
             first_step_s=first_step_s[v],
             warm_first_step_s=warm_s.get(v),
+            warm_first_step_samples_s=warm_samples.get(v),
             inductor_kernels=inductor.get(v, {}).get("kernels"),
             inductor_bytes=inductor.get(v, {}).get("bytes"),
             memory=memory,
@@ -530,6 +542,7 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
         log(
             f"  {v:12s} {stats['median']:9.1f} ms  {config['batch'] / seconds:8.1f} img/s"
             f"  first step {first_step_s[v]:.1f} s"
+            + (f"  warm first step {warm_s[v]:.1f} s" if v in warm_s else "")
             + (f"  ÷ floor {over:.2f}" if over else "")
             + (f"  kernels {inductor[v]['kernels']}" if v in inductor else "")
             + (f"  step mem {common.fmt_bytes(memory['step_bytes'])}" if memory else "")

@@ -244,6 +244,21 @@ def test_step_suite_smoke(tmp_path, capsys):
     assert compare.main([str(out), str(out)]) == 0
 
 
+def test_warm_compile_records_the_median_of_its_fresh_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)  # the harness, not the compiler
+    probes = iter([3.0, None, 1.0])  # one probe process failed
+    monkeypatch.setattr(bench_step, "run_warm_compile_probe", lambda config, variant, device: next(probes))
+    out = tmp_path / "step.jsonl"
+    args = ["step", "--device", "cpu", "--pairs", "tiny_bcos", "--batch", "2", "--resolution", "32", "--compile"]
+    bench_main([*args, "--variants", "reference,kd", "--warm-compile", "--warm-compile-runs", "3", "--rounds", "1",
+                "--memory", "none", "--no-flops", "--quiet", "--out", str(out)])  # fmt: skip
+    by = {r["variant"]: r for r in read_records(out)}
+    assert by["kd"]["warm_first_step_samples_s"] == [3.0, 1.0] and by["kd"]["warm_first_step_s"] == 2.0
+    assert by["reference"]["warm_first_step_s"] is None
+    with pytest.raises(SystemExit, match="--warm-compile-runs must be at least 1"):
+        bench_main([*args, "--warm-compile", "--warm-compile-runs", "0", "--quiet", "--out", str(out)])
+
+
 # One configuration of the step suite at tiny sizes, for the probes that run in a fresh process.
 TINY_STEP_CONFIG = {
     "pair": "tiny_bcos",
