@@ -4,9 +4,10 @@ glibc serves a block above its mmap threshold (128 KiB at first) with a fresh ``
 the kernel zeroes at first touch, and hands it back on ``free``. Its threshold slides up when such a
 block is freed, so a step's activations (megabytes each) come from ``mmap`` or from the reused heap
 depending on what the process allocated before: the same eager step then took 780 ms in one process
-and 900–1,050 ms in another, most of the difference spent in the kernel (page faults). Pinning the
-threshold at glibc's largest (32 MiB on 64-bit) and the trim threshold above it keeps those tensors
-on the heap, so every step, and every benchmark variant, runs with the same memory behind it.
+and 900–1,050 ms in another, the slow ones spending several times the system time (faulting in
+fresh pages). Pinning the threshold at glibc's largest (32 MiB on 64-bit) and the trim threshold
+above it keeps those tensors on the heap, so every step, and every benchmark variant, runs with the
+same memory behind it.
 """
 
 from __future__ import annotations
