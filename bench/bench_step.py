@@ -479,13 +479,16 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
                 samples[v].append(common.time_once(steps[v], device))
     # FLOPs and bytes are counted on eager steps: a compiled step hides its ops from the counter.
     traffic = {v: (None if args.no_flops else _count(make_step(setup, v, compile=False))) for v in variants}
-    warm_samples = {
+    warm_samples = {  # None for a probe process that failed
         v: [run_warm_compile_probe(config, v, device) for _ in range(args.warm_compile_runs)]
         for v in variants
         if args.warm_compile and config["compile"] and v != REFERENCE
     }
-    warm_samples = {v: [s for s in samples if s is not None] for v, samples in warm_samples.items()}
-    warm_s = {v: statistics.median(s) for v, s in warm_samples.items() if s}
+    warm_s = {
+        v: statistics.median(done)
+        for v, probes in warm_samples.items()
+        if (done := [seconds for seconds in probes if seconds is not None])
+    }
     del steps, setup
     records = []
     for v in skipped:

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from bench import floor
-from e2kd_fast.engine.cpu_heap import pin_cpu_heap
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -472,10 +471,13 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def pin_heap(device: torch.device) -> str | None:
-    """On the CPU, pins glibc's heap policy (`pin_cpu_heap`), so that every variant and every process
-    of a run allocates the same way (otherwise an eager step's time moves by up to a quarter with what
-    the process ran before); returns the log line, None elsewhere."""
-    return pin_cpu_heap() if device.type == "cpu" else None
+    """On the CPU, pins glibc's heap policy (`e2kd_fast.engine.cpu_heap`), so that every variant and
+    every process of a run allocates the same way; returns the log line, None elsewhere."""
+    if device.type != "cpu":
+        return None
+    from e2kd_fast.engine.cpu_heap import pin_cpu_heap  # here: the engine package is heavy to import
+
+    return pin_cpu_heap()
 
 
 def header_line(env: dict[str, Any]) -> str:

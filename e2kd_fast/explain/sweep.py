@@ -49,8 +49,8 @@ from e2kd_fast.reference.bcos import (
     avg_pool_adjoint,
     bcos_conv_linear,
     conv_adjoint,
+    conv_dynamic_scale,
     dynamic_scale,
-    patch_norm,
     patch_norm_slow,
     scaled_conv_adjoint,
     unit_norm_weight,
@@ -237,12 +237,12 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
         return linear
     if m.dilation != (1, 1):
         w_shape = (m.out_channels, *m.linear.weight.shape[1:])
-        norm = patch_norm_slow(x, w_shape, m.stride, m.padding, m.dilation, m.groups)
+        scale = dynamic_scale(linear, patch_norm_slow(x, w_shape, m.stride, m.padding, m.dilation, m.groups), m.b)
     elif ops.use_fused("e2kd::patch_norm", x.device.type, conv_shape_class(m.kernel_size, m.stride)):
         norm = ops.patch_norm(x, list(m.kernel_size), list(m.stride), list(m.padding), m.groups, m.out_channels)
+        scale = dynamic_scale(linear, norm, m.b)
     else:  # the reference maths inline, where Inductor fuses it (as the layer's own forward does)
-        norm = patch_norm(x, m.kernel_size, m.stride, m.padding, m.groups, m.out_channels)
-    scale = dynamic_scale(linear, norm, m.b)
+        scale = conv_dynamic_scale(linear, x, m.kernel_size, m.b, m.stride, m.padding, m.groups)
     tape.append(_conv_record(m, scale, selection, x))
     return scale * linear
 
