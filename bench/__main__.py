@@ -56,9 +56,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
-    heap = common.pin_heap(device)
     env = common.environment(device)
-    env["cpu_heap"] = heap
     run_id = common.new_run_id()
 
     def log(msg: str) -> None:

@@ -154,8 +154,10 @@ def package_version(name: str) -> str | None:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Everything a recorded number depends on, besides its configuration."""
+    """Everything a recorded number depends on, besides its configuration. On the CPU that includes
+    the heap policy, which it pins first (`pin_heap`): call it before measuring."""
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    heap = pin_heap(device)
     return {
         "device": device_name(device),
         "device_kind": device_kind(device),
@@ -173,6 +175,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
         "loadavg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "cpu_heap": heap,
     }
 
 

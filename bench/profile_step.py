@@ -47,9 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile=args.compile,
     )
     (config,) = bench_step.build_configs(ns, device)
-    env = common.environment(device)
-    env["cpu_heap"] = common.pin_heap(device)
-    print(common.header_line(env))
+    print(common.header_line(common.environment(device)))
     print(f"{args.variant}: {config['pair']}, batch {config['batch']}, {config['resolution']}², {config['dtype']}")
     setup = bench_step.build_setup(config, device, frozen=args.variant == "e2kd-frozen")
     step = bench_step.make_step(setup, args.variant)

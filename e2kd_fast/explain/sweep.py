@@ -43,7 +43,6 @@ from e2kd_fast.nn import (
     LogitLayer,
 )
 from e2kd_fast.nn.activation_checkpointing import is_checkpointed, run_checkpointed
-from e2kd_fast.ops._common import conv_shape_class
 from e2kd_fast.reference.bcos import (
     LINEAR_NORM_EPS,
     avg_pool_adjoint,
@@ -238,7 +237,7 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
     if m.dilation != (1, 1):
         w_shape = (m.out_channels, *m.linear.weight.shape[1:])
         scale = dynamic_scale(linear, patch_norm_slow(x, w_shape, m.stride, m.padding, m.dilation, m.groups), m.b)
-    elif ops.use_fused("e2kd::patch_norm", x.device.type, conv_shape_class(m.kernel_size, m.stride)):
+    elif ops.use_fused("e2kd::patch_norm", x.device.type, m.shape_class):
         norm = ops.patch_norm(x, list(m.kernel_size), list(m.stride), list(m.padding), m.groups, m.out_channels)
         scale = dynamic_scale(linear, norm, m.b)
     else:  # the reference maths inline, where Inductor fuses it (as the layer's own forward does)
@@ -276,7 +275,7 @@ def _conv_adj(m: BcosConv2d, g: Tensor, tape: Tape) -> Tensor:
         scale, selection, in_size = record
     w_hat = unit_norm_weight(m.linear.weight)
     if scale is not None and selection is None:  # the common case: one op, the fusion target
-        if ops.use_fused("e2kd::scaled_conv_adjoint", g.device.type, conv_shape_class(m.kernel_size, m.stride)):
+        if ops.use_fused("e2kd::scaled_conv_adjoint", g.device.type, m.shape_class):
             geometry = (list(m.stride), list(m.padding), list(m.dilation), m.groups)
             return ops.scaled_conv_adjoint(g, scale, w_hat, list(in_size), *geometry)
         return scaled_conv_adjoint(g, scale, w_hat, in_size, m.stride, m.padding, m.dilation, m.groups)

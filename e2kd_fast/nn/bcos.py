@@ -97,6 +97,7 @@ class BcosConv2d(DynamicLinearModule):
             dtype=dtype,
         )
         self.patch_size = math.prod(self.kernel_size)
+        self.shape_class = conv_shape_class(self.kernel_size, self.stride)  # picks its ops' back end
 
     def fused_parts(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """(linear, scale) from the registered op ``e2kd::bcos_conv2d`` when a fast back end runs it
@@ -104,11 +105,10 @@ class BcosConv2d(DynamicLinearModule):
         covers B > 1 without MaxOut or dilation, every zoo layer."""
         if self.b == 1 or self.max_out != 1 or self.dilation != (1, 1):
             return None
-        shape_class = conv_shape_class(self.kernel_size, self.stride)
-        if not use_fused("e2kd::bcos_conv2d", x.device.type, shape_class):
+        if not use_fused("e2kd::bcos_conv2d", x.device.type, self.shape_class):
             return None
         sums = None
-        if reads_producer_sums(x.device.type, shape_class):  # compiled, Inductor fuses it into x's producer
+        if reads_producer_sums(x.device.type, self.shape_class):  # compiled, Inductor fuses it into x's producer
             sums = channel_sums_of_squares(x.to(torch.promote_types(x.dtype, torch.float32)), self.groups)
         geometry = (list(self.stride), list(self.padding), self.groups)
         return ops.bcos_conv2d(x, self.linear.weight, float(self.b), *geometry, sums)
