@@ -8,7 +8,10 @@ from torch import nn
 
 from e2kd_fast import AddInverse, create_model, dynamic_weights, list_models
 from e2kd_fast.distill import e2kd_objective
+from e2kd_fast.explain import sweep
 from e2kd_fast.explain.sweep import dynamic_weights_sweep
+from e2kd_fast.nn import BcosConv2d, BcosLinear
+from e2kd_fast.reference import bcos as reference_bcos
 from tests.helpers import randomize_norms, rel_err
 from tests.test_objective import _pair
 
@@ -70,6 +73,21 @@ def test_teacher_sweep_builds_no_graph():
     student = create_model("bcos_resnet20_cifar")
     assert dynamic_weights(student, torch.rand(2, 6, 16, 16), algorithm="sweep", create_graph=False).grad_fn is None
     assert dynamic_weights(student, torch.rand(2, 6, 16, 16), algorithm="sweep").grad_fn is not None
+
+
+@pytest.mark.parametrize("name", ["bcos_densenet121", "bcos_vit_ti_patch16_224"])
+def test_each_layer_weight_is_normalised_once_per_sweep(name, monkeypatch):
+    """The adjoint applies the ŵ its forward recorded (normalised again, it fused into the kernel of
+    the adjoint's scale and made that kernel one per layer instead of one per block shape)."""
+    torch.set_default_dtype(torch.float64)
+    model = create_model(name, num_classes=4).eval().requires_grad_(False)
+    normalised, unit_norm_weight = [], reference_bcos.unit_norm_weight
+    for module in (sweep, reference_bcos):
+        monkeypatch.setattr(module, "unit_norm_weight", lambda w: normalised.append(w) or unit_norm_weight(w))
+    dynamic_weights_sweep(model, AddInverse()(torch.rand(1, 3, 32, 32)))
+    layers = [m for m in model.modules() if isinstance(m, (BcosConv2d, BcosLinear))]
+    assert len(normalised) == len(layers)
+    assert {id(w) for w in normalised} == {id(m.linear.weight) for m in layers}
 
 
 def test_objective_gradient_through_the_sweep():

@@ -46,7 +46,6 @@ from e2kd_fast.nn.activation_checkpointing import is_checkpointed, run_checkpoin
 from e2kd_fast.reference.bcos import (
     LINEAR_NORM_EPS,
     avg_pool_adjoint,
-    bcos_conv_linear,
     conv_adjoint,
     conv_dynamic_scale,
     dynamic_scale,
@@ -221,13 +220,23 @@ def dynamic_weights_sweep(
 # ---------------------------------------------------------------------------------------------- leaves
 
 
+def _unit_weight(m: BcosConv2d | BcosLinear, tape: Tape) -> Tensor:
+    """ŵ of ``m``, recorded for the adjoint, which applies the same ŵ. Computed again there, it fused
+    into the kernel of the adjoint's scale, whose shape is otherwise shared by every layer of a dense
+    block or stage: one compiled kernel per layer instead of one per block."""
+    w_hat = unit_norm_weight(m.linear.weight)
+    tape.append(w_hat)
+    return w_hat
+
+
 def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
+    w_hat = _unit_weight(m, tape)
     parts = m.fused_parts(x)
     if parts is not None:  # a fast back end: conv plus fused epilogue in one op (its autograd is the full derivative)
         linear, scale = parts
         tape.append(_conv_record(m, scale, None, x))
         return scale * linear
-    linear = bcos_conv_linear(x, m.linear.weight, m.stride, m.padding, m.dilation, m.groups)
+    linear = F.conv2d(x, w_hat, None, m.stride, m.padding, m.dilation, m.groups)
     selection = None
     if m.max_out > 1:  # the selected unit of each MaxOut group is part of the dynamic map
         linear, selection = linear.unflatten(1, (m.out_channels, m.max_out)).max(dim=2)
@@ -273,7 +282,7 @@ def _conv_adj(m: BcosConv2d, g: Tensor, tape: Tape) -> Tensor:
         in_size = [size - 2 * pad + dil * (k - 1) for size, pad, dil, k in geometry]
     else:
         scale, selection, in_size = record
-    w_hat = unit_norm_weight(m.linear.weight)
+    w_hat = tape.pop()
     if scale is not None and selection is None:  # the common case: one op, the fusion target
         if ops.use_fused("e2kd::scaled_conv_adjoint", g.device.type, m.shape_class):
             geometry = (list(m.stride), list(m.padding), list(m.dilation), m.groups)
@@ -289,7 +298,7 @@ register_sweep(BcosConv2d)((_conv_fwd, _conv_adj))
 
 
 def _linear_fwd(m: BcosLinear, x: Tensor, tape: Tape) -> Tensor:
-    linear = F.linear(x, unit_norm_weight(m.linear.weight))
+    linear = F.linear(x, _unit_weight(m, tape))
     selection = None
     if m.max_out > 1:
         linear, selection = linear.unflatten(-1, (m.out_features, m.max_out)).max(dim=-1)
@@ -305,10 +314,11 @@ def _linear_fwd(m: BcosLinear, x: Tensor, tape: Tape) -> Tensor:
 def _linear_adj(m: BcosLinear, g: Tensor, tape: Tape) -> Tensor:
     record = tape.pop()
     scale, selection = (record, None) if isinstance(record, Tensor) else record
+    w_hat = tape.pop()
     if scale is not None:
         g = scale * g
     g = _unselect(g, selection, m.max_out, -1)
-    return g @ unit_norm_weight(m.linear.weight)
+    return g @ w_hat
 
 
 register_sweep(BcosLinear)((_linear_fwd, _linear_adj))
