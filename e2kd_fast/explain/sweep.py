@@ -6,8 +6,8 @@ matrices, MaxOut selections) are held fixed. So W = ∂logit_c/∂x is obtained 
 
 1. a *taped forward* computes the ordinary forward and records, per module, what its adjoint needs;
 2. the *adjoint sweep* starts from the one-hot of the class and applies each module's adjoint in
-   reverse: the scale, the transposed conv/linear with the unit-norm weight, the norms' 1/std with
-   their centring, pool adjoints, residual sums, concat splits.
+   reverse: the scale, the transposed conv/linear with the unit-norm weight that the forward
+   recorded, the norms' 1/std with their centring, pool adjoints, residual sums, concat splits.
 
 The recorded factors stay attached to the forward's autograd graph. For a student, the ordinary
 (first-order) backward of a loss on W therefore differentiates through them into the parameters:
@@ -15,8 +15,9 @@ the exact total derivative of the official e²KD implementation. For a teacher t
 under ``no_grad`` and builds no graph. No double backward and no ``autograd.Function`` are involved.
 
 Each supported module type registers a pair ``(taped_forward, adjoint)``; ``taped_forward(m, x, tape)``
-returns what ``m(x)`` returns and appends one record per leaf to ``tape``; ``adjoint(m, g, tape)``
-pops those records in reverse and returns ∂⟨g, m(x)⟩/∂x with the dynamic factors fixed.
+returns what ``m(x)`` returns and appends its leaves' records to ``tape`` (one per leaf; a B-cos
+layer two: its ŵ, then its scale); ``adjoint(m, g, tape)`` pops those records in reverse and returns
+∂⟨g, m(x)⟩/∂x with the dynamic factors fixed.
 """
 
 from __future__ import annotations
