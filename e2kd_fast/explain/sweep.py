@@ -16,7 +16,7 @@ under ``no_grad`` and builds no graph. No double backward and no ``autograd.Func
 
 Each supported module type registers a pair ``(taped_forward, adjoint)``; ``taped_forward(m, x, tape)``
 returns what ``m(x)`` returns and appends its leaves' records to ``tape`` (one per leaf; a B-cos
-layer two: its ŵ, then its scale); ``adjoint(m, g, tape)`` pops those records in reverse and returns
+layer two: its ŵ, then its scale record); ``adjoint(m, g, tape)`` pops them in reverse and returns
 ∂⟨g, m(x)⟩/∂x with the dynamic factors fixed.
 """
 
