@@ -15,8 +15,8 @@ the exact total derivative of the official e²KD implementation. For a teacher t
 under ``no_grad`` and builds no graph. No double backward and no ``autograd.Function`` are involved.
 
 Each supported module type registers a pair ``(taped_forward, adjoint)``; ``taped_forward(m, x, tape)``
-returns what ``m(x)`` returns and appends its leaves' records to ``tape`` (one per leaf; a B-cos
-layer two: its ŵ, then its scale record); ``adjoint(m, g, tape)`` pops them in reverse and returns
+returns what ``m(x)`` returns and appends each leaf's records to ``tape`` (a B-cos layer two: its
+ŵ, then its scale record); ``adjoint(m, g, tape)`` pops them in reverse and returns
 ∂⟨g, m(x)⟩/∂x with the dynamic factors fixed.
 """
 
@@ -221,7 +221,7 @@ def dynamic_weights_sweep(
 # ---------------------------------------------------------------------------------------------- leaves
 
 
-def _unit_weight(m: BcosConv2d | BcosLinear, tape: Tape) -> Tensor:
+def _record_unit_weight(m: BcosConv2d | BcosLinear, tape: Tape) -> Tensor:
     """ŵ of ``m``, recorded for the adjoint, which applies the same ŵ. Computed again there, it fused
     into the kernel of the adjoint's scale, whose shape is otherwise shared by every layer of a dense
     block or stage: one compiled kernel per layer instead of one per block."""
@@ -231,7 +231,7 @@ def _unit_weight(m: BcosConv2d | BcosLinear, tape: Tape) -> Tensor:
 
 
 def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
-    w_hat = _unit_weight(m, tape)
+    w_hat = _record_unit_weight(m, tape)
     parts = m.fused_parts(x)
     if parts is not None:  # a fast back end: conv plus fused epilogue in one op (its autograd is the full derivative)
         linear, scale = parts
@@ -257,9 +257,10 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
 
 
 def _conv_record(m: BcosConv2d, scale: Tensor, selection: Tensor | None, x: Tensor) -> Tensor | tuple:
-    """A conv's tape record: its scale alone where the rest follows from the module and the output
-    gradient (no MaxOut selection; stride 1, where the input size follows from the output size), else
-    (scale, selection, input size). A region whose records are all tensors is reused untraced."""
+    """A conv's scale record (pushed after its ŵ): the scale as a bare tensor where the rest follows
+    from the module and the output gradient (no MaxOut selection; stride 1, where the input size
+    follows from the output size), else (scale, selection, input size). A region whose records are
+    all tensors is reused untraced."""
     if selection is None and m.stride == (1, 1):
         return scale
     return (scale, selection, x.shape[-2:])
@@ -299,7 +300,7 @@ register_sweep(BcosConv2d)((_conv_fwd, _conv_adj))
 
 
 def _linear_fwd(m: BcosLinear, x: Tensor, tape: Tape) -> Tensor:
-    linear = F.linear(x, _unit_weight(m, tape))
+    linear = F.linear(x, _record_unit_weight(m, tape))
     selection = None
     if m.max_out > 1:
         linear, selection = linear.unflatten(-1, (m.out_features, m.max_out)).max(dim=-1)
