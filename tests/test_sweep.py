@@ -79,7 +79,6 @@ def test_teacher_sweep_builds_no_graph():
 def test_each_layer_weight_is_normalised_once_per_sweep(name, monkeypatch):
     """The adjoint applies the ŵ its forward recorded (normalised again, it fused into the kernel of
     the adjoint's scale and made that kernel one per layer instead of one per block shape)."""
-    torch.set_default_dtype(torch.float64)
     model = create_model(name, num_classes=4).eval().requires_grad_(False)
     normalised, unit_norm_weight = [], reference_bcos.unit_norm_weight
     for module in (sweep, reference_bcos):

@@ -49,6 +49,7 @@ from e2kd_fast.reference.bcos import (
     avg_pool_adjoint,
     conv_adjoint,
     conv_dynamic_scale,
+    conv_linear,
     dynamic_scale,
     patch_norm_slow,
     scaled_conv_adjoint,
@@ -237,7 +238,7 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
         linear, scale = parts
         tape.append(_conv_record(m, scale, None, x))
         return scale * linear
-    linear = F.conv2d(x, w_hat, None, m.stride, m.padding, m.dilation, m.groups)
+    linear = conv_linear(x, w_hat, m.stride, m.padding, m.dilation, m.groups)
     selection = None
     if m.max_out > 1:  # the selected unit of each MaxOut group is part of the dynamic map
         linear, selection = linear.unflatten(1, (m.out_channels, m.max_out)).max(dim=2)

@@ -1,10 +1,10 @@
 """Activation checkpointing of a student's stages (``train.activation_checkpointing``).
 
 A checkpointed stage keeps only its input and what the explanation sweep reads later (the B-cos
-scales and unit-norm weights, the norms' 1/std); everything else its forward saved for the backward is recomputed during
-the backward. Both the plain forward (``stage(x)``, KD steps) and the sweep's taped forward are
-checkpointed, with non-reentrant `torch.utils.checkpoint`, which `torch.compile` captures without a
-graph break.
+scales and unit-norm weights, the norms' 1/std); everything else its forward saved for the backward
+is recomputed during the backward. Both the plain forward (``stage(x)``, KD steps) and the sweep's
+taped forward are checkpointed, with non-reentrant `torch.utils.checkpoint`, which `torch.compile`
+captures without a graph break.
 
 Exactness: the recomputation replays the same random numbers (drop-path), and batch-norm running
 statistics are restored after it, so a checkpointed step updates parameters *and* buffers exactly as

@@ -201,7 +201,14 @@ def bcos_conv_linear(
     x: Tensor, weight: Tensor, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1
 ) -> Tensor:
     """The linear part l = conv(x, ŵ): [N, C, H, W] → [N, O, H_out, W_out] (weight raw, [O, C/groups, kH, kW])."""
-    return F.conv2d(x, unit_norm_weight(weight), None, pair(stride), pair(padding), pair(dilation), groups)
+    return conv_linear(x, unit_norm_weight(weight), stride, padding, dilation, groups)
+
+
+def conv_linear(
+    x: Tensor, w_hat: Tensor, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1
+) -> Tensor:
+    """`bcos_conv_linear` for a ŵ already at hand (the sweep keeps it for `conv_adjoint`)."""
+    return F.conv2d(x, w_hat, None, pair(stride), pair(padding), pair(dilation), groups)
 
 
 def conv_dynamic_scale(
