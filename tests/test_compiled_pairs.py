@@ -33,7 +33,8 @@ MINIATURE: dict[str, Callable[[int], nn.Module]] = {
     "bcos_resnet18": lambda n: BcosResNet(BasicBlock, [1, 1, 1, 1], n, inplanes=16),
     "bcos_resnet34": lambda n: BcosResNet(BasicBlock, [1, 2, 1, 1], n, inplanes=16),
     "bcos_resnet50": lambda n: BcosResNet(Bottleneck, [1, 1, 1, 1], n, inplanes=16, width_per_group=16),
-    "bcos_densenet169": lambda n: BcosDenseNet(8, (1, 1, 1, 1), 16, num_classes=n),
+    # Two layers in the first dense block: its adjoint hands one layer's input gradient to the next.
+    "bcos_densenet169": lambda n: BcosDenseNet(8, (2, 1, 1, 1), 16, num_classes=n),
     "bcos_vit_ti_patch16_224": lambda n: BcosViT(16, 48, 1, 3, 96, num_classes=n),
     "resnet18": lambda n: torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], n),
     "resnet34": lambda n: torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 2, 1, 1], n),

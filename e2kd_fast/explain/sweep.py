@@ -522,7 +522,7 @@ def _resnet_adj(m: BcosResNet, g: Tensor, tape: Tape) -> Tensor:
 register_sweep(BcosResNet)((_resnet_fwd, _resnet_adj))
 
 
-def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape) -> Tensor:
+def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape, fold_head: bool) -> Tensor:
     if m.drop_rate > 0 and m.training:
         raise NotImplementedError("the sweep does not support dropout in dense layers during training")
     out = torch.cat(features, 1)
@@ -530,7 +530,62 @@ def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape) -> Tenso
     # one shape per dense block and is a compile region.
     for child in (m.norm1, m.conv1):
         out = taped_forward(child, out, tape)
+    if fold_head:  # conv1's scale record and ŵ, norm1's scale → ŵ·diag(scale), scale
+        scale, w_hat, norm_scale = tape.pop(), tape.pop(), tape.pop()
+        # In ŵ's own order, so that a compiled graph computes it in the loop that normalises ŵ.
+        tape.append(w_hat.flatten(1)[None] * norm_scale.flatten(1)[:, None, :])  # [1 or N, 4·growth, C_in]
+        tape.append(scale)
     return _dense_tail_fwd(m, out, tape)
+
+
+def _folds_heads(m: DenseBlock, device_type: str) -> bool:
+    """Whether the sweep folds each layer's head (norm1 → 1×1 conv) into one matrix for its adjoint.
+
+    A head's adjoint is norm1's per-channel scale after the 1×1 conv's transpose, then an add onto
+    the block's gradient: with the scale folded into the transposed weight, one batched matrix product
+    adds onto the gradient directly (`_add_pointwise_conv_adjoint`), where a compiled graph otherwise
+    needs a kernel per layer, each for the layer's own channel count. Not under autocast, where the
+    product would run, and the block's gradient would accumulate, in the low precision.
+    """
+    if _autocast_on(device_type):
+        return False
+    return all(
+        isinstance(layer.norm1, BatchNormUncentered2d)
+        and isinstance(conv := layer.conv1, BcosConv2d)
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and conv.max_out == 1
+        and conv.b != 1
+        for layer in m.values()
+    )
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know: it cannot be on there
+        return False
+
+
+def _add_pointwise_conv_adjoint(base: Tensor, g: Tensor, w_t: Tensor) -> Tensor:
+    """``base`` plus the adjoint of a 1×1 conv (stride 1, one group) applied to ``g``, as one batched
+    matrix product that adds onto ``base``; the same maths as ``base + conv_adjoint(g, w_hat, ...)``
+    with ``w_t = w_hat[:, :, 0, 0].t()`` (times any per-input-channel factor).
+
+    Shapes: base [N, R, H, W] (a channel slice is fine), g [N, K, H, W], w_t [1 or N, R, K] →
+    [N, R, H, W], dense in ``g``'s memory format.
+    """
+    n, k, h, w = g.shape
+    r = w_t.shape[1]
+    w_t = w_t.to(g.dtype).expand(n, r, k)
+    if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
+        rows = base.permute(0, 2, 3, 1).reshape(n, h * w, r)
+        out = torch.baddbmm(rows, g.permute(0, 2, 3, 1).reshape(n, h * w, k), w_t.transpose(1, 2))
+        return out.view(n, h, w, r).permute(0, 3, 1, 2)
+    out = torch.baddbmm(base.reshape(n, r, h * w), w_t, g.reshape(n, k, h * w))
+    return out.view(n, r, h, w)
 
 
 def _dense_layer_adj(m: DenseLayer, g: Tensor, tape: Tape) -> Tensor:
@@ -553,9 +608,9 @@ _dense_tail_fwd, _dense_tail_adj = _region(_dense_tail_fwd_inline, _dense_tail_a
 
 
 def _dense_block_fwd(m: DenseBlock, x: Tensor, tape: Tape) -> Tensor:
-    features = [x]
+    features, fold_heads = [x], _folds_heads(m, x.device.type)
     for layer in m.values():
-        features.append(_dense_layer_fwd(layer, features, tape))
+        features.append(_dense_layer_fwd(layer, features, tape, fold_heads))
     tape.append([f.shape[1] for f in features])
     return torch.cat(features, 1)
 
@@ -567,9 +622,30 @@ def _dense_block_adj(m: DenseBlock, g: Tensor, tape: Tape) -> Tensor:
     # first C_j channels in one add per layer: each feature map's gradient sums the same terms in the
     # same order as with one add per (layer, feature map), a graph a fraction the size to compile.
     ends = list(itertools.accumulate(tape.pop()))  # C_j: the block input's channels, then + each layer's
-    for j, layer in reversed(list(enumerate(m.values()))):
+    layers = list(m.values())
+    if _folds_heads(m, g.device.type):
+        return _dense_block_adj_folded(layers, g, ends, tape)
+    for j, layer in reversed(list(enumerate(layers))):
         g = g[:, : ends[j]] + _dense_layer_adj(layer, g[:, ends[j] : ends[j + 1]], tape)
     return g
+
+
+def _dense_block_adj_folded(layers: list[DenseLayer], g: Tensor, ends: list[int], tape: Tape) -> Tensor:
+    """`_dense_block_adj` for layers whose heads the forward folded (`_folds_heads`). Layer j's input
+    gradient goes onto the first C_j channels in two products: onto the channels of layer j − 1's
+    output, which is then complete and comes out dense, ready for that layer's tail region, and onto
+    the channels below them."""
+    below, g_out = g[:, : ends[-2]], g[:, ends[-2] :]
+    for j in reversed(range(len(layers))):
+        g_head = _dense_tail_adj(layers[j], g_out, tape)
+        g_head = tape.pop() * g_head  # conv1's scale
+        w_t = tape.pop().transpose(1, 2)  # [1 or N, C_j, 4·growth]
+        if j == 0:
+            return _add_pointwise_conv_adjoint(below, g_head, w_t)
+        split = ends[j - 1]
+        g_out = _add_pointwise_conv_adjoint(below[:, split:], g_head, w_t[:, split:])
+        below = _add_pointwise_conv_adjoint(below[:, :split], g_head, w_t[:, :split])
+    raise AssertionError("a dense block has at least one layer")
 
 
 register_sweep(DenseBlock)((_dense_block_fwd, _dense_block_adj))
