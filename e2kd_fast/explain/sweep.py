@@ -549,6 +549,12 @@ def _folds_heads(m: DenseBlock, device_type: str) -> bool:
     """
     if _autocast_on(device_type):
         return False
+    return _heads_foldable(m)
+
+
+@torch.compiler.assume_constant_result  # the block's structure: traced, these checks cost a second per D169
+def _heads_foldable(m: DenseBlock) -> bool:
+    """Whether every layer's head is an uncentred batch norm and a plain 1×1 B-cos conv (B ≠ 1)."""
     return all(
         isinstance(layer.norm1, BatchNormUncentered2d)
         and isinstance(conv := layer.conv1, BcosConv2d)
