@@ -10,7 +10,7 @@ from e2kd_fast import AddInverse, create_model, dynamic_weights, list_models
 from e2kd_fast.distill import e2kd_objective
 from e2kd_fast.explain import sweep
 from e2kd_fast.explain.sweep import dynamic_weights_sweep
-from e2kd_fast.nn import BcosConv2d, BcosLinear
+from e2kd_fast.nn import BcosConv2d, BcosLinear, set_batch_norm_groups
 from e2kd_fast.reference import bcos as reference_bcos
 from tests.helpers import randomize_norms, rel_err
 from tests.test_objective import _pair
@@ -118,6 +118,9 @@ def test_dense_heads_fold_for_batch_norms_outside_autocast():
     position_norm = create_model("bcos_densenet121", num_classes=4, norm="pn")
     assert not sweep._folds_heads(position_norm.features.denseblock1, "cpu")
     _compare(position_norm, 32, training=False)  # the unfolded adjoint
+    grouped = create_model("bcos_densenet121", num_classes=4)
+    set_batch_norm_groups(grouped, 2)  # one image per group: each image's own norm1 scales folded in
+    _compare(grouped, 32, training=True)
 
 
 def test_objective_gradient_through_the_sweep():
