@@ -542,10 +542,10 @@ def _folds_heads(m: DenseBlock, device_type: str) -> bool:
     """Whether the sweep folds each layer's head (norm1 → 1×1 conv) into one matrix for its adjoint.
 
     A head's adjoint is norm1's per-channel scale after the 1×1 conv's transpose, then an add onto
-    the block's gradient: with the scale folded into the transposed weight, one batched matrix product
-    adds onto the gradient directly (`_add_pointwise_conv_adjoint`), where a compiled graph otherwise
-    needs a kernel per layer, each for the layer's own channel count. Not under autocast, where the
-    product would run, and the block's gradient would accumulate, in the low precision.
+    the block's gradient: with the scale folded into the weight, batched matrix products add onto
+    the gradient directly (`_add_pointwise_conv_adjoint`), external kernels where a compiled graph
+    otherwise needs a kernel per layer, each for the layer's own channel count. Not under autocast,
+    where the products and the block's gradient they add onto would run in the low precision.
     """
     if _autocast_on(device_type):
         return False
