@@ -10,6 +10,7 @@ from e2kd_fast import AddInverse, create_model, dynamic_weights, list_models
 from e2kd_fast.distill import e2kd_objective
 from e2kd_fast.explain import sweep
 from e2kd_fast.explain.sweep import dynamic_weights_sweep
+from e2kd_fast.models.bcos_densenet import BcosDenseNet
 from e2kd_fast.nn import BcosConv2d, BcosLinear, set_batch_norm_groups
 from e2kd_fast.reference import bcos as reference_bcos
 from tests.helpers import randomize_norms, rel_err
@@ -118,9 +119,13 @@ def test_dense_heads_fold_for_batch_norms_outside_autocast():
     position_norm = create_model("bcos_densenet121", num_classes=4, norm="pn")
     assert not sweep._folds_heads(position_norm.features.denseblock1, "cpu")
     _compare(position_norm, 32, training=False)  # the unfolded adjoint
-    grouped = create_model("bcos_densenet121", num_classes=4)
-    set_batch_norm_groups(grouped, 2)  # one image per group: each image's own norm1 scales folded in
+    grouped = create_model("bcos_densenet121", num_classes=4).train()
+    set_batch_norm_groups(grouped, 2)  # per-image norm scales in training: unfolded
+    assert not sweep._folds_heads(grouped.features.denseblock1, "cpu")
     _compare(grouped, 32, training=True)
+    empty = BcosDenseNet(8, (1, 0), 16, num_classes=4, small_inputs=True)  # a block without layers
+    assert not sweep._folds_heads(empty.features.denseblock2, "cpu")
+    _compare(empty, 16, training=False)
 
 
 def test_objective_gradient_through_the_sweep():

@@ -533,7 +533,7 @@ def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape, fold_hea
     if fold_head:  # conv1's scale record and ŵ, norm1's scale → ŵ·diag(scale), scale
         scale, w_hat, norm_scale = tape.pop(), tape.pop(), tape.pop()
         # In ŵ's own order, so that a compiled graph computes it in the loop that normalises ŵ.
-        tape.append(w_hat.flatten(1)[None] * norm_scale.flatten(1)[:, None, :])  # [1 or N, 4·growth, C_in]
+        tape.append(w_hat.flatten(1)[None] * norm_scale.flatten(1)[:, None, :])  # [1, bn_size·growth, C_in]
         tape.append(scale)
     return _dense_tail_fwd(m, out, tape)
 
@@ -554,9 +554,12 @@ def _folds_heads(m: DenseBlock, device_type: str) -> bool:
 
 @torch.compiler.assume_constant_result  # the block's structure: traced, these checks cost a second per D169
 def _heads_foldable(m: DenseBlock) -> bool:
-    """Whether every layer's head is an uncentred batch norm and a plain 1×1 B-cos conv (B ≠ 1)."""
-    return all(
+    """Whether the block has layers and every layer's head is an uncentred batch norm with one scale
+    for the batch and a plain 1×1 B-cos conv (B ≠ 1). (With batch-norm groups in training the scales
+    are per image, and the folded weights would be too: a [N, bn_size·growth, C_in] matrix per layer.)"""
+    return len(m) > 0 and all(
         isinstance(layer.norm1, BatchNormUncentered2d)
+        and not (layer.norm1.training and layer.norm1.batch_groups > 1)
         and isinstance(conv := layer.conv1, BcosConv2d)
         and conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
@@ -581,7 +584,7 @@ def _add_pointwise_conv_adjoint(base: Tensor, g: Tensor, w_t: Tensor) -> Tensor:
     with ``w_t = w_hat[:, :, 0, 0].t()`` (times any per-input-channel factor).
 
     Shapes: base [N, R, H, W] (a channel slice is fine), g [N, K, H, W], w_t [1 or N, R, K] →
-    [N, R, H, W], dense in ``g``'s memory format.
+    [N, R, H, W], dense: channels-last where ``g`` is, else contiguous.
     """
     n, k, h, w = g.shape
     r = w_t.shape[1]
@@ -645,7 +648,7 @@ def _dense_block_adj_folded(layers: list[DenseLayer], g: Tensor, ends: list[int]
     for j in reversed(range(len(layers))):
         g_head = _dense_tail_adj(layers[j], g_out, tape)
         g_head = tape.pop() * g_head  # conv1's scale
-        w_t = tape.pop().transpose(1, 2)  # [1 or N, C_j, 4·growth]
+        w_t = tape.pop().transpose(1, 2)  # [1, C_j, bn_size·growth]
         if j == 0:
             return _add_pointwise_conv_adjoint(below, g_head, w_t)
         split = ends[j - 1]
