@@ -533,7 +533,7 @@ def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape, fold_hea
     if fold_head:  # conv1's scale record and ŵ, norm1's scale → ŵ·diag(scale), scale
         scale, w_hat, norm_scale = tape.pop(), tape.pop(), tape.pop()
         # In ŵ's own order, so that a compiled graph computes it in the loop that normalises ŵ.
-        tape.append(w_hat.flatten(1)[None] * norm_scale.flatten(1)[:, None, :])  # [1, bn_size·growth, C_in]
+        tape.append(w_hat.flatten(1) * norm_scale.flatten(1))  # [bn_size·growth, C_in]
         tape.append(scale)
     return _dense_tail_fwd(m, out, tape)
 
@@ -583,12 +583,12 @@ def _add_pointwise_conv_adjoint(base: Tensor, g: Tensor, w_t: Tensor) -> Tensor:
     matrix product that adds onto ``base``; the same maths as ``base + conv_adjoint(g, w_hat, ...)``
     with ``w_t = w_hat[:, :, 0, 0].t()`` (times any per-input-channel factor).
 
-    Shapes: base [N, R, H, W] (a channel slice is fine), g [N, K, H, W], w_t [1 or N, R, K] →
-    [N, R, H, W], dense: channels-last where ``g`` is, else contiguous.
+    Shapes: base [N, R, H, W] (a channel slice is fine), g [N, K, H, W], w_t [R, K] → [N, R, H, W],
+    dense: channels-last where ``g`` is, else contiguous.
     """
     n, k, h, w = g.shape
-    r = w_t.shape[1]
-    w_t = w_t.to(g.dtype).expand(n, r, k)
+    r = w_t.shape[0]
+    w_t = w_t.expand(n, r, k)
     if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
         rows = base.permute(0, 2, 3, 1).reshape(n, h * w, r)
         out = torch.baddbmm(rows, g.permute(0, 2, 3, 1).reshape(n, h * w, k), w_t.transpose(1, 2))
@@ -620,7 +620,7 @@ def _dense_block_fwd(m: DenseBlock, x: Tensor, tape: Tape) -> Tensor:
     features, fold_heads = [x], _folds_heads(m, x.device.type)
     for layer in m.values():
         features.append(_dense_layer_fwd(layer, features, tape, fold_heads))
-    tape.append([f.shape[1] for f in features])
+    tape.append((fold_heads, [f.shape[1] for f in features]))  # the adjoint follows the forward's choice
     return torch.cat(features, 1)
 
 
@@ -630,9 +630,10 @@ def _dense_block_adj(m: DenseBlock, g: Tensor, tape: Tape) -> Tensor:
     # contribution, so layer j's output gradient is complete, and its input gradient adds onto the
     # first C_j channels in one add per layer: each feature map's gradient sums the same terms in the
     # same order as with one add per (layer, feature map), a graph a fraction the size to compile.
-    ends = list(itertools.accumulate(tape.pop()))  # C_j: the block input's channels, then + each layer's
+    fold_heads, channels = tape.pop()
+    ends = list(itertools.accumulate(channels))  # C_j: the block input's channels, then + each layer's
     layers = list(m.values())
-    if _folds_heads(m, g.device.type):
+    if fold_heads:
         return _dense_block_adj_folded(layers, g, ends, tape)
     for j, layer in reversed(list(enumerate(layers))):
         g = g[:, : ends[j]] + _dense_layer_adj(layer, g[:, ends[j] : ends[j + 1]], tape)
@@ -648,12 +649,12 @@ def _dense_block_adj_folded(layers: list[DenseLayer], g: Tensor, ends: list[int]
     for j in reversed(range(len(layers))):
         g_head = _dense_tail_adj(layers[j], g_out, tape)
         g_head = tape.pop() * g_head  # conv1's scale
-        w_t = tape.pop().transpose(1, 2)  # [1, C_j, bn_size·growth]
+        w_t = tape.pop().t()  # [C_j, bn_size·growth]
         if j == 0:
             return _add_pointwise_conv_adjoint(below, g_head, w_t)
         split = ends[j - 1]
-        g_out = _add_pointwise_conv_adjoint(below[:, split:], g_head, w_t[:, split:])
-        below = _add_pointwise_conv_adjoint(below[:, :split], g_head, w_t[:, :split])
+        g_out = _add_pointwise_conv_adjoint(below[:, split:], g_head, w_t[split:])
+        below = _add_pointwise_conv_adjoint(below[:, :split], g_head, w_t[:split])
     raise AssertionError("a dense block has at least one layer")
 
 
