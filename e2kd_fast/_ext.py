@@ -27,6 +27,8 @@ def load_extension() -> ModuleType | None:
     """The compiled extension module, or None (with one warning if it was built but fails to load)."""
     if os.environ.get("E2KD_DISABLE_EXT") == "1":
         return None
+    import torch  # noqa: F401  (loads libc10 and libtorch, which the extension links against)
+
     try:
         return importlib.import_module("e2kd_fast._C")
     except ImportError as err:
