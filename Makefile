@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_ext
 
-.PHONY: venv test test-gpu lint format demo bench clean
+.PHONY: venv test test-gpu gpu-wheels lint format demo bench clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,14 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q tests -m requires_cuda
+
+# The test-only packages the GPU machine's image lacks, as wheels for Python 3.12, into .whl/ (ignored):
+# carry .whl along to that machine, and bench/gpu_session.sh installs them beside its packages.
+GPU_WHEELS := $(shell grep -E '^(bcos|dcor)==' requirements-ci.txt)
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
+	ls .whl
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -18,7 +18,8 @@
 #   profile    torch.profiler top kernels of the compiled e2kd-live step; its first step is the
 #              warm-compile time (a second process, Inductor cache populated by `step`)  profile.log
 #
-#   OUT=/tmp/e2kd-gpu bash bench/gpu_session.sh
+#   make gpu-wheels          # here, once: the tests' packages that the GPU image lacks, into .whl/
+#   OUT=/tmp/e2kd-gpu bash bench/gpu_session.sh      # there, with .whl carried along (ignored by git)
 #   OUT=/tmp/e2kd-dry bash bench/gpu_session.sh --dry-run   # CPU, tiny sizes: checks that it all runs
 #
 # The dry run uses the CPU, the tiny_bcos pair at batch 2 and 32², and skips what needs CUDA with a
@@ -95,6 +96,14 @@ else
   LOSS_SIZE=(--shapes real --models bcos_resnet18 --repeats 20)
 fi
 say "gpu_session: $([ $DRY = 1 ] && echo 'dry run, CPU' || echo CUDA), budget ${BUDGET_S} s, commit $(git rev-parse HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+# Wheels carried to a machine that cannot download (`make gpu-wheels`): the official B-cos package
+# that the tests compare against, installed beside the image's packages, never over them.
+if [ $DRY = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
+  WHEEL_SITE=${TMPDIR:-/tmp}/e2kd-wheels
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WHEEL_SITE" .whl/*.whl &&
+    export PYTHONPATH="$PYTHONPATH:$WHEEL_SITE" &&
+    say "wheels: $(cd .whl && echo *.whl) installed for the tests"
+fi
 
 part env "${LIMIT_ENV:-$((30 * SCALE))}" bash -c '
   nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
@@ -123,13 +132,13 @@ part ceilings "${LIMIT_CEILINGS:-$((20 * SCALE))}" "$PY" -m bench.floor --measur
 if [ $DRY = 1 ]; then
   say "tests: skipped: the requires_cuda tests need a CUDA device"
 else
-  part tests "${LIMIT_TESTS:-$((50 * SCALE))}" "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda tests \
+  part tests "${LIMIT_TESTS:-$((100 * SCALE))}" "$PY" -m pytest -q -p no:cacheprovider -m requires_cuda tests \
     --continue-on-collection-errors
 fi
 
 # The kernels before the step: their first calls compile Triton specialisations (both conv designs,
 # every conv shape of R18/R50/D169), and a timed-out step must not leave them unmeasured.
-LAYER_LIMIT=$(capped "${LIMIT_LAYER:-$((90 * SCALE))}")
+LAYER_LIMIT=$(capped "${LIMIT_LAYER:-$((45 * SCALE))}")
 part layer "$LAYER_LIMIT" "$PY" -m bench.bench_bcos_conv2d --device "$DEVICE" "${LAYER_SIZE[@]}" \
   --time-budget $((LAYER_LIMIT * 4 / 5)) --fastest-out "$OUT/fastest.json"
 
@@ -138,7 +147,7 @@ part loss "${LIMIT_LOSS:-$((30 * SCALE))}" "$PY" -m bench ops --device "$DEVICE"
 
 # Variants compile in this order (e2kd-live first); one whose first step would start after the step
 # limit minus 45 s (the rounds, the FLOP/byte count) gets a record saying so instead.
-STEP_LIMIT=$(capped "${LIMIT_STEP:-$((150 * SCALE))}")
+STEP_LIMIT=$(capped "${LIMIT_STEP:-$((190 * SCALE))}")
 part step "$STEP_LIMIT" "$PY" -m bench step --device "$DEVICE" "${STEP_SIZE[@]}" $COMPILE_FLAG \
   --warmup 1 --memory none --variants "${STEP_VARIANTS:-reference,e2kd-live,kd,e2kd-frozen}" \
   --time-budget $((STEP_LIMIT > 90 ? STEP_LIMIT - 45 : STEP_LIMIT / 2)) --out "$OUT/step.jsonl"
