@@ -314,19 +314,37 @@ def _count(step: Callable[[], None]) -> floor.Traffic | None:
         return None
 
 
+# The compiler's phases that do not contain one another, in the order they run, as the log names them.
+COMPILE_PHASES = (
+    ("bytecode_tracing", "Dynamo trace"),
+    ("aot_trace_joint_graph", "joint trace"),
+    ("min_cut_rematerialization_partition", "partition"),
+    ("Scheduler.__init__", "fusion"),
+    ("Scheduler.codegen", "kernel code"),
+    ("async_compile.wait", "waiting for kernel builds"),
+)
+
+
 @contextlib.contextmanager
 def inductor_metrics():
     """Kernels Inductor generates, and the bytes it estimates they move, while the block runs.
 
-    Yields a dict filled on exit: ``kernels`` (`torch._inductor.metrics.generated_kernel_count`) and
+    Yields a dict filled on exit: ``kernels`` (`torch._inductor.metrics.generated_kernel_count`),
     ``bytes`` (`num_bytes_accessed`: each scheduled kernel's buffer reads and writes, summed; Inductor
     computes it only while its ``inductor_metrics`` log is enabled at INFO, which this does with a
-    silent handler). Both are counted at compile time: a block that compiles nothing counts 0, and
-    a hit in Inductor's FX-graph cache replays the counts stored with the cached graph.
+    silent handler), and ``phases``: the seconds the block spent in each of the compiler's timed
+    phases (`torch._dynamo.utils.compilation_time_metrics`; they nest, so they do not add up), the
+    longest first, those of at least 0.5 s. Kernels and bytes are counted at compile time: a block
+    that compiles nothing counts 0, and a hit in Inductor's FX-graph cache replays the counts stored
+    with the cached graph.
     """
     import logging
 
+    from torch._dynamo.utils import compilation_time_metrics
     from torch._inductor import metrics
+
+    def phase_totals() -> dict[str, float]:
+        return {name: sum(times) for name, times in compilation_time_metrics.items()}
 
     logger = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
     saved = (logger.level, logger.propagate)
@@ -334,13 +352,18 @@ def inductor_metrics():
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger.addHandler(handler)
-    counted: dict[str, int | None] = {"kernels": None, "bytes": None}
+    counted: dict[str, Any] = {"kernels": None, "bytes": None, "phases": None}
     metrics.reset()
+    before = phase_totals()
     try:
         yield counted
     finally:
         counted["kernels"] = metrics.generated_kernel_count
         counted["bytes"] = metrics.num_bytes_accessed or None
+        spent = {name: total - before.get(name, 0.0) for name, total in phase_totals().items()}
+        counted["phases"] = {
+            name: round(seconds, 2) for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]) if seconds >= 0.5
+        }
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
@@ -540,6 +563,7 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
             warm_first_step_samples_s=warm_samples.get(v),
             inductor_kernels=inductor.get(v, {}).get("kernels"),
             inductor_bytes=inductor.get(v, {}).get("bytes"),
+            compile_phases_s=inductor.get(v, {}).get("phases"),
             memory=memory,
             teacher_requires_grad=(v == REFERENCE),
         )
@@ -551,6 +575,9 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
             + (f"  kernels {inductor[v]['kernels']}" if v in inductor else "")
             + (f"  step mem {common.fmt_bytes(memory['step_bytes'])}" if memory else "")
         )
+        phases = inductor.get(v, {}).get("phases") or {}
+        if shown := [f"{label} {phases[name]:.1f}" for name, label in COMPILE_PHASES if name in phases]:
+            log("    compile, s: " + ", ".join(shown))
         records.append(record)
     return records
 

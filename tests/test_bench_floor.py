@@ -151,9 +151,11 @@ def test_inductor_metrics_count_kernels_and_bytes():
     with bench_step.inductor_metrics() as counted:
         fn(x)
     assert counted["kernels"] >= 1 and counted["bytes"] >= x.numel() * 4
+    phases = list(counted["phases"].values())  # the compiler's timed phases, the longest first
+    assert all(t >= 0.5 for t in phases) and phases == sorted(phases, reverse=True)
     with bench_step.inductor_metrics() as again:
         fn(x)  # compiled already: nothing generated
-    assert again["kernels"] == 0 and again["bytes"] is None
+    assert again["kernels"] == 0 and again["bytes"] is None and again["phases"] == {}
 
 
 def _rec(variant: str, kernels: int, torch_version: str = "2.14.1") -> dict:
