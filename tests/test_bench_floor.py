@@ -236,6 +236,10 @@ def test_profile_step_prints_top_kernels(capsys):
     assert profile_step.main([*argv, "--warmup", "1", "--steps", "1", "--top", "5"]) == 0
     out = capsys.readouterr().out
     assert "| kernel | calls/step | ms/step | share |" in out and "self cpu time" in out
+    assert "by kind: " in out and "kernels under 1 % each" in out
+    assert profile_step.kernel_kind("triton_per_fused_add_0") == "generated"
+    assert profile_step.kernel_kind("sm90_xmma_dgrad_implicit_gemm_bf16") == "conv/matmul library"
+    assert profile_step.kernel_kind("void nhwcAddPaddingKernel<__nv_bfloat16>") == "other"
 
 
 def test_gpu_script_is_valid_bash_and_knows_its_parts():
