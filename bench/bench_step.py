@@ -12,6 +12,9 @@ Variants, all on the same models, batch, resolution and precision, in one proces
 - ``e2kd-frozen``: our `e2kd_objective` with precomputed `TeacherOutputs` (no teacher pass).
 - ``e2kd-ckpt``: ``e2kd-live`` with the student's stages activation-checkpointed (a copy of the
   student with its own optimiser, so the other variants are untouched). Not in the default list.
+- ``e2kd-live-graphed``: ``e2kd-live`` with the compiled teacher graph replayed as a CUDA graph
+  (`TrainStep`'s ``teacher_cuda_graph``; CUDA and ``--compile`` only; its second step records the
+  graph, so give it ``--warmup 2`` or more). Not in the default list.
 
 The variants alternate in rounds (A B C D, then D C B A, ...) so slow drift of the machine cancels.
 Peak memory is measured in a fresh subprocess per (configuration, variant): CUDA's
@@ -41,7 +44,7 @@ from bench import common, floor
 
 SUITE = "step"
 REFERENCE = "reference"
-VARIANTS = ("reference", "kd", "e2kd-live", "e2kd-frozen", "e2kd-ckpt")
+VARIANTS = ("reference", "kd", "e2kd-live", "e2kd-frozen", "e2kd-ckpt", "e2kd-live-graphed")
 DEFAULT_VARIANTS = VARIANTS[:4]
 
 
@@ -234,7 +237,14 @@ def make_step(setup: StepSetup, variant: str, compile: bool | None = None) -> Ca
         raise ValueError("the e2kd-frozen variant needs a setup built with frozen=True")
     compile = cfg.get("compile", False) if compile is None else compile
     train_step = TrainStep(
-        student, teacher, tau=cfg["tau"], lam=lam, explanation=cfg["explanation"], compile=compile, log=print
+        student,
+        teacher,
+        tau=cfg["tau"],
+        lam=lam,
+        explanation=cfg["explanation"],
+        compile=compile,
+        log=print,
+        teacher_cuda_graph=variant == "e2kd-live-graphed" and compile,
     )
 
     def step() -> None:
@@ -461,6 +471,8 @@ def run(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if "e2kd-live-graphed" in variants and (device.type != "cuda" or not args.compile):
+        raise SystemExit("the e2kd-live-graphed variant replays a compiled teacher graph: it needs --compile on CUDA")
     if args.warm_compile and args.warm_compile_runs < 1:
         raise SystemExit(f"--warm-compile-runs must be at least 1, got {args.warm_compile_runs}")
     if REFERENCE not in variants:

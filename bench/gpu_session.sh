@@ -17,6 +17,8 @@
 #              compile) time, Inductor kernels                           step.log, step.jsonl
 #   profile    torch.profiler top kernels of the compiled e2kd-live step; its first step is the
 #              warm-compile time (a second process, Inductor cache populated by `step`)  profile.log
+#   graphs     e2kd-live against e2kd-live-graphed (the teacher graph replayed as a CUDA graph),
+#              side by side from the warm cache                         graphs.log, graphs.jsonl
 #
 #   make gpu-wheels          # here, once: the tests' packages that the GPU image lacks, into .whl/
 #   OUT=/tmp/e2kd-gpu bash bench/gpu_session.sh      # there, with .whl carried along (ignored by git)
@@ -153,5 +155,14 @@ part step "$STEP_LIMIT" "$PY" -m bench step --device "$DEVICE" "${STEP_SIZE[@]}"
   --time-budget $((STEP_LIMIT > 90 ? STEP_LIMIT - 45 : STEP_LIMIT / 2)) --out "$OUT/step.jsonl"
 
 part profile "${LIMIT_PROFILE:-$((60 * SCALE))}" "$PY" -m bench.profile_step --device "$DEVICE" "${PROFILE_SIZE[@]}" $COMPILE_FLAG
+
+# The live step with and without its teacher graph replayed as a CUDA graph, side by side; both
+# start from the cache that `step` filled (the second step of the graphed variant records it).
+if [ $DRY = 1 ] || [ -z "$COMPILE_FLAG" ]; then
+  say "graphs: skipped: replaying a compiled teacher graph needs CUDA and --compile"
+else
+  part graphs "${LIMIT_GRAPHS:-60}" "$PY" -m bench step --device "$DEVICE" "${STEP_SIZE[@]}" --compile \
+    --warmup 3 --rounds 3 --memory none --no-flops --variants e2kd-live,e2kd-live-graphed --out "$OUT/graphs.jsonl"
+fi
 
 say "gpu_session: done in $(($(date +%s) - started)) s"

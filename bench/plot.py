@@ -29,7 +29,7 @@ from bench.compare import METRICS
 
 DEFAULT_OUT = common.SCRATCH_DIR / "plots"
 # Variants in a fixed order and colour across panels; others follow in the order met.
-VARIANT_ORDER = ("kd", "e2kd-live", "e2kd-frozen", "e2kd-ckpt")
+VARIANT_ORDER = ("kd", "e2kd-live", "e2kd-frozen", "e2kd-ckpt", "e2kd-live-graphed")
 METRIC_LABELS = {
     "ratio": "time ÷ reference time",
     "mem_ratio": "step memory ÷ reference's",

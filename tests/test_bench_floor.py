@@ -246,7 +246,7 @@ def test_gpu_script_is_valid_bash_and_knows_its_parts():
     script = ROOT / "bench" / "gpu_session.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    for part in ("env", "build", "ceilings", "tests", "step", "profile", "layer", "loss"):
+    for part in ("env", "build", "ceilings", "tests", "step", "profile", "layer", "loss", "graphs"):
         assert f"part {part} " in text or f'say "{part}: skipped' in text, part
 
 

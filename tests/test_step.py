@@ -130,3 +130,34 @@ def test_cpu_graphs_compile_without_inductor_layout_optimisation(monkeypatch):
         {"fullgraph": True, "options": {"layout_optimization": False}},
         {"fullgraph": True, "options": None},
     ]
+
+
+def test_teacher_cuda_graph_needs_compile_and_cuda_images():
+    student, teacher = _tiny_bcos(2).train(), _tiny_bcos(1).eval().requires_grad_(False)
+    with pytest.raises(ValueError, match="needs compile=True"):
+        TrainStep(student, teacher, teacher_cuda_graph=True)
+    step = TrainStep(student, teacher, compile=True, teacher_cuda_graph=True, log=lambda _: None)
+    with pytest.raises(ValueError, match="needs CUDA images; got cpu ones"):
+        step(AddInverse()(torch.rand(2, 3, 8, 8)), None, 0)
+
+
+@pytest.mark.requires_cuda
+def test_teacher_replayed_as_a_cuda_graph_equals_the_compiled_teacher():
+    """Fresh images every call: the graph reads each batch (copied in), and its outputs are clones."""
+    torch._dynamo.reset()
+    student = _tiny_bcos(2).cuda().train()
+    teacher = _tiny_bcos(1).cuda().eval().requires_grad_(False)
+    plain = TrainStep(student, teacher, lam=2.0, compile=True, log=lambda _: None)
+    graphed = TrainStep(student, teacher, lam=2.0, compile=True, log=lambda _: None, teacher_cuda_graph=True)
+    kept = []
+    for _ in range(4):  # compile, record, replay, replay
+        x6 = AddInverse()(torch.rand(4, 3, 8, 8, device="cuda"))
+        got_loss, want_loss = graphed(x6, None, 0)["loss"], plain(x6, None, 0)["loss"]
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
+        outputs = graphed._fns[("teacher", True)][0](x6)
+        want = plain._fns[("teacher", True)][0](x6)
+        torch.testing.assert_close(outputs.logits, want.logits, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(outputs.explanation, want.explanation, rtol=1e-6, atol=1e-7)
+        kept.append((x6, outputs))
+    for x6, outputs in kept:  # earlier outputs survive later replays
+        torch.testing.assert_close(outputs.logits, plain._fns[("teacher", True)][0](x6).logits, rtol=1e-6, atol=1e-7)

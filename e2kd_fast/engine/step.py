@@ -14,10 +14,14 @@ epoch's last, partial step with ``data.drop_last: false``; a batch that lost unr
 the same functions eagerly: the same loss, no new graph, where a recompile would cost minutes (and
 leave a dynamic-shape graph behind). A graph that compiles again all the same (a guard failed) is
 logged with Dynamo's reason.
+
+On CUDA, ``teacher_cuda_graph`` replays the compiled teacher graph as one CUDA graph
+(`CapturedInference`): its kernels are launched by one call instead of one by one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +54,8 @@ class TrainStep:
         steps_per_epoch: optimiser steps per epoch, to give the baseline its epoch (warm-up, phases).
         batch_size: the images of a full micro-batch, the one batch size the compiled graphs are built
             and called for; a batch of any other size runs eagerly. None: the first batch's size.
+        teacher_cuda_graph: with ``compile`` and CUDA images, replay the live teacher's compiled graph
+            as a CUDA graph (`CapturedInference`; its first call compiles, its second records).
     """
 
     def __init__(
@@ -70,8 +76,12 @@ class TrainStep:
         objective: nn.Module | None = None,
         steps_per_epoch: int = 1,
         batch_size: int | None = None,
+        teacher_cuda_graph: bool = False,
     ) -> None:
+        if teacher_cuda_graph and not compile:
+            raise ValueError("teacher_cuda_graph replays the compiled teacher graph: it needs compile=True")
         self.student, self.teacher = student, teacher
+        self.teacher_cuda_graph = teacher_cuda_graph
         self.lam, self.guided_step_interval = lam, guided_step_interval
         if guided_step_counter not in ("run", "epoch"):
             raise ValueError(f"guided_step_counter must be 'run' or 'epoch'; got {guided_step_counter!r}")
@@ -130,8 +140,11 @@ class TrainStep:
                 raise ValueError("the step needs a teacher model or its frozen outputs")
             key = ("teacher", explain)
             if key not in self._fns:
+                if self.teacher_cuda_graph and images.device.type != "cuda":
+                    raise ValueError(f"teacher_cuda_graph needs CUDA images; got {images.device.type} ones")
                 eager = self._teacher_graph(explain)
-                self._fns[key] = (self._compiled(eager, images.device.type), eager)
+                compiled = self._compiled(eager, images.device.type)
+                self._fns[key] = (CapturedInference(compiled) if self.teacher_cuda_graph else compiled, eager)
             frozen = self._run(key, f"teacher {kind}", images)
         key = ("student", explain)
         if key not in self._fns:
@@ -226,6 +239,47 @@ class CompileWatch:
         if records:
             self._last = records[-1]
         return records[start:]
+
+
+class CapturedInference:
+    """A compiled inference function of one CUDA batch tensor, replayed as a CUDA graph.
+
+    The first call runs ``fn`` as it is (it compiles, and cuDNN picks its algorithms); the second
+    records its kernels into a `torch.cuda.CUDAGraph` reading a static copy of the batch; every call
+    from then on copies the batch into that copy, replays the graph and returns clones of its
+    outputs (the next replay overwrites the graph's own). For what never changes between calls but
+    the batch's values: its shape and strides (full batches only) and the weights (a frozen teacher).
+
+    Args:
+        fn: images [N, ...] on CUDA → a `TeacherOutputs` (tensors or None in its fields).
+    """
+
+    def __init__(self, fn: Callable[[Tensor], TeacherOutputs]) -> None:
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_images: Tensor | None = None
+        self.static_outputs: TeacherOutputs | None = None
+        self.calls = 0
+
+    def __call__(self, images: Tensor) -> TeacherOutputs:
+        self.calls += 1
+        if self.calls == 1:
+            return self.fn(images)
+        if self.graph is None:
+            self.static_images = images.clone(memory_format=torch.preserve_format)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run: the replay below runs it
+                self.static_outputs = self.fn(self.static_images)
+        if images.shape != self.static_images.shape or images.stride() != self.static_images.stride():
+            raise ValueError(
+                f"a captured graph replays one batch layout: {tuple(self.static_images.shape)} with strides "
+                f"{self.static_images.stride()}, got {tuple(images.shape)} with {images.stride()}"
+            )
+        self.static_images.copy_(images)
+        self.graph.replay()
+        out = self.static_outputs
+        cloned = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        return dataclasses.replace(out, **{k: v.clone() for k, v in cloned.items() if v is not None})
 
 
 def _compilation_records() -> list[Any]:
