@@ -32,12 +32,12 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q tests -m requires_cuda
 
-# The test-only packages the GPU machine's image lacks, as wheels for Python 3.12, into .whl/ (ignored):
-# carry .whl along to that machine, and bench/gpu_session.sh installs them beside its packages.
-GPU_WHEELS := $(shell grep -E '^(bcos|dcor)==' requirements-ci.txt)
-gpu-wheels: $(STAMP)
-	$(PY) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
-		--implementation cp --platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
+# The official B-cos package, the tests' oracle, which the GPU machine's image lacks, as a wheel in
+# .whl/ (ignored): carry .whl along to that machine, and bench/gpu_session.sh installs it for the tests.
+GPU_WHEELS := $(shell grep -E '^bcos==' requirements-ci.txt)
+gpu-wheels:
+	rm -rf .whl
+	python3 -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: -d .whl $(GPU_WHEELS)
 	ls .whl
 
 lint: $(STAMP)

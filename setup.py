@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -39,25 +38,6 @@ def _write_build_config(cpp: bool, cuda: bool, reason: str) -> None:
     )
 
 
-def _pin_cuda_home() -> None:
-    """Sets CUDA_HOME to the toolkit when torch would guess a folder without its runtime library.
-
-    torch takes CUDA_HOME as the folder two levels above the first `nvcc` on PATH. Where that `nvcc`
-    is a wrapper script (/usr/local/bin/nvcc running the toolkit's), the guess is /usr/local, and
-    the link step fails for want of libcudart.
-    """
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not shutil.which("nvcc"):
-        return
-    guessed = Path(shutil.which("nvcc")).parent.parent
-    if any((guessed / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
-        return
-    for toolkit in (Path(shutil.which("nvcc")).resolve().parent.parent, Path("/usr/local/cuda")):
-        if (toolkit / "bin" / "nvcc").exists() and (toolkit / "lib64" / "libcudart.so").exists():
-            os.environ["CUDA_HOME"] = str(toolkit)
-            _say(f"CUDA_HOME={toolkit} (the nvcc on PATH is not inside a toolkit)")
-            return
-
-
 def _extensions() -> tuple[list, dict]:
     """Returns (ext_modules, cmdclass); records a skip reason when nothing is built."""
     if os.environ.get("E2KD_SKIP_EXT_BUILD") == "1":
@@ -66,7 +46,6 @@ def _extensions() -> tuple[list, dict]:
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     if not cpp_sources and not cuda_sources:
         return _skip("skipped: no sources in csrc/")
-    _pin_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -83,9 +62,9 @@ def _extensions() -> tuple[list, dict]:
         # The pip CUDA wheels carry headers (cusparse.h, ...) that a minimal toolkit lacks.
         site = Path(torch.__file__).parent.parent
         include_dirs = glob.glob(str(site / "nvidia" / "cu*" / "include"))
-        # No -std flag here or below: cpp_extension picks the C++ standard torch was built with. An
-        # extension built as C++20 against a C++17 torch (2.11) crashed whenever one of its input
-        # checks raised an error.
+        # No -std flag here or below: cpp_extension picks the C++ standard torch was built with, and
+        # the extension shares torch's C++ types (c10::Error, thrown by every input check) only when
+        # it is built for the same one.
         ext = cpp_extension.CUDAExtension(
             "e2kd_fast._C",
             cpp_sources + cuda_sources,

@@ -489,7 +489,7 @@ def _run_config(config, variants, args, device, env, run_id, log) -> list[dict[s
     setup = build_setup(config, device, frozen="e2kd-frozen" in variants)
     steps = {v: make_step(setup, v) for v in variants}
     first_step_s: dict[str, float] = {}
-    inductor: dict[str, dict[str, int | None]] = {}
+    inductor: dict[str, dict[str, Any]] = {}
     started, all_variants, skipped = time.perf_counter(), variants, []
     for v in all_variants:  # warm-up (and compilation) outside the rounds; the first step is timed on its own
         # A first step (compilation) can take minutes: one predicted to overrun the budget is left out,

@@ -49,7 +49,7 @@ CEILINGS: dict[str, dict[str, Any]] = {
         "bytes_per_s": 4.3e12,
         "flops_per_s": {"bfloat16": 790e12, "float16": 790e12},
         "source": {
-            "bytes_per_s": "measured: device-to-device copy of 8.6 GB on an H200 (4.22 TB/s for 1 GiB in "
+            "bytes_per_s": "measured: device-to-device copy on an H200 (4.22 TB/s for 1 GiB in "
             "bench/results/nvidia-h200-session.txt; `python -m bench.floor --measure-ceilings`)",
             "flops_per_s": "measured: 8192^3 bf16 matmul on an H200 (791 TFLOP/s in "
             "bench/results/nvidia-h200-session.txt; `python -m bench.floor --measure-ceilings`)",

@@ -20,7 +20,7 @@
 #   graphs     e2kd-live against e2kd-live-graphed (the teacher graph replayed as a CUDA graph),
 #              side by side from the warm cache                         graphs.log, graphs.jsonl
 #
-#   make gpu-wheels          # here, once: the tests' packages that the GPU image lacks, into .whl/
+#   make gpu-wheels          # here, once: the tests' bcos package, which the GPU image lacks, into .whl/
 #   OUT=/tmp/e2kd-gpu bash bench/gpu_session.sh      # there, with .whl carried along (ignored by git)
 #   OUT=/tmp/e2kd-dry bash bench/gpu_session.sh --dry-run   # CPU, tiny sizes: checks that it all runs
 #
@@ -98,13 +98,17 @@ else
   LOSS_SIZE=(--shapes real --models bcos_resnet18 --repeats 20)
 fi
 say "gpu_session: $([ $DRY = 1 ] && echo 'dry run, CPU' || echo CUDA), budget ${BUDGET_S} s, commit $(git rev-parse HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
-# Wheels carried to a machine that cannot download (`make gpu-wheels`): the official B-cos package
-# that the tests compare against, installed beside the image's packages, never over them.
+# Wheels carried to a machine that cannot download (`make gpu-wheels`): the official B-cos package,
+# which test modules import at collection (none of their tests needs CUDA, but a module that fails
+# to collect fails the tests part). Installed into a folder of its own, after the image's packages.
 if [ $DRY = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
   WHEEL_SITE=${TMPDIR:-/tmp}/e2kd-wheels
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WHEEL_SITE" .whl/*.whl &&
-    export PYTHONPATH="$PYTHONPATH:$WHEEL_SITE" &&
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$WHEEL_SITE" .whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:$WHEEL_SITE"
     say "wheels: $(cd .whl && echo *.whl) installed for the tests"
+  else
+    say "wheels: installing .whl/*.whl failed; modules that import them will not collect"
+  fi
 fi
 
 part env "${LIMIT_ENV:-$((30 * SCALE))}" bash -c '
@@ -123,7 +127,7 @@ if [ $DRY = 1 ]; then
   say "build: skipped: the dry run uses the extension \`make venv\` built (sm_90 needs nvcc and a GPU run)"
 else
   part build "${LIMIT_BUILD:-$((140 * SCALE))}" bash -c '
-    $0 -c "import e2kd_fast._C" 2>/dev/null && { echo "extension already built"; exit 0; }
+    $0 -c "import torch, e2kd_fast._C" 2>/dev/null && { echo "extension already built"; exit 0; }
     time E2KD_REQUIRE_EXT=1 $0 -m pip install --no-deps --no-build-isolation -q -e . &&
       $0 -c "from e2kd_fast._ext import build_config, load_extension as l; print(build_config(), l() is not None)"
   ' "$PY"
