@@ -343,8 +343,8 @@ def inductor_metrics():
     ``bytes`` (`num_bytes_accessed`: each scheduled kernel's buffer reads and writes, summed; Inductor
     computes it only while its ``inductor_metrics`` log is enabled at INFO, which this does with a
     silent handler), and ``phases``: the seconds the block spent in each of the compiler's timed
-    phases (`torch._dynamo.utils.compilation_time_metrics`; they nest, so they do not add up), the
-    longest first, those of at least 0.5 s. Kernels and bytes are counted at compile time: a block
+    phases (`torch._dynamo.utils.compilation_time_metrics`; they nest, so they do not add up), those
+    of at least 0.5 s. Kernels and bytes are counted at compile time: a block
     that compiles nothing counts 0, and a hit in Inductor's FX-graph cache replays the counts stored
     with the cached graph.
     """
@@ -371,9 +371,7 @@ def inductor_metrics():
         counted["kernels"] = metrics.generated_kernel_count
         counted["bytes"] = metrics.num_bytes_accessed or None
         spent = {name: total - before.get(name, 0.0) for name, total in phase_totals().items()}
-        counted["phases"] = {
-            name: round(seconds, 2) for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]) if seconds >= 0.5
-        }
+        counted["phases"] = {name: round(seconds, 2) for name, seconds in spent.items() if seconds >= 0.5}
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]

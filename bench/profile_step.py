@@ -88,17 +88,17 @@ def top_kernels(prof: torch.profiler.profile, device_type: str, top: int, steps:
         for e in events[:top]
     ]
     header = f"per step: {total / steps / 1e3:.2f} ms of self {device_type} time in {len(events)} distinct events"
+
+    def share(times: list[float]) -> str:  # self times in µs, summed over the profiled steps
+        return f"{sum(times) / steps / 1e3:.2f} ms ({100 * sum(times) / total:.0f} %, {len(times)} kernels)"
+
     kinds: dict[str, list[float]] = {}
     for e in events:
-        kinds.setdefault(kernel_kind(e.key), []).append(getattr(e, attr) / steps / 1e3)
-    by_kind = "; ".join(
-        f"{kind} {sum(ms):.2f} ms ({100 * sum(ms) * steps * 1e3 / total:.0f} %, {len(ms)} kernels)"
-        for kind, ms in sorted(kinds.items(), key=lambda kv: -sum(kv[1]))
-    )
-    small = [getattr(e, attr) for e in events if getattr(e, attr) < 0.01 * total]
-    tail = f"{len(small)} kernels under 1 % each: {sum(small) / steps / 1e3:.2f} ms ({100 * sum(small) / total:.0f} %)"
+        kinds.setdefault(kernel_kind(e.key), []).append(getattr(e, attr))
+    by_kind = "; ".join(f"{kind} {share(t)}" for kind, t in sorted(kinds.items(), key=lambda kv: -sum(kv[1])))
+    tail = share([getattr(e, attr) for e in events if getattr(e, attr) < 0.01 * total])
     table = common.markdown_table(["kernel", "calls/step", "ms/step", "share"], rows)
-    return f"{header}\nby kind: {by_kind}\n{tail}\n\n{table}"
+    return f"{header}\nby kind: {by_kind}\nunder 1 % each: {tail}\n\n{table}"
 
 
 # Name fragments of the kernels of cuDNN, CUTLASS and cuBLAS, and of the CPU's convolution and matrix

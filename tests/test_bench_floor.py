@@ -151,8 +151,7 @@ def test_inductor_metrics_count_kernels_and_bytes():
     with bench_step.inductor_metrics() as counted:
         fn(x)
     assert counted["kernels"] >= 1 and counted["bytes"] >= x.numel() * 4
-    phases = list(counted["phases"].values())  # the compiler's timed phases, the longest first
-    assert all(t >= 0.5 for t in phases) and phases == sorted(phases, reverse=True)
+    assert all(t >= 0.5 for t in counted["phases"].values())  # the compiler's timed phases of 0.5 s and more
     with bench_step.inductor_metrics() as again:
         fn(x)  # compiled already: nothing generated
     assert again["kernels"] == 0 and again["bytes"] is None and again["phases"] == {}
@@ -236,7 +235,7 @@ def test_profile_step_prints_top_kernels(capsys):
     assert profile_step.main([*argv, "--warmup", "1", "--steps", "1", "--top", "5"]) == 0
     out = capsys.readouterr().out
     assert "| kernel | calls/step | ms/step | share |" in out and "self cpu time" in out
-    assert "by kind: " in out and "kernels under 1 % each" in out
+    assert "by kind: " in out and "under 1 % each: " in out
     assert profile_step.kernel_kind("triton_per_fused_add_0") == "generated"
     assert profile_step.kernel_kind("sm90_xmma_dgrad_implicit_gemm_bf16") == "conv/matmul library"
     assert profile_step.kernel_kind("_conv_gemm_kernel") == "other"  # this project's Triton kernel
