@@ -525,6 +525,13 @@ register_sweep(BcosResNet)((_resnet_fwd, _resnet_adj))
 def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape, fold_head: bool) -> Tensor:
     if m.drop_rate > 0 and m.training:
         raise NotImplementedError("the sweep does not support dropout in dense layers during training")
+    if fold_head and _head_runs_as_op(m):
+        out, scale, folded = ops.bcos_dense_head(
+            features, m.norm1.running_var, m.norm1.weight, m.norm1.eps, m.conv1.linear.weight, float(m.conv1.b)
+        )
+        tape.append(folded)  # [bn_size·growth, C_in], as the fold below
+        tape.append(scale)
+        return _dense_tail_fwd(m, out, tape)
     out = torch.cat(features, 1)
     # The bottleneck half reads the growing concatenation, a new shape in every layer; the rest has
     # one shape per dense block and is a compile region.
@@ -536,6 +543,14 @@ def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape, fold_hea
         tape.append(w_hat.flatten(1) * norm_scale.flatten(1))  # [bn_size·growth, C_in]
         tape.append(scale)
     return _dense_tail_fwd(m, out, tape)
+
+
+def _head_runs_as_op(m: DenseLayer) -> bool:
+    """Whether a foldable head runs as the one op ``e2kd::bcos_dense_head``: in a sweep that carries
+    no gradient (a teacher's), with the norm on its running variance and without a shift. Inline,
+    Inductor compiles every head for its own channel count; as the op, no head compiles."""
+    norm = m.norm1
+    return not torch.is_grad_enabled() and not norm.training and norm.running_var is not None and norm.bias is None
 
 
 def _folds_heads(m: DenseBlock, device_type: str) -> bool:

@@ -16,6 +16,7 @@ The constants (1e-6, 1e-12) and the order of operations follow the official `bco
 so that float64 results agree to rounding. Each registered ``e2kd::`` layer op has its maths here:
 ``bcos_conv2d`` ↔ `bcos_conv2d_parts`, ``bcos_linear`` ↔ `bcos_linear_parts`, ``patch_norm`` ↔
 `patch_norm`, ``scaled_conv_adjoint`` ↔ `scaled_conv_adjoint` (the sweep's step through a conv),
+``bcos_dense_head`` ↔ `bcos_dense_head` (the sweep's taped step through a dense layer's head),
 ``contribution_map`` ↔ `contribution_map`.
 """
 
@@ -289,6 +290,33 @@ def bcos_conv2d(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1,
     """A B-cos conv: [N, C, H, W] → [N, O, H_out, W_out]; ``conv`` holds stride/padding/dilation/groups."""
     linear, scale = bcos_conv2d_parts(x, weight, b, max_out_units, **conv)
     return linear if scale is None else scale * linear
+
+
+def bcos_dense_head(
+    features: list[Tensor], running_var: Tensor, norm_weight: Tensor | None, eps: float, weight: Tensor, b: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The head of a dense layer in eval mode: an uncentred batch norm over the concatenation of the
+    features, with its running variance, then a 1×1 B-cos conv (stride 1, one group, B > 1).
+
+        a = γ / sqrt(running_var + eps),   y = a ⊙ cat(features),   (linear, scale) = the conv's parts on y
+
+    Args:
+        features: [N, C_i, H, W] maps; their concatenation has C = Σ C_i channels.
+        running_var, norm_weight: [C] (``norm_weight`` None: γ = 1).
+        weight: [K, C, 1, 1] the conv's raw weight; b: its exponent.
+
+    Returns:
+        (scale · linear, scale), both [N, K, H, W], and the matrix the head's adjoint applies,
+        ŵ·diag(a) [K, C].
+    """
+    norm_scale = (running_var + eps).rsqrt()
+    if norm_weight is not None:
+        norm_scale = norm_weight * norm_scale
+    x = norm_scale[:, None, None] * torch.cat(features, 1)
+    w_hat = unit_norm_weight(weight)
+    linear = conv_linear(x, w_hat)
+    scale = conv_dynamic_scale(linear, x, 1, b)
+    return scale * linear, scale, w_hat.flatten(1) * norm_scale
 
 
 def bcos_linear_parts(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1) -> tuple[Tensor, Tensor | None]:
