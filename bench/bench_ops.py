@@ -1,6 +1,7 @@
 """The `ops` suite: every B-cos layer and loss term over real layer shapes, per provider and mode.
 
-Ops: ``bcos_conv2d`` (`e2kd_fast.nn.BcosConv2d`), ``bcos_linear`` (`BcosLinear`), ``kd_kl`` and
+Ops: ``bcos_conv2d`` (`e2kd_fast.nn.BcosConv2d`), ``bcos_linear`` (`BcosLinear`), ``bcos_dense_head``
+(a dense layer's norm and 1×1 B-cos conv in eval mode, as a teacher's sweep runs them), ``kd_kl`` and
 ``explanation_cosine_loss`` (`e2kd_fast.reference.losses`), ``distill_loss`` (the whole e²KD loss,
 `e2kd_fast.ops.distill_loss`) and ``contribution_map`` (`e2kd_fast.explain.contribution_map`). The
 rows of the ``e2kd::`` ops are named by their stems (``e2kd_fast/ops/<stem>.py``). Modes:
@@ -10,6 +11,10 @@ rows of the ``e2kd::`` ops are named by their stems (``e2kd_fast/ops/<stem>.py``
 - ``exp``: the explanation path, a ``create_graph`` backward to the input in explanation mode;
 - ``exp_bwd``: the backward *of* the explanation path (second order), to the input and the weight,
   outside explanation mode, as the final ``loss.backward()`` of an e²KD step runs it.
+
+``bcos_dense_head`` has the ``fwd`` mode only, without gradients (a teacher's): the reference runs the
+layer's modules on the concatenation of two feature maps (the block's earlier channels and the
+newest 32), ``fast`` the op ``e2kd::bcos_dense_head`` that the teacher's sweep calls.
 
 Providers are a table (`PROVIDERS`): ``reference-eager``, ``reference-compiled`` (``torch.compile``
 of the same module or function: the honest baseline) and ``fast`` (the registered ``e2kd::`` ops,
@@ -41,7 +46,15 @@ LAYER_MODES = ("fwd", "bwd", "exp", "exp_bwd")
 LOSS_MODES = ("fwd", "bwd")
 # distill_loss adds train: forward and backward in one timed call (the fused loss moves work between them)
 FUSED_LOSS_MODES = ("fwd", "bwd", "train")
-OPS = ("bcos_conv2d", "bcos_linear", "kd_kl", "explanation_cosine_loss", "distill_loss", "contribution_map")
+OPS = (
+    "bcos_conv2d",
+    "bcos_linear",
+    "bcos_dense_head",
+    "kd_kl",
+    "explanation_cosine_loss",
+    "distill_loss",
+    "contribution_map",
+)
 LOSS_TAU, LOSS_LAM = 4.0, 1.0  # distill_loss: τ and λ (speed does not depend on them)
 
 # Fast paths: op name → factory(reference callable) → fast callable with the same signature. An op
@@ -71,6 +84,7 @@ def _with_fast_backend(op_name: str) -> Callable[[Callable[..., Tensor]], Callab
 
 
 FAST_PATHS["bcos_conv2d"] = _with_fast_backend("e2kd::bcos_conv2d")
+FAST_PATHS["bcos_dense_head"] = lambda head: head.as_op
 FAST_PATHS["contribution_map"] = _with_fast_backend("e2kd::contribution_map")
 
 
@@ -170,6 +184,8 @@ class OpShape:
                 f"N{self.batch} C{self.in_channels}→{self.out_channels} {self.height}×{self.width} "
                 f"k{self.kernel} s{self.stride} p{self.padding}" + (f" g{self.groups}" if self.groups > 1 else "")
             )
+        if self.op == "bcos_dense_head":
+            return f"N{self.batch} C{self.in_channels}→{self.out_channels} {self.height}×{self.width}"
         if self.op == "bcos_linear":
             return f"{self.batch}×{self.height} tok, {self.in_channels}→{self.out_channels}"
         if self.op == "distill_loss":
@@ -258,6 +274,28 @@ def trace_layer_shapes(model_name: str, resolution: int = 224, distinct: bool = 
     return list(dict.fromkeys(found)) if distinct else found
 
 
+def trace_dense_head_shapes(model_name: str, resolution: int = 224) -> list[tuple[int, int, int, int, float]]:
+    """``(C_in, H, W, C_out, b)`` of every dense layer's head in ``model_name`` (none outside DenseNets)."""
+    from e2kd_fast import create_model
+    from e2kd_fast.models.bcos_densenet import DenseLayer
+
+    model = create_model(model_name).eval()
+    found: list[tuple[int, int, int, int, float]] = []
+
+    def hook(layer: DenseLayer, inputs: tuple, _out: Tensor) -> None:
+        features = inputs[0]
+        _, _, h, w = features[0].shape
+        channels = sum(f.shape[1] for f in features)
+        found.append((channels, h, w, layer.conv1.out_channels, float(layer.conv1.b)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DenseLayer)]
+    with torch.no_grad():
+        model(torch.zeros(1, 6, resolution, resolution))
+    for h in handles:
+        h.remove()
+    return list(dict.fromkeys(found))
+
+
 def real_shapes(models: list[str], batch: int, loss_batch: int) -> list[OpShape]:
     """Conv shapes of ``models`` at 224² and linear shapes of ViT-Ti, deduplicated; losses at ``loss_batch``."""
     shapes: dict[OpShape, list[str]] = {}
@@ -273,6 +311,8 @@ def real_shapes(models: list[str], batch: int, loss_batch: int) -> list[OpShape]
             else:
                 _, tokens, fin, fout, b, mo = t
                 add(OpShape("bcos_linear", batch, fin, fout, tokens, 1, b=b, max_out=mo), name)
+        for c, h, w, o, b in trace_dense_head_shapes(name):
+            add(OpShape("bcos_dense_head", batch, c, o, h, w, b=b), name)
     out = [OpShape(**{**asdict(s), "source": "+".join(sorted(set(m)))}) for s, m in shapes.items()]
     out.append(OpShape("kd_kl", loss_batch, 1000, source="loss"))
     out.append(OpShape("explanation_cosine_loss", loss_batch, 6, height=224, width=224, source="loss"))
@@ -289,6 +329,7 @@ def small_shapes() -> list[OpShape]:
         OpShape("bcos_conv2d", 2, 16, 32, 32, 32, 3, 2, 1, source="small"),
         OpShape("bcos_conv2d", 2, 32, 64, 16, 16, 1, 1, 0, source="small"),
         OpShape("bcos_linear", 2, 64, 192, 16, 1, source="small"),
+        OpShape("bcos_dense_head", 2, 96, 128, 16, 16, source="small"),
         OpShape("kd_kl", 16, 100, source="small"),
         OpShape("explanation_cosine_loss", 16, 6, height=32, width=32, source="small"),
         OpShape("contribution_map", 16, 6, height=32, width=32, source="small"),
@@ -299,6 +340,34 @@ def small_shapes() -> list[OpShape]:
 # --------------------------------------------------------------------------------------------------
 # Cases: the reference callable, its inputs, and one callable per mode
 # --------------------------------------------------------------------------------------------------
+
+
+DENSE_GROWTH = 32  # the channels of a dense layer's output: the newest of its head's input maps
+
+
+class DenseHead(nn.Module):
+    """A dense layer's head in eval mode without gradients: its norm and 1×1 B-cos conv on the
+    concatenation of two feature maps, inline (``forward``) or as the op (``as_op``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, b: float) -> None:
+        super().__init__()
+        from e2kd_fast.nn import BatchNormUncentered2d, BcosConv2d
+
+        self.norm1 = BatchNormUncentered2d(in_channels)
+        self.conv1 = BcosConv2d(in_channels, out_channels, 1, b=b)
+        with torch.no_grad():
+            self.norm1.running_var.uniform_(0.5, 2.0)
+        self.eval().requires_grad_(False)
+
+    def forward(self, earlier: Tensor, latest: Tensor) -> Tensor:
+        return self.conv1(self.norm1(torch.cat([earlier, latest], 1)))
+
+    def as_op(self, earlier: Tensor, latest: Tensor) -> Tensor:
+        from e2kd_fast import ops
+
+        norm, conv = self.norm1, self.conv1
+        features = [earlier, latest]
+        return ops.bcos_dense_head(features, norm.running_var, norm.weight, norm.eps, conv.linear.weight, conv.b)[0]
 
 
 @dataclass
@@ -342,6 +411,15 @@ def build_reference(
         layer = layer.to(device=device, dtype=dtype)
         x = rand(shape.batch, shape.height, shape.in_channels)
         return layer, layer, (x,), (layer.linear.weight,)
+    if shape.op == "bcos_dense_head":
+        head = DenseHead(shape.in_channels, shape.out_channels, shape.b).to(device=device, dtype=dtype)
+        newest = min(DENSE_GROWTH, shape.in_channels - 1)
+        size = (shape.batch, shape.height, shape.width)
+        earlier, latest = (
+            rand(size[0], shape.in_channels - newest, *size[1:], grad=False),
+            rand(size[0], newest, *size[1:], grad=False),
+        )
+        return None, head, (earlier, latest), ()
     if shape.op == "kd_kl":
         zs, zt = rand(shape.batch, shape.in_channels), rand(shape.batch, shape.in_channels, grad=False)
         return None, lambda s, t: kd_kl(s, t, 1.0), (zs, zt), ()
@@ -460,6 +538,7 @@ def run(
     records: list[dict[str, Any]] = []
     for shape in shapes:
         kind = LAYER_MODES if shape.op.startswith("bcos_") else LOSS_MODES
+        kind = ("fwd",) if shape.op == "bcos_dense_head" else kind
         shape_modes = [m for m in modes if m in (FUSED_LOSS_MODES if shape.op == "distill_loss" else kind)]
         for mode in shape_modes:
             config = {**shape.config(dtype_name), "mode": mode, "shapes": shape_set}
