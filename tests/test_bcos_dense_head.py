@@ -93,3 +93,7 @@ def test_teacher_sweep_runs_each_head_as_the_op_and_equals_autograd(name, monkey
     student = create_model(name, num_classes=4).eval()
     dynamic_weights(student, x6, None, algorithm="sweep")
     assert not calls
+    monkeypatch.setattr(sweep, "dense_heads_as_op", False)  # inline, as before the op
+    with torch.no_grad():
+        inline = dynamic_weights(teacher, x6, None, algorithm="sweep")
+    assert not calls and rel_err(inline, expected) < 1e-10
