@@ -14,12 +14,8 @@ from e2kd_fast import AddInverse, create_model, dynamic_weights, ops
 from e2kd_fast.explain import sweep
 from e2kd_fast.models.bcos_densenet import DenseLayer
 from e2kd_fast.nn import BcosConv2d, make_norm2d
-from e2kd_fast.ops import backends
-from e2kd_fast.reference import bcos as reference
 from e2kd_fast.reference.bcos import unit_norm_weight
 from tests.helpers import randomize_norms, rel_err
-
-CPU_BACKENDS = backends.candidates("e2kd::bcos_dense_head", "cpu")
 
 
 def _layer(channels: int, b: float = 2.0) -> DenseLayer:
@@ -101,77 +97,3 @@ def test_teacher_sweep_runs_each_head_as_the_op_and_equals_autograd(name, monkey
     with torch.no_grad():
         inline = dynamic_weights(teacher, x6, None, algorithm="sweep")
     assert not calls and rel_err(inline, expected) < 1e-10
-
-
-def _head_inputs(dtype, layout, magnitude=1.0, b=2.0, sizes=(5, 3, 4), spatial=(6, 7)):
-    gen = torch.Generator().manual_seed(11)
-    features = [
-        (magnitude * torch.randn(3, c, *spatial, generator=gen, dtype=dtype)).contiguous(memory_format=layout)
-        for c in sizes
-    ]
-    channels = sum(sizes)
-    var = torch.rand(channels, generator=gen, dtype=dtype) + 0.5
-    gamma = torch.randn(channels, generator=gen, dtype=dtype)
-    weight = torch.randn(8, channels, 1, 1, generator=gen, dtype=dtype)
-    return features, var, gamma, 1e-5, weight, b
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
-@pytest.mark.parametrize("b", [2.0, 1.5])
-def test_every_back_end_equals_the_reference(backend, dtype, channels_last, b):
-    """Each CPU back end against the float64 reference, within its dtype's rounding; outputs in the
-    features' memory format."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    args = _head_inputs(dtype, layout, b=b)
-    with backends.use_backend(backend):
-        got = ops.bcos_dense_head(*args)
-    wide = [[f.double() for f in args[0]], *(a.double() if torch.is_tensor(a) else a for a in args[1:])]
-    expected = reference.bcos_dense_head(*wide)
-    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
-    for g, e in zip(got, expected, strict=True):
-        assert g.dtype == dtype
-        torch.testing.assert_close(g.double(), e, **tol)
-    assert got[0].is_contiguous(memory_format=layout) and got[1].is_contiguous(memory_format=layout)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_every_back_end_takes_strided_and_single_pixel_features(backend):
-    """Feature maps that are channel slices of a wider tensor, and 1×1 maps."""
-    for spatial in ((5, 4), (1, 1)):
-        features, var, gamma, eps, weight, b = _head_inputs(torch.float64, torch.contiguous_format, spatial=spatial)
-        wide = torch.randn(3, 9, *spatial, dtype=torch.float64)
-        features = [wide[:, 2:7], *features[1:]]
-        with backends.use_backend(backend):
-            got = ops.bcos_dense_head(features, var, gamma, eps, weight, b)
-        expected = reference.bcos_dense_head(features, var, gamma, eps, weight, b)
-        for g, e in zip(got, expected, strict=True):
-            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("magnitude", [0.0, 1e-150, 1e150])
-def test_every_back_end_at_edge_magnitudes(backend, magnitude):
-    """Zero, tiny and huge features: finite, and as the reference (zero: a zero output and scale)."""
-    args = _head_inputs(torch.float64, torch.contiguous_format, magnitude=magnitude)
-    with backends.use_backend(backend):
-        got = ops.bcos_dense_head(*args)
-    for g, e in zip(got, reference.bcos_dense_head(*args), strict=True):
-        assert torch.isfinite(g).all()
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=0.0)
-
-
-@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ extension is not built")
-def test_cpp_kernel_rejects_bad_input_with_a_clear_error():
-    features, var, gamma, eps, weight, b = _head_inputs(torch.float64, torch.contiguous_format)
-    kernel = torch.ops.e2kd_cpp.bcos_dense_head
-    a, w_hat = var.rsqrt(), unit_norm_weight(weight)
-    with pytest.raises(RuntimeError, match="share N, H and W"):
-        kernel([features[0], features[1][:, :, :3]], a, w_hat, b)
-    with pytest.raises(RuntimeError, match=r"norm_scale must be \[12\]"):
-        kernel(features, a[:5], w_hat, b)
-    with pytest.raises(RuntimeError, match=r"w_hat must be \[K, 12, 1, 1\]"):
-        kernel(features, a, w_hat[:, :5], b)
-    with pytest.raises(RuntimeError, match="b must be > 1"):
-        kernel(features, a, w_hat, 1.0)

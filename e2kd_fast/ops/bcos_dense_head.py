@@ -8,10 +8,8 @@ features, the 1×1 B-cos conv after it, and the matrix ŵ·diag(a) the head's ad
 The op exists for the compiler. Inline, every head is compiled for its own channel count (each
 dense layer reads one more feature map than the one before), two generated kernels per layer, 82
 in a DenseNet-169, each costing a second or more of code generation and build on two CPU cores.
-As one op, a head is an external call that no layer compiles. Back ends: the reference and ``cpp``
-on the CPU (``csrc/cpu/bcos_dense_head.cpp``: the scaled concatenation and its channel sum of
-squares in one pass over the features, ATen's conv, then scale and output in one pass). The backward
-is the reference's own derivative (`torch.func.vjp`), differentiable again.
+As one op, a head is an external call that no layer compiles. The reference is its only back end;
+the backward is the reference's own derivative (`torch.func.vjp`), differentiable again.
 """
 
 from __future__ import annotations
@@ -106,23 +104,6 @@ def _dense_head_inputs() -> list[tuple]:
 
 
 register_op_test(bcos_dense_head, _dense_head_inputs, reference.bcos_dense_head)
-
-
-def _cpp_kernel_loaded() -> bool:
-    return hasattr(torch.ops.e2kd_cpp, "bcos_dense_head")
-
-
-@backends.register("e2kd::bcos_dense_head", "cpp", ("cpu",), available=_cpp_kernel_loaded)
-def bcos_dense_head_cpp(
-    features: list[Tensor], running_var: Tensor, norm_weight: Tensor | None, eps: float, weight: Tensor, b: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`bcos_dense_head` with the activations in ``e2kd_cpp::bcos_dense_head``; the weights' small
-    factors (a, ŵ and their fold) are the reference's."""
-    norm_scale = reference.uncentred_norm_scale(running_var, norm_weight, eps)
-    w_hat = reference.unit_norm_weight(weight)
-    dtype = features[0].dtype
-    out, scale = torch.ops.e2kd_cpp.bcos_dense_head(features, norm_scale.to(dtype), w_hat.to(dtype), b)
-    return out, scale, reference.folded_head_weight(w_hat, norm_scale).contiguous()
 
 
 __all__ = ["bcos_dense_head"]

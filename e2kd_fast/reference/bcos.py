@@ -309,23 +309,14 @@ def bcos_dense_head(
         (scale · linear, scale), both [N, K, H, W], and the matrix the head's adjoint applies,
         ŵ·diag(a) [K, C].
     """
-    norm_scale = uncentred_norm_scale(running_var, norm_weight, eps)
+    norm_scale = (running_var + eps).rsqrt()
+    if norm_weight is not None:
+        norm_scale = norm_weight * norm_scale
     x = norm_scale[:, None, None] * torch.cat(features, 1)
     w_hat = unit_norm_weight(weight)
     linear = conv_linear(x, w_hat)
     scale = conv_dynamic_scale(linear, x, 1, b)
-    return scale * linear, scale, folded_head_weight(w_hat, norm_scale)
-
-
-def uncentred_norm_scale(running_var: Tensor, norm_weight: Tensor | None, eps: float) -> Tensor:
-    """a = γ / sqrt(running_var + eps) [C]: an uncentred batch norm in eval mode is y = a ⊙ x."""
-    norm_scale = (running_var + eps).rsqrt()
-    return norm_scale if norm_weight is None else norm_weight * norm_scale
-
-
-def folded_head_weight(w_hat: Tensor, norm_scale: Tensor) -> Tensor:
-    """ŵ·diag(a) [K, C] for ŵ [K, C, 1, 1] and a [C]: the matrix a dense head's adjoint applies."""
-    return w_hat.flatten(1) * norm_scale
+    return scale * linear, scale, w_hat.flatten(1) * norm_scale
 
 
 def bcos_linear_parts(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1) -> tuple[Tensor, Tensor | None]:
