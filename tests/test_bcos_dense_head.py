@@ -57,6 +57,20 @@ def test_dense_head_edge_magnitudes():
         torch.testing.assert_close(out, layer.conv1(layer.norm1(features[0])), rtol=1e-12, atol=0.0)
 
 
+def test_dense_head_rejects_bad_input_with_a_clear_error():
+    layer = _layer(5)
+    features = [torch.randn(1, 3, 4, 4, dtype=torch.float64), torch.randn(1, 2, 4, 4, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="sharing N, H and W"):
+        _head(layer, [features[0], features[1][:, :, :3]])
+    with pytest.raises(ValueError, match=r"must be \[K, 4, 1, 1\] for features of 4 channels"):
+        _head(layer, [features[0], features[1][:, :1]])
+    norm, conv = layer.norm1, layer.conv1
+    with pytest.raises(ValueError, match="running variance and weight must be"):
+        ops.bcos_dense_head(features, norm.running_var[:4], norm.weight, norm.eps, conv.linear.weight, 2.0)
+    with pytest.raises(ValueError, match="B = 1 has no scale"):
+        ops.bcos_dense_head(features, norm.running_var, norm.weight, norm.eps, conv.linear.weight, 1.0)
+
+
 def test_dense_head_gradients_reach_every_feature_map():
     """gradcheck and gradgradcheck with the feature maps (a list argument) among the inputs."""
     gen = torch.Generator().manual_seed(3)

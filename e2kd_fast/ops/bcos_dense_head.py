@@ -32,6 +32,7 @@ def bcos_dense_head(
     features [N, C_i, H, W] (C = Σ C_i), running_var and norm_weight [C], weight [K, C, 1, 1] raw,
     B > 1 → [N, K, H, W] twice, in the memory format of ``features[0]``, and [K, C] contiguous.
     """
+    _check_inputs(features, running_var, norm_weight, weight, b)
     impl = backends.implementation("e2kd::bcos_dense_head", features[0].device.type)
     return impl(features, running_var, norm_weight, eps, weight, b)
 
@@ -46,8 +47,13 @@ def bcos_dense_head_ref(
     return out.contiguous(memory_format=fmt), scale.contiguous(memory_format=fmt), folded.contiguous()
 
 
-@bcos_dense_head.register_fake
-def _(features, running_var, norm_weight, eps, weight, b):
+def _check_inputs(features, running_var, norm_weight, weight, b) -> int:
+    """The concatenation's channel count C, after checking the shapes against it and B."""
+    if not features or any(
+        f.dim() != 4 or f.shape[2:] != features[0].shape[2:] or len(f) != len(features[0]) for f in features
+    ):
+        shapes = [tuple(f.shape) for f in features]
+        raise ValueError(f"bcos_dense_head: the features must be [N, C_i, H, W] sharing N, H and W, got {shapes}")
     channels = sum(f.shape[1] for f in features)
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (channels, 1, 1):
         raise ValueError(
@@ -58,6 +64,12 @@ def _(features, running_var, norm_weight, eps, weight, b):
         raise ValueError(f"bcos_dense_head: the norm's running variance and weight must be [{channels}]")
     if b == 1:
         raise ValueError("bcos_dense_head: B = 1 has no scale; call the conv itself")
+    return channels
+
+
+@bcos_dense_head.register_fake
+def _(features, running_var, norm_weight, eps, weight, b):
+    channels = _check_inputs(features, running_var, norm_weight, weight, b)
     n, _, h, w = features[0].shape
     shape = (n, weight.shape[0], h, w)
     return (
