@@ -41,8 +41,9 @@ def test_dense_head_equals_the_layer_modules(b, channels_last):
     torch.testing.assert_close(out, layer.conv1(y), rtol=1e-12, atol=1e-14)
     linear = torch.nn.functional.conv2d(y, unit_norm_weight(layer.conv1.linear.weight))
     torch.testing.assert_close(scale * linear, out, rtol=1e-12, atol=1e-14)
-    norm_scale = layer.norm1.weight / (layer.norm1.running_var + layer.norm1.eps).sqrt()
-    torch.testing.assert_close(folded, unit_norm_weight(layer.conv1.linear.weight).flatten(1) * norm_scale)
+    inv_std = layer.norm1.normalise(torch.cat(features, 1))[1].flatten()  # the norm's own 1/σ
+    expected = unit_norm_weight(layer.conv1.linear.weight)[:, :, 0, 0] * (layer.norm1.weight * inv_std)
+    torch.testing.assert_close(folded, expected, rtol=1e-12, atol=1e-14)
     assert out.is_contiguous(memory_format=layout) and scale.is_contiguous(memory_format=layout)
 
 

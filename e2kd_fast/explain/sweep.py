@@ -51,6 +51,7 @@ from e2kd_fast.reference.bcos import (
     conv_dynamic_scale,
     conv_linear,
     dynamic_scale,
+    folded_head_weight,
     patch_norm_slow,
     scaled_conv_adjoint,
     unit_norm_weight,
@@ -539,8 +540,7 @@ def _dense_layer_fwd(m: DenseLayer, features: list[Tensor], tape: Tape, fold_hea
         out = taped_forward(child, out, tape)
     if fold_head:  # conv1's scale record and ŵ, norm1's scale → ŵ·diag(scale), scale
         scale, w_hat, norm_scale = tape.pop(), tape.pop(), tape.pop()
-        # In ŵ's own order, so that a compiled graph computes it in the loop that normalises ŵ.
-        tape.append(w_hat.flatten(1) * norm_scale.flatten(1))  # [bn_size·growth, C_in]
+        tape.append(folded_head_weight(w_hat, norm_scale))  # [bn_size·growth, C_in]
         tape.append(scale)
     return _dense_tail_fwd(m, out, tape)
 

@@ -49,8 +49,9 @@ def bcos_dense_head_ref(
 
 def _check_inputs(features, running_var, norm_weight, weight, b) -> int:
     """The concatenation's channel count C, after checking the shapes against it and B."""
-    if not features or any(
-        f.dim() != 4 or f.shape[2:] != features[0].shape[2:] or len(f) != len(features[0]) for f in features
+    first = features[0] if features else None
+    if first is None or any(
+        f.dim() != 4 or f.shape[0] != first.shape[0] or f.shape[2:] != first.shape[2:] for f in features
     ):
         shapes = [tuple(f.shape) for f in features]
         raise ValueError(f"bcos_dense_head: the features must be [N, C_i, H, W] sharing N, H and W, got {shapes}")

@@ -316,7 +316,15 @@ def bcos_dense_head(
     w_hat = unit_norm_weight(weight)
     linear = conv_linear(x, w_hat)
     scale = conv_dynamic_scale(linear, x, 1, b)
-    return scale * linear, scale, w_hat.flatten(1) * norm_scale
+    return scale * linear, scale, folded_head_weight(w_hat, norm_scale)
+
+
+def folded_head_weight(w_hat: Tensor, norm_scale: Tensor) -> Tensor:
+    """ŵ·diag(a): a 1×1 conv's unit-norm weight [K, C, 1, 1] with the per-channel scale a of the norm
+    before it ([C], or [1, C, 1, 1] as a norm records it) folded in → [K, C], the matrix a dense
+    head's adjoint applies. In ŵ's own order, so that a compiled graph computes it in the loop that
+    normalises ŵ."""
+    return w_hat.flatten(1) * norm_scale.reshape(1, -1)
 
 
 def bcos_linear_parts(x: Tensor, weight: Tensor, b: float = 2, max_out_units: int = 1) -> tuple[Tensor, Tensor | None]:
