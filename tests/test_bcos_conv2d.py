@@ -1,4 +1,5 @@
-"""``e2kd::bcos_conv2d``, ``e2kd::patch_norm`` and ``e2kd::scaled_conv_adjoint``: their kernels
+"""``e2kd::bcos_conv2d``, ``e2kd::patch_norm``, ``e2kd::scaled_conv_adjoint``, ``e2kd::box_sum`` and
+``e2kd::avg_pool_adjoint``: their kernels
 (``kernels/bcos_conv2d.py``, ``csrc/{cpu,cuda}/bcos_conv2d.*``) and the ops under every back end against
 the reference maths, and the layers that route through them.
 
@@ -11,6 +12,7 @@ twice the reference's own low-precision error.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -19,8 +21,8 @@ import torch.nn.functional as F
 from e2kd_fast import ops
 from e2kd_fast.ops import backends
 from e2kd_fast.ops._common import empty_like_format, memory_format_of
-from e2kd_fast.ops.bcos_conv2d import reads_producer_sums
-from e2kd_fast.reference.bcos import channel_sums_of_squares, dynamic_scale, unit_norm_weight
+from e2kd_fast.ops.bcos_conv2d import pooling_as_ops, reads_producer_sums
+from e2kd_fast.reference.bcos import bcos_conv2d_parts, channel_sums_of_squares, dynamic_scale, unit_norm_weight
 from e2kd_fast.reference.bcos import patch_norm as patch_norm_reference
 
 # The fast back ends of the layer ops on CPU tensors here: Triton under TRITON_INTERPRET=1, C++ when
@@ -533,6 +535,60 @@ def test_layer_routes_through_the_fast_op_and_compiles_in_one_graph(backend):
         torch.testing.assert_close(compiled(x), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_cpu_layers_pool_through_the_ops_outside_autocast(monkeypatch):
+    """On the CPU a layer's inline patch norm takes its box sum from ``e2kd::box_sum`` (its backward
+    ``e2kd::avg_pool_adjoint``), with the reference's values and first and second derivatives, eager
+    and traced; a 1×1 window with stride 1, autocast and CUDA keep the reference's pooling."""
+    from e2kd_fast.nn import BcosConv2d
+
+    conv_ops = importlib.import_module("e2kd_fast.ops.bcos_conv2d")  # the module, not its op of that name
+    assert pooling_as_ops("cpu") and not pooling_as_ops("cuda")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not pooling_as_ops("cpu")
+
+    windows = []
+    op = conv_ops.box_sum
+    monkeypatch.setattr(conv_ops, "box_sum", lambda *args: windows.append(args[1:]) or op(*args))
+    torch.manual_seed(0)
+    layers = [
+        BcosConv2d(4, 6, 3, stride=2, padding=1, b=2.5),
+        BcosConv2d(4, 6, 1, stride=2, groups=2),
+        BcosConv2d(4, 6, 3, padding=1),
+        BcosConv2d(4, 6, 1),
+    ]
+    for layer in layers:
+        layer = layer.double()
+        x = torch.randn(2, 4, 7, 5, dtype=torch.float64, requires_grad=True)
+        weight = layer.linear.weight
+        geometry = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        linear, scale = bcos_conv2d_parts(x, weight, layer.b, 1, *geometry)
+        expected = scale * linear
+        truth = torch.autograd.grad(expected.square().sum(), (x, weight))
+        with backends.use_backend("reference"):
+            assert layer.fused_parts(x) is None
+            for run in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+                got = run(x)
+                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+                grads = torch.autograd.grad(got.square().sum(), (x, weight))
+                torch.testing.assert_close(grads, truth, rtol=1e-10, atol=1e-12)
+
+            def f(x, w, layer=layer):
+                return torch.func.functional_call(layer, {"linear.weight": w}, (x,))
+
+            inputs = (x, weight.detach().requires_grad_())
+            assert torch.autograd.gradcheck(f, inputs) and torch.autograd.gradgradcheck(f, inputs)
+        torch._dynamo.reset()
+    assert {(tuple(k), tuple(s), tuple(p)) for k, s, p in windows} == {
+        ((3, 3), (2, 2), (1, 1)),
+        ((1, 1), (2, 2), (0, 0)),
+        ((3, 3), (1, 1), (1, 1)),
+    }
+    windows.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        BcosConv2d(4, 6, 3, stride=2, padding=1)(torch.randn(1, 4, 5, 5))
+    assert windows == []
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])

@@ -12,7 +12,7 @@ from e2kd_fast import ops
 from e2kd_fast.nn.explanation import DynamicLinearModule
 from e2kd_fast.ops._common import conv_shape_class
 from e2kd_fast.ops.backends import use_fused
-from e2kd_fast.ops.bcos_conv2d import reads_producer_sums
+from e2kd_fast.ops.bcos_conv2d import inline_box_sum, reads_producer_sums
 from e2kd_fast.reference.bcos import (
     IntPair,
     bcos_conv2d_parts,
@@ -118,9 +118,9 @@ class BcosConv2d(DynamicLinearModule):
         if parts is not None:
             linear, scale = parts
             return self.dyn_mul(scale, linear)
-        linear, scale = bcos_conv2d_parts(
-            x, self.linear.weight, self.b, self.max_out, self.stride, self.padding, self.dilation, self.groups
-        )
+        geometry = (self.stride, self.padding, self.dilation, self.groups)
+        box_sum = inline_box_sum(x.device.type)
+        linear, scale = bcos_conv2d_parts(x, self.linear.weight, self.b, self.max_out, *geometry, box_sum)
         return linear if scale is None else self.dyn_mul(scale, linear)
 
     def extra_repr(self) -> str:

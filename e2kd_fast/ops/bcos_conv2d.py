@@ -1,4 +1,4 @@
-"""The B-cos conv layer as registered ops: ``e2kd::bcos_conv2d``, its patch norm and its adjoint.
+"""The B-cos conv layer as registered ops: ``e2kd::bcos_conv2d``, its patch norm, its adjoint and its pooling.
 
 ``e2kd::bcos_conv2d``: the two factors (linear, scale) of a B-cos conv (B > 1, no MaxOut, no
 dilation); the layer's output is scale · linear, and the scale is what the explanation sweep needs.
@@ -12,11 +12,16 @@ dilation); the layer's output is scale · linear, and the scale is what the expl
     with  d(s ⊙ g) = conv2d(dy, ŵ),  dg = s · d(s ⊙ g),  ds = g · d(s ⊙ g),
           dŵ = conv2d weight-gradient with input dy and output-gradient s ⊙ g.
 
+``e2kd::box_sum`` and ``e2kd::avg_pool_adjoint``: the patch norm's box sum and the adjoint of an
+average pool, each the reference's pooling (ATen's kernels); the second is the first's backward.
+They keep the pooling out of compiled CPU graphs (`pooling_as_ops`).
+
 The maths of every op here is stated once, in `e2kd_fast.reference.bcos` (``bcos_conv2d_parts``,
-``patch_norm``, ``scaled_conv_adjoint``): each op's reference back end calls it and fixes the output
-layout. The backwards are plain torch ops, so they are differentiable again (gradgradcheck);
-the one exception is a first-order backward of the adjoint in eager mode under the Triton
-``implicit-gemm`` kernels, which writes (s ⊙ d, g ⊙ d) from one conv launch.
+``patch_norm``, ``scaled_conv_adjoint``, ``box_sum``, ``avg_pool_adjoint``): each op's reference
+back end calls it and fixes the output layout. The backwards are plain torch ops, so they are
+differentiable again (gradgradcheck); the one exception is a first-order backward of the adjoint
+in eager mode under the Triton ``implicit-gemm`` kernels, which writes (s ⊙ d, g ⊙ d) from one conv
+launch.
 
 Back ends: ``triton`` (``kernels/bcos_conv2d.py``: by default the epilogue, the patch norm and the
 scale product after or before cuDNN's conv; with ``E2KD_TRITON_CONV=implicit-gemm`` the conv and
@@ -48,10 +53,105 @@ from e2kd_fast.ops._registry import register_op_test
 from e2kd_fast.reference import bcos as reference
 from e2kd_fast.reference.bcos import transposed_output_padding
 
+# ---------------------------------------------------------------------------------------------- pooling
+# Average pooling and its adjoint as ops, so that compiled CPU graphs call ATen's pooling kernels:
+# Inductor's C++ back end spends up to a fifth of a second per kernel that reads a pooling lowering
+# in sympy, simplifying its index expressions (windows clipped by Min/Max, strides by floor
+# division), and there is one such kernel per B-cos conv. The maps pooled are small: the patch
+# norm's box sum runs on the channel sums of squares, one channel per conv group.
+
+
+@torch.library.custom_op("e2kd::box_sum", mutates_args=())
+def box_sum(sums: Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    """[N, G, H, W] → [N, G, H_out, W_out]: the sum over every patch, in the input's memory format."""
+    return backends.implementation("e2kd::box_sum", sums.device.type)(sums, kernel, stride, padding)
+
+
+@backends.register("e2kd::box_sum", "reference", ("cpu", "cuda"))
+def box_sum_ref(sums: Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    """The reference forward of `box_sum`."""
+    out = reference.box_sum(sums, kernel, stride, padding)
+    return out.contiguous(memory_format=memory_format_of(sums))
+
+
+@box_sum.register_fake
+def _(sums, kernel, stride, padding):
+    h = conv_output_size(sums.shape[2], kernel[0], stride[0], padding[0])
+    w = conv_output_size(sums.shape[3], kernel[1], stride[1], padding[1])
+    return empty_like_format(sums, (*sums.shape[:2], h, w))
+
+
+def _box_sum_setup(ctx, inputs, output) -> None:
+    sums, *ctx.geometry = inputs
+    ctx.in_size = sums.shape[-2:]
+
+
+def _box_sum_backward(ctx, grad: Tensor):
+    return _box_sum_adjoint(grad, *ctx.geometry, ctx.in_size), None, None, None
+
+
+box_sum.register_autograd(_box_sum_backward, setup_context=_box_sum_setup)
+
+
+def pooling_as_ops(device_type: str) -> bool:
+    """Whether layers and the sweep should pool through `box_sum` and `avg_pool_adjoint` rather
+    than the reference's plain pooling: on the CPU outside autocast (the GPU's Triton back end fuses
+    the pooling and has no such cost). A trace-time constant under torch.compile."""
+    return device_type == "cpu" and not torch.is_autocast_enabled(device_type)
+
+
+def inline_box_sum(device_type: str) -> reference.BoxSum:
+    """The box sum for a layer's inline patch norm (the ``box_sum`` argument of the reference's
+    patch norms): the op `box_sum` where `pooling_as_ops`, else the reference's."""
+    return _box_sum_call if pooling_as_ops(device_type) else reference.box_sum
+
+
+def _box_sum_call(sums: Tensor, kernel_size, stride, padding) -> Tensor:
+    """`box_sum` with the reference's signature (int or pair geometry); a 1×1 window with stride 1
+    is the identity, left to the reference (nothing to pool, nothing slow to compile)."""
+    kernel, stride, padding = reference.pair(kernel_size), reference.pair(stride), reference.pair(padding)
+    if kernel == stride == (1, 1):
+        return reference.box_sum(sums, kernel, stride, padding)
+    return box_sum(sums, list(kernel), list(stride), list(padding))
+
+
+@torch.library.custom_op("e2kd::avg_pool_adjoint", mutates_args=())
+def avg_pool_adjoint(g: Tensor, in_size: list[int], kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    """[N, C, h, w] → [N, C, *in_size]: the adjoint of ``avg_pool2d(·, kernel, stride, padding)``
+    (zero padding counted), in g's memory format."""
+    impl = backends.implementation("e2kd::avg_pool_adjoint", g.device.type)
+    return impl(g, in_size, kernel, stride, padding)
+
+
+@backends.register("e2kd::avg_pool_adjoint", "reference", ("cpu", "cuda"))
+def avg_pool_adjoint_ref(
+    g: Tensor, in_size: list[int], kernel: list[int], stride: list[int], padding: list[int]
+) -> Tensor:
+    """The reference forward of `avg_pool_adjoint`."""
+    out = reference.avg_pool_adjoint(g, (*g.shape[:2], *in_size), kernel, stride, padding)
+    return out.contiguous(memory_format=memory_format_of(g))
+
+
+@avg_pool_adjoint.register_fake
+def _(g, in_size, kernel, stride, padding):
+    return empty_like_format(g, (*g.shape[:2], *in_size))
+
+
+def _avg_pool_adjoint_setup(ctx, inputs, output) -> None:
+    ctx.geometry = inputs[2:]
+
+
+def _avg_pool_adjoint_backward(ctx, grad: Tensor):
+    kernel, stride, padding = ctx.geometry
+    return F.avg_pool2d(grad, kernel, stride, padding), None, None, None, None  # the adjoint's adjoint
+
+
+avg_pool_adjoint.register_autograd(_avg_pool_adjoint_backward, setup_context=_avg_pool_adjoint_setup)
+
 
 def _box_sum_adjoint(g: Tensor, kernel: list[int], stride: list[int], padding: list[int], in_size) -> Tensor:
     """The transpose of ``avg_pool2d(·, kernel, stride, padding) · prod(kernel)`` for an input of ``in_size``."""
-    return reference.avg_pool_adjoint(g * math.prod(kernel), (*g.shape[:2], *in_size), kernel, stride, padding)
+    return avg_pool_adjoint(g * math.prod(kernel), list(in_size), kernel, stride, padding)
 
 
 @torch.library.custom_op("e2kd::patch_norm", mutates_args=())
@@ -216,7 +316,39 @@ def _adjoint_inputs() -> list[tuple]:
     ]
 
 
+def _avg_pool_adjoint_inputs() -> list[tuple]:
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    channels_last = rand(2, 3, 3, 3).detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    return [
+        (rand(2, 1, 3, 3), [6, 5], [3, 3], [2, 2], [1, 1]),
+        (channels_last, [6, 6], [3, 3], [2, 2], [1, 1]),
+        (rand(1, 2, 2, 3), [4, 6], [1, 1], [2, 2], [0, 0]),
+        (rand(1, 1, 1, 1), [2, 2], [2, 2], [2, 2], [0, 0]),
+    ]
+
+
+def _box_sum_inputs() -> list[tuple]:
+    gen = torch.Generator().manual_seed(4)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    channels_last = rand(2, 3, 6, 5).detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    return [
+        (rand(2, 1, 6, 5), [3, 3], [2, 2], [1, 1]),
+        (channels_last, [3, 3], [1, 1], [1, 1]),
+        (rand(1, 2, 4, 6), [1, 1], [2, 2], [0, 0]),
+        (rand(1, 1, 2, 2), [7, 7], [2, 2], [3, 3]),
+    ]
+
+
 register_op_test(patch_norm, _patch_norm_inputs, reference.patch_norm)
+register_op_test(box_sum, _box_sum_inputs, reference.box_sum)
+register_op_test(avg_pool_adjoint, _avg_pool_adjoint_inputs, reference.avg_pool_adjoint)
 register_op_test(scaled_conv_adjoint, _adjoint_inputs, reference.scaled_conv_adjoint)
 
 

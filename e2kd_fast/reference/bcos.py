@@ -15,7 +15,8 @@ unit j, input patch x_p and exponent B:
 The constants (1e-6, 1e-12) and the order of operations follow the official `bcos` package 0.1.3
 so that float64 results agree to rounding. Each registered ``e2kd::`` layer op has its maths here:
 ``bcos_conv2d`` ↔ `bcos_conv2d_parts`, ``bcos_linear`` ↔ `bcos_linear_parts`, ``patch_norm`` ↔
-`patch_norm`, ``scaled_conv_adjoint`` ↔ `scaled_conv_adjoint` (the sweep's step through a conv),
+`patch_norm`, ``box_sum`` ↔ `box_sum`, ``avg_pool_adjoint`` ↔ `avg_pool_adjoint`,
+``scaled_conv_adjoint`` ↔ `scaled_conv_adjoint` (the sweep's step through a conv),
 ``bcos_dense_head`` ↔ `bcos_dense_head` (the sweep's taped step through a dense layer's head),
 ``contribution_map`` ↔ `contribution_map`.
 """
@@ -23,6 +24,7 @@ so that float64 results agree to rounding. Each registered ``e2kd::`` layer op h
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,29 +72,39 @@ def channel_sums_of_squares(x: Tensor, groups: int = 1) -> Tensor:
     return squares.unflatten(1, (groups, x.shape[1] // groups)).sum(2)
 
 
+def box_sum(sums: Tensor, kernel_size: IntPair, stride: IntPair = 1, padding: IntPair = 0) -> Tensor:
+    """The sum over every patch (zero padding counts): [N, G, H, W] → [N, G, H_out, W_out].
+
+    An average pool times the patch size, as the official code does it (``divisor_override`` does
+    not compile)."""
+    kernel = pair(kernel_size)
+    return F.avg_pool2d(sums, kernel, stride=pair(stride), padding=pair(padding)) * math.prod(kernel)
+
+
+BoxSum = Callable[[Tensor, IntPair, IntPair, IntPair], Tensor]
+
+
 def patch_norm_from_sums(
     sums: Tensor,
     kernel_size: IntPair,
     stride: IntPair = 1,
     padding: IntPair = 0,
     out_channels: int | None = None,
+    box_sum: BoxSum = box_sum,
 ) -> Tensor:
-    """The patch norm from the channel sums of squares: box sum, sqrt.
-
-    The box sum is an average pool times the patch size (zero padding counts), which is what the
-    official code does because ``divisor_override`` does not compile.
+    """The patch norm from the channel sums of squares: `box_sum`, sqrt.
 
     Args:
         sums: [N, G, H, W] `channel_sums_of_squares` of the conv's input (G = the conv's groups).
         kernel_size, stride, padding: the conv's geometry (no dilation; see `patch_norm_slow`).
         out_channels: required when G > 1: each group's norm is repeated to its outputs.
+        box_sum: what computes `box_sum` (the registered op ``e2kd::box_sum`` where a layer asks
+            for it, `e2kd_fast.ops.bcos_conv2d.inline_box_sum`); this function, by default.
 
     Returns:
         [N, 1, H_out, W_out] for G == 1, else [N, out_channels, H_out, W_out].
     """
-    kernel = pair(kernel_size)
-    box_sum = F.avg_pool2d(sums, kernel, stride=pair(stride), padding=pair(padding)) * math.prod(kernel)
-    norms = (box_sum + PATCH_NORM_EPS).sqrt()
+    norms = (box_sum(sums, kernel_size, stride, padding) + PATCH_NORM_EPS).sqrt()
     if sums.shape[1] > 1:
         if out_channels is None:
             raise ValueError("patch_norm: out_channels is required when groups > 1")
@@ -107,6 +119,7 @@ def patch_norm(
     padding: IntPair = 0,
     groups: int = 1,
     out_channels: int | None = None,
+    box_sum: BoxSum = box_sum,
 ) -> Tensor:
     """The L2 norm of every input patch a conv sees: square, channel sum, box sum, sqrt.
 
@@ -116,12 +129,13 @@ def patch_norm(
         groups: the conv's groups; the norm is taken per group of input channels.
         out_channels: required when groups > 1: each group's norm is repeated to its outputs
             (ignored when groups == 1).
+        box_sum: as in `patch_norm_from_sums`.
 
     Returns:
         [N, 1, H_out, W_out] for groups == 1, else [N, out_channels, H_out, W_out].
     """
     sums = channel_sums_of_squares(x, groups)
-    return patch_norm_from_sums(sums, kernel_size, stride, padding, out_channels if groups > 1 else None)
+    return patch_norm_from_sums(sums, kernel_size, stride, padding, out_channels if groups > 1 else None, box_sum)
 
 
 def patch_norm_slow(
@@ -179,12 +193,14 @@ def bcos_conv2d_parts(
     padding: IntPair = 0,
     dilation: IntPair = 1,
     groups: int = 1,
+    box_sum: BoxSum = box_sum,
 ) -> tuple[Tensor, Tensor | None]:
     """The two factors of a B-cos conv: output = scale · linear (scale is None for B = 1).
 
     Args:
         x: [N, C, H, W] input.
         weight: [O·M, C/groups, kH, kW] raw (unnormalised) weight, M = ``max_out_units``.
+        box_sum: as in `patch_norm_from_sums`.
 
     Returns:
         (linear, scale), both [N, O, H_out, W_out]; scale is None when b == 1.
@@ -195,7 +211,7 @@ def bcos_conv2d_parts(
     if pair(dilation) != (1, 1):
         norm = patch_norm_slow(x, (linear.shape[1], *weight.shape[1:]), stride, padding, dilation, groups)
         return linear, dynamic_scale(linear, norm, b)
-    return linear, conv_dynamic_scale(linear, x, weight.shape[-2:], b, stride, padding, groups)
+    return linear, conv_dynamic_scale(linear, x, weight.shape[-2:], b, stride, padding, groups, box_sum)
 
 
 def bcos_conv_linear(
@@ -220,9 +236,11 @@ def conv_dynamic_scale(
     stride: IntPair = 1,
     padding: IntPair = 0,
     groups: int = 1,
+    box_sum: BoxSum = box_sum,
 ) -> Tensor:
-    """The scale of a (non-dilated) B-cos conv's linear part [N, O, H_out, W_out] from its input x [N, C, H, W]."""
-    norm = patch_norm(x, kernel_size, stride, padding, groups, linear.shape[1])
+    """The scale of a (non-dilated) B-cos conv's linear part [N, O, H_out, W_out] from its input x
+    [N, C, H, W] (``box_sum``: as in `patch_norm_from_sums`)."""
+    norm = patch_norm(x, kernel_size, stride, padding, groups, linear.shape[1], box_sum)
     return dynamic_scale(linear, norm, b)
 
 
