@@ -95,8 +95,9 @@ box_sum.register_autograd(_box_sum_backward, setup_context=_box_sum_setup)
 
 def pooling_as_ops(device_type: str) -> bool:
     """Whether layers and the sweep should pool through `box_sum` and `avg_pool_adjoint` rather
-    than the reference's plain pooling: on the CPU outside autocast (the GPU's Triton back end fuses
-    the pooling and has no such cost). A trace-time constant under torch.compile."""
+    than the reference's plain pooling: on the CPU outside autocast. On the GPU the pooling stays
+    where Inductor fuses it into Triton kernels (whether that back end pays a like compile cost was
+    not measured). A trace-time constant under torch.compile."""
     return device_type == "cpu" and not torch.is_autocast_enabled(device_type)
 
 

@@ -98,8 +98,8 @@ def patch_norm_from_sums(
         sums: [N, G, H, W] `channel_sums_of_squares` of the conv's input (G = the conv's groups).
         kernel_size, stride, padding: the conv's geometry (no dilation; see `patch_norm_slow`).
         out_channels: required when G > 1: each group's norm is repeated to its outputs.
-        box_sum: what computes `box_sum` (the registered op ``e2kd::box_sum`` where a layer asks
-            for it, `e2kd_fast.ops.bcos_conv2d.inline_box_sum`); this function, by default.
+        box_sum: what computes `box_sum`: that function by default; a layer may pass a registered
+            op that runs it.
 
     Returns:
         [N, 1, H_out, W_out] for G == 1, else [N, out_channels, H_out, W_out].
