@@ -304,12 +304,21 @@ def _patch_norm_inputs() -> list[tuple]:
     return [(x1, [3, 3], [2, 2], [1, 1], 1, 4), (x2, [3, 2], [1, 2], [1, 0], 2, 6), (x1, [1, 1], [1, 1], [0, 0], 1, 2)]
 
 
+def _leaf_maker(seed: int):
+    """rand(*shape, channels_last=False): float64 leaves that require grad, drawn from one generator."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, channels_last: bool = False) -> Tensor:
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return t.contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        ).requires_grad_()
+
+    return rand
+
+
 def _adjoint_inputs() -> list[tuple]:
-    gen = torch.Generator().manual_seed(2)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-
+    rand = _leaf_maker(2)
     return [
         (rand(2, 4, 3, 3), rand(2, 4, 3, 3), rand(4, 3, 3, 3), [6, 5], [2, 2], [1, 1], [1, 1], 1),
         (rand(1, 6, 5, 5), rand(1, 6, 5, 5), rand(6, 2, 3, 3), [5, 5], [1, 1], [1, 1], [1, 1], 2),
@@ -318,30 +327,20 @@ def _adjoint_inputs() -> list[tuple]:
 
 
 def _avg_pool_adjoint_inputs() -> list[tuple]:
-    gen = torch.Generator().manual_seed(3)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-
-    channels_last = rand(2, 3, 3, 3).detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    rand = _leaf_maker(3)
     return [
         (rand(2, 1, 3, 3), [6, 5], [3, 3], [2, 2], [1, 1]),
-        (channels_last, [6, 6], [3, 3], [2, 2], [1, 1]),
+        (rand(2, 3, 3, 3, channels_last=True), [6, 6], [3, 3], [2, 2], [1, 1]),
         (rand(1, 2, 2, 3), [4, 6], [1, 1], [2, 2], [0, 0]),
         (rand(1, 1, 1, 1), [2, 2], [2, 2], [2, 2], [0, 0]),
     ]
 
 
 def _box_sum_inputs() -> list[tuple]:
-    gen = torch.Generator().manual_seed(4)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-
-    channels_last = rand(2, 3, 6, 5).detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    rand = _leaf_maker(4)
     return [
         (rand(2, 1, 6, 5), [3, 3], [2, 2], [1, 1]),
-        (channels_last, [3, 3], [1, 1], [1, 1]),
+        (rand(2, 3, 6, 5, channels_last=True), [3, 3], [1, 1], [1, 1]),
         (rand(1, 2, 4, 6), [1, 1], [2, 2], [0, 0]),
         (rand(1, 1, 2, 2), [7, 7], [2, 2], [3, 3]),
     ]
