@@ -1,5 +1,5 @@
-"""``e2kd::bcos_conv2d``, ``e2kd::patch_norm``, ``e2kd::scaled_conv_adjoint``, ``e2kd::box_sum`` and
-``e2kd::avg_pool_adjoint``: their kernels
+"""``e2kd::bcos_conv2d``, ``e2kd::patch_norm``, ``e2kd::scaled_conv_adjoint``,
+``e2kd::box_sum`` and ``e2kd::avg_pool_adjoint``: their kernels
 (``kernels/bcos_conv2d.py``, ``csrc/{cpu,cuda}/bcos_conv2d.*``) and the ops under every back end against
 the reference maths, and the layers that route through them.
 
@@ -548,9 +548,10 @@ def test_cpu_layers_pool_through_the_ops_outside_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not pooling_as_ops("cpu")
 
-    windows = []
-    op = conv_ops.box_sum
-    monkeypatch.setattr(conv_ops, "box_sum", lambda *args: windows.append(args[1:]) or op(*args))
+    windows, adjoints = [], []
+    box_sum, adjoint = conv_ops.box_sum, conv_ops.avg_pool_adjoint
+    monkeypatch.setattr(conv_ops, "box_sum", lambda *args: windows.append(args[1:]) or box_sum(*args))
+    monkeypatch.setattr(conv_ops, "avg_pool_adjoint", lambda *args: adjoints.append(args[2:]) or adjoint(*args))
     torch.manual_seed(0)
     layers = [
         BcosConv2d(4, 6, 3, stride=2, padding=1, b=2.5),
@@ -580,15 +581,60 @@ def test_cpu_layers_pool_through_the_ops_outside_autocast(monkeypatch):
             inputs = (x, weight.detach().requires_grad_())
             assert torch.autograd.gradcheck(f, inputs) and torch.autograd.gradgradcheck(f, inputs)
         torch._dynamo.reset()
-    assert {(tuple(k), tuple(s), tuple(p)) for k, s, p in windows} == {
-        ((3, 3), (2, 2), (1, 1)),
-        ((1, 1), (2, 2), (0, 0)),
-        ((3, 3), (1, 1), (1, 1)),
-    }
+    pooled = {((3, 3), (2, 2), (1, 1)), ((1, 1), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1))}
+    assert {(tuple(k), tuple(s), tuple(p)) for k, s, p in windows} == pooled
+    assert {(tuple(k), tuple(s), tuple(p)) for k, s, p in adjoints} == pooled  # the box sums' backwards
     windows.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         BcosConv2d(4, 6, 3, stride=2, padding=1)(torch.randn(1, 4, 5, 5))
     assert windows == []
+
+
+def test_compiled_cpu_graphs_hold_the_pooling_ops_and_no_pooling_of_their_own():
+    """What the pooling ops are for: the graphs Inductor would lower for a strided and a stride-1
+    layer, forward and backward, call ``e2kd::box_sum`` and ``e2kd::avg_pool_adjoint`` and hold no
+    ATen pooling."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from e2kd_fast.nn import BcosConv2d
+
+    graphs = []
+
+    def keep(graph, example_inputs):
+        graphs.append({node.target for node in graph.graph.nodes if node.op == "call_function"})
+        return make_boxed_func(graph.forward)
+
+    model = torch.nn.Sequential(BcosConv2d(4, 6, 3, stride=2, padding=1), BcosConv2d(6, 6, 3, padding=1))
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    torch._dynamo.reset()
+    with backends.use_backend("reference"):
+        compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+        compiled(x).square().sum().backward()
+    torch._dynamo.reset()
+    forward, backward = graphs
+    aten = torch.ops.aten
+    assert torch.ops.e2kd.box_sum.default in forward and torch.ops.e2kd.avg_pool_adjoint.default in backward
+    assert not (forward | backward) & {aten.avg_pool2d.default, aten.avg_pool2d_backward.default}
+
+
+def test_the_sweeps_average_pool_adjoint_is_the_op_on_the_cpu(monkeypatch):
+    """A B-cos DenseNet's stem and transitions: the sweep's adjoint of each average pool runs
+    ``e2kd::avg_pool_adjoint`` on the CPU, and the explanation equals autograd's."""
+    from e2kd_fast.explain.sweep import dynamic_weights_sweep
+    from e2kd_fast.models.bcos_densenet import BcosDenseNet
+    from e2kd_fast.reference.explain import dynamic_weights_autograd
+
+    sizes = []
+    adjoint = ops.avg_pool_adjoint
+    monkeypatch.setattr(ops, "avg_pool_adjoint", lambda *args: sizes.append(args[1]) or adjoint(*args))
+    torch.manual_seed(0)
+    model = BcosDenseNet(8, (2, 1, 1, 1), 16, num_classes=3).double().eval()
+    x = torch.rand(2, 6, 32, 32, dtype=torch.float64)
+    with backends.use_backend("reference"):
+        got = dynamic_weights_sweep(model, x)
+    torch.testing.assert_close(got, dynamic_weights_autograd(model, x), rtol=1e-9, atol=1e-12)
+    assert sizes == [[2, 2], [4, 4], [8, 8], [16, 16]]  # the transitions' inputs, the last first, and the stem pool's
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])

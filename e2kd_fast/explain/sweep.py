@@ -44,7 +44,6 @@ from e2kd_fast.nn import (
     LogitLayer,
 )
 from e2kd_fast.nn.activation_checkpointing import is_checkpointed, run_checkpointed
-from e2kd_fast.ops.bcos_conv2d import avg_pool_adjoint as ops_avg_pool_adjoint
 from e2kd_fast.ops.bcos_conv2d import inline_box_sum, pooling_as_ops
 from e2kd_fast.reference.bcos import (
     LINEAR_NORM_EPS,
@@ -256,8 +255,8 @@ def _conv_fwd(m: BcosConv2d, x: Tensor, tape: Tape) -> Tensor:
         norm = ops.patch_norm(x, list(m.kernel_size), list(m.stride), list(m.padding), m.groups, m.out_channels)
         scale = dynamic_scale(linear, norm, m.b)
     else:  # the reference maths inline, where Inductor fuses it (as the layer's own forward does)
-        geometry = (m.kernel_size, m.b, m.stride, m.padding, m.groups)
-        scale = conv_dynamic_scale(linear, x, *geometry, inline_box_sum(x.device.type))
+        box_sum = inline_box_sum(x.device.type)
+        scale = conv_dynamic_scale(linear, x, m.kernel_size, m.b, m.stride, m.padding, m.groups, box_sum)
     tape.append(_conv_record(m, scale, selection, x))
     return scale * linear
 
@@ -411,7 +410,7 @@ def _avg_pool_adj(m: nn.AvgPool2d, g: Tensor, tape: Tape) -> Tensor:
     in_shape = tape.pop()
     if pooling_as_ops(g.device.type):
         geometry = (pair(m.kernel_size), pair(stride), pair(m.padding))
-        return ops_avg_pool_adjoint(g, list(in_shape[-2:]), *(list(v) for v in geometry))
+        return ops.avg_pool_adjoint(g, list(in_shape[-2:]), *(list(v) for v in geometry))
     return avg_pool_adjoint(g, in_shape, m.kernel_size, stride, m.padding)
 
 

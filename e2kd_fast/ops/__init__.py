@@ -11,7 +11,7 @@ other names with ``from e2kd_fast.ops.<stem> import ...``.
 
 from e2kd_fast.ops._registry import OPS, register_op_test
 from e2kd_fast.ops.backends import use_fused
-from e2kd_fast.ops.bcos_conv2d import bcos_conv2d, patch_norm, scaled_conv_adjoint
+from e2kd_fast.ops.bcos_conv2d import avg_pool_adjoint, bcos_conv2d, box_sum, patch_norm, scaled_conv_adjoint
 from e2kd_fast.ops.bcos_dense_head import bcos_dense_head
 from e2kd_fast.ops.bcos_linear import bcos_linear
 from e2kd_fast.ops.contribution_map import contribution_map
@@ -19,9 +19,11 @@ from e2kd_fast.ops.distill_loss import distill_loss
 
 __all__ = [
     "OPS",
+    "avg_pool_adjoint",
     "bcos_conv2d",
     "bcos_dense_head",
     "bcos_linear",
+    "box_sum",
     "contribution_map",
     "distill_loss",
     "patch_norm",

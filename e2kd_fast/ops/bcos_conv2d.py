@@ -18,10 +18,10 @@ They keep the pooling out of compiled CPU graphs (`pooling_as_ops`).
 
 The maths of every op here is stated once, in `e2kd_fast.reference.bcos` (``bcos_conv2d_parts``,
 ``patch_norm``, ``scaled_conv_adjoint``, ``box_sum``, ``avg_pool_adjoint``): each op's reference
-back end calls it and fixes the output layout. The backwards are plain torch ops, so they are
-differentiable again (gradgradcheck); the one exception is a first-order backward of the adjoint
-in eager mode under the Triton ``implicit-gemm`` kernels, which writes (s ⊙ d, g ⊙ d) from one conv
-launch.
+back end calls it and fixes the output layout. The backwards are plain torch ops or these
+registered ops, so they are differentiable again (gradgradcheck); the one exception is a
+first-order backward of the adjoint in eager mode under the Triton ``implicit-gemm`` kernels, which
+writes (s ⊙ d, g ⊙ d) from one conv launch.
 
 Back ends: ``triton`` (``kernels/bcos_conv2d.py``: by default the epilogue, the patch norm and the
 scale product after or before cuDNN's conv; with ``E2KD_TRITON_CONV=implicit-gemm`` the conv and
@@ -55,10 +55,10 @@ from e2kd_fast.reference.bcos import transposed_output_padding
 
 # ---------------------------------------------------------------------------------------------- pooling
 # Average pooling and its adjoint as ops, so that compiled CPU graphs call ATen's pooling kernels:
-# Inductor's C++ back end spends up to a fifth of a second per kernel that reads a pooling lowering
-# in sympy, simplifying its index expressions (windows clipped by Min/Max, strides by floor
-# division), and there is one such kernel per B-cos conv. The maps pooled are small: the patch
-# norm's box sum runs on the channel sums of squares, one channel per conv group.
+# Inductor's C++ back end spends up to a fifth of a second per index expression of a pooling
+# lowering simplifying it in sympy (windows clipped by Min/Max, strides by floor division), several
+# per kernel, and there is such a kernel for every B-cos conv. The patch norm's box sum pools small
+# maps: the channel sums of squares, one channel per conv group.
 
 
 @torch.library.custom_op("e2kd::box_sum", mutates_args=())
@@ -69,7 +69,7 @@ def box_sum(sums: Tensor, kernel: list[int], stride: list[int], padding: list[in
 
 @backends.register("e2kd::box_sum", "reference", ("cpu", "cuda"))
 def box_sum_ref(sums: Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> Tensor:
-    """The reference forward of `box_sum`."""
+    """The reference forward of `box_sum`, in the input's memory format (as the fake says)."""
     out = reference.box_sum(sums, kernel, stride, padding)
     return out.contiguous(memory_format=memory_format_of(sums))
 
@@ -94,10 +94,12 @@ box_sum.register_autograd(_box_sum_backward, setup_context=_box_sum_setup)
 
 
 def pooling_as_ops(device_type: str) -> bool:
-    """Whether layers and the sweep should pool through `box_sum` and `avg_pool_adjoint` rather
-    than the reference's plain pooling: on the CPU outside autocast. On the GPU the pooling stays
-    where Inductor fuses it into Triton kernels (whether that back end pays a like compile cost was
-    not measured). A trace-time constant under torch.compile."""
+    """Whether layers, the sweep and the ops' backwards should pool through `box_sum` and
+    `avg_pool_adjoint` rather than the reference's plain pooling: on the CPU outside autocast. On
+    the GPU the pooling stays where Inductor fuses it into Triton kernels (whether that back end pays
+    a like compile cost was not measured); under autocast too, so that the ops never see the low
+    precision (the CPU's low-precision step was not measured with them). A trace-time constant
+    under torch.compile."""
     return device_type == "cpu" and not torch.is_autocast_enabled(device_type)
 
 
@@ -128,7 +130,7 @@ def avg_pool_adjoint(g: Tensor, in_size: list[int], kernel: list[int], stride: l
 def avg_pool_adjoint_ref(
     g: Tensor, in_size: list[int], kernel: list[int], stride: list[int], padding: list[int]
 ) -> Tensor:
-    """The reference forward of `avg_pool_adjoint`."""
+    """The reference forward of `avg_pool_adjoint`, in g's memory format (as the fake says)."""
     out = reference.avg_pool_adjoint(g, (*g.shape[:2], *in_size), kernel, stride, padding)
     return out.contiguous(memory_format=memory_format_of(g))
 
@@ -144,15 +146,20 @@ def _avg_pool_adjoint_setup(ctx, inputs, output) -> None:
 
 def _avg_pool_adjoint_backward(ctx, grad: Tensor):
     kernel, stride, padding = ctx.geometry
-    return F.avg_pool2d(grad, kernel, stride, padding), None, None, None, None  # the adjoint's adjoint
+    pooled = F.avg_pool2d(grad, kernel, stride, padding, ceil_mode=False, count_include_pad=True)
+    return pooled, None, None, None, None  # the adjoint's adjoint: the pool the reference's adjoint transposes
 
 
 avg_pool_adjoint.register_autograd(_avg_pool_adjoint_backward, setup_context=_avg_pool_adjoint_setup)
 
 
 def _box_sum_adjoint(g: Tensor, kernel: list[int], stride: list[int], padding: list[int], in_size) -> Tensor:
-    """The transpose of ``avg_pool2d(·, kernel, stride, padding) · prod(kernel)`` for an input of ``in_size``."""
-    return avg_pool_adjoint(g * math.prod(kernel), list(in_size), kernel, stride, padding)
+    """The transpose of ``avg_pool2d(·, kernel, stride, padding) · prod(kernel)`` for an input of
+    ``in_size``: the op `avg_pool_adjoint` where `pooling_as_ops`, else the reference inline."""
+    scaled = g * math.prod(kernel)
+    if pooling_as_ops(g.device.type):
+        return avg_pool_adjoint(scaled, list(in_size), kernel, stride, padding)
+    return reference.avg_pool_adjoint(scaled, (*g.shape[:2], *in_size), kernel, stride, padding)
 
 
 @torch.library.custom_op("e2kd::patch_norm", mutates_args=())
@@ -451,10 +458,11 @@ def _bcos_conv_backward(ctx, grad_linear: Tensor, grad_scale: Tensor):
     out_channels, kernel = weight.shape[0], list(weight.shape[-2:])
     w_norm = torch.linalg.vector_norm(weight, dim=(1, 2, 3), keepdim=True)
     w_hat = weight / w_norm
+    pooling = inline_box_sum(x.device.type)
     if sums is None:
-        norm = reference.patch_norm(x, kernel, stride, padding, groups, out_channels)
+        norm = reference.patch_norm(x, kernel, stride, padding, groups, out_channels, pooling)
     else:  # in the layer's dtype, as the forward used it (the sums may be fp32 for a bf16 layer)
-        norm = reference.patch_norm_from_sums(sums, kernel, stride, padding, out_channels).to(linear.dtype)
+        norm = reference.patch_norm_from_sums(sums, kernel, stride, padding, out_channels, pooling).to(linear.dtype)
     ratio = linear / norm
     ds_dratio = scale_slope(ratio, b)
     grad_linear = grad_linear + grad_scale * ds_dratio / norm
