@@ -44,16 +44,14 @@ from e2kd_fast.nn import (
     LogitLayer,
 )
 from e2kd_fast.nn.activation_checkpointing import is_checkpointed, run_checkpointed
-from e2kd_fast.ops.bcos_conv2d import inline_box_sum, pooling_as_ops
+from e2kd_fast.ops.bcos_conv2d import inline_box_sum, route_avg_pool_adjoint
 from e2kd_fast.reference.bcos import (
     LINEAR_NORM_EPS,
-    avg_pool_adjoint,
     conv_adjoint,
     conv_dynamic_scale,
     conv_linear,
     dynamic_scale,
     folded_head_weight,
-    pair,
     patch_norm_slow,
     scaled_conv_adjoint,
     unit_norm_weight,
@@ -407,11 +405,7 @@ def _avg_pool_fwd(m: nn.AvgPool2d, x: Tensor, tape: Tape) -> Tensor:
 
 def _avg_pool_adj(m: nn.AvgPool2d, g: Tensor, tape: Tape) -> Tensor:
     stride = m.stride if m.stride is not None else m.kernel_size
-    in_shape = tape.pop()
-    if pooling_as_ops(g.device.type):
-        geometry = (pair(m.kernel_size), pair(stride), pair(m.padding))
-        return ops.avg_pool_adjoint(g, list(in_shape[-2:]), *(list(v) for v in geometry))
-    return avg_pool_adjoint(g, in_shape, m.kernel_size, stride, m.padding)
+    return route_avg_pool_adjoint(g, tape.pop()[-2:], m.kernel_size, stride, m.padding)
 
 
 register_sweep(nn.AvgPool2d)((_avg_pool_fwd, _avg_pool_adj))

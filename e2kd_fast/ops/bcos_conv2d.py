@@ -153,13 +153,19 @@ def _avg_pool_adjoint_backward(ctx, grad: Tensor):
 avg_pool_adjoint.register_autograd(_avg_pool_adjoint_backward, setup_context=_avg_pool_adjoint_setup)
 
 
-def _box_sum_adjoint(g: Tensor, kernel: list[int], stride: list[int], padding: list[int], in_size) -> Tensor:
-    """The transpose of ``avg_pool2d(·, kernel, stride, padding) · prod(kernel)`` for an input of
-    ``in_size``: the op `avg_pool_adjoint` where `pooling_as_ops`, else the reference inline."""
-    scaled = g * math.prod(kernel)
+def route_avg_pool_adjoint(g: Tensor, in_size, kernel_size, stride, padding) -> Tensor:
+    """`reference.bcos.avg_pool_adjoint` of g [N, C, h, w] for an input of ``in_size`` (H, W), with the
+    reference's int or pair geometry: the op `avg_pool_adjoint` where `pooling_as_ops`, else the
+    reference inline."""
     if pooling_as_ops(g.device.type):
-        return avg_pool_adjoint(scaled, list(in_size), kernel, stride, padding)
-    return reference.avg_pool_adjoint(scaled, (*g.shape[:2], *in_size), kernel, stride, padding)
+        geometry = (reference.pair(kernel_size), reference.pair(stride), reference.pair(padding))
+        return avg_pool_adjoint(g, list(in_size), *(list(v) for v in geometry))
+    return reference.avg_pool_adjoint(g, (*g.shape[:2], *in_size), kernel_size, stride, padding)
+
+
+def _box_sum_adjoint(g: Tensor, kernel: list[int], stride: list[int], padding: list[int], in_size) -> Tensor:
+    """The transpose of ``avg_pool2d(·, kernel, stride, padding) · prod(kernel)`` for an input of ``in_size``."""
+    return route_avg_pool_adjoint(g * math.prod(kernel), in_size, kernel, stride, padding)
 
 
 @torch.library.custom_op("e2kd::patch_norm", mutates_args=())
