@@ -324,3 +324,71 @@ def test_layer_benchmark_proposes_the_fastest_per_shape_class():
         "e2kd::scaled_conv_adjoint@cuda@k3x3-s1x1": "triton:implicit-gemm",
     }
     assert propose_fastest([((6, 8, 8, 4, 3, 1, 1, 1), {"ref epilogue": 1.0})], "cpu") == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# The offline sm_90 compile
+# --------------------------------------------------------------------------------------------------
+
+
+def test_offline_gpu_compile_restores_what_it_patches():
+    """Entering and leaving the fake sm_90 device leaves torch, Inductor and Triton as they were."""
+    from bench import offline_gpu_compile as offline
+
+    if offline.unavailable_reason():
+        pytest.skip(offline.unavailable_reason())
+    from torch._dynamo.device_interface import CudaInterface
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    from triton.runtime.driver import driver
+
+    before = (
+        dict(vars(CudaInterface)),
+        torch.cuda.get_device_properties,
+        torch.cuda.get_rng_state,
+        CachingAutotuner.precompile,
+        driver._active,
+        torch._inductor.config.compile_threads,
+    )
+    with offline.sm90_without_a_device([]):
+        assert CudaInterface.get_compute_capability() == 90 and CudaInterface.is_available()
+        assert torch.cuda.get_device_properties().multi_processor_count == 132
+        assert not torch.cuda.is_available()  # only the compiler's view of the device changes
+    after = (
+        dict(vars(CudaInterface)),
+        torch.cuda.get_device_properties,
+        torch.cuda.get_rng_state,
+        CachingAutotuner.precompile,
+        driver._active,
+        torch._inductor.config.compile_threads,
+    )
+    assert after == before
+
+
+def test_offline_gpu_compile_builds_a_teacher_graph_for_sm90(tmp_path):
+    """The tiny pair's e²KD teacher graph, compiled cold for sm_90 under bf16 autocast in a process of
+    its own: every kernel built, none run, the record's figures consistent."""
+    import subprocess
+    import sys
+
+    from bench import offline_gpu_compile as offline
+
+    if offline.unavailable_reason():
+        pytest.skip(offline.unavailable_reason())
+    out = tmp_path / "offline.jsonl"
+    args = ["--pair", "tiny_bcos", "--batch", "2", "--resolution", "16", "--quiet", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.offline_gpu_compile", *args],
+        cwd=common.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = common.read_jsonl(out)
+    assert record["graph"] == "teacher e2kd" and record["dtype"] == "bfloat16" and record["channels_last"]
+    assert record["triton_kernels"] > 0 and record["configs_built"] >= record["triton_kernels"]
+    assert sum(record["configs_per_kernel"].values()) == record["triton_kernels"]
+    assert record["kernels_autotuned"] <= record["triton_kernels"]
+    assert record["main_process_s"] + record["build_s"] == pytest.approx(record["compile_s"], abs=0.05)
+    assert record["inductor_generated_kernels"] >= record["triton_kernels"]
+    assert "| tiny_bcos teacher e2kd |" in done.stdout
