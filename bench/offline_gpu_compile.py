@@ -71,10 +71,10 @@ class NotRun(Exception):
 class _TritonTarget:
     """A Triton driver that names the sm_90 target and nothing more (nothing is loaded or launched)."""
 
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
+    def get_current_target(self) -> Any:
+        from bench.ptxas_report import sm90_target
 
-        return GPUTarget("cuda", 90, 32)
+        return sm90_target()
 
     def get_current_device(self) -> int:
         return 0
@@ -82,7 +82,7 @@ class _TritonTarget:
     def get_active_torch_device(self) -> torch.device:
         return torch.device("cuda", 0)
 
-    def get_device_interface(self):
+    def get_device_interface(self) -> Any:
         return torch.cuda
 
     def get_current_stream(self, device: int | None = None) -> int:
@@ -92,30 +92,92 @@ class _TritonTarget:
         return True
 
 
+Build = tuple[str, int, float]
+"""One Triton kernel built: its name, how many configs, seconds."""
+
+
+def _patches(builds: list[Build]) -> list[tuple[Any, str, Any]]:
+    """(object, attribute, value while compiling): torch's and Inductor's device queries answer for
+    an H200; Inductor loads a Triton kernel by building each config and appending to ``builds``;
+    a compiled graph raises `NotRun` instead of running. ``torch.cuda.is_available()`` stays False."""
+    from torch._dynamo.device_interface import CudaInterface
+    from torch._inductor import output_code
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    props = H200_PROPERTIES
+
+    def precompile(
+        self: CachingAutotuner,
+        warm_cache_only: bool = False,
+        reload_kernel: Any = None,
+        static_triton_bundle_key: str | None = None,
+    ) -> None:
+        if self.compile_results:
+            return
+        started = time.perf_counter()
+        self._precompile_worker()  # every config to a cubin, as a build worker does
+        builds.append((self.fn.__name__, len(self.compile_results or []), time.perf_counter() - started))
+
+    def not_run(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise NotRun
+
+    return [
+        (CudaInterface, "is_available", staticmethod(lambda: True)),
+        (CudaInterface, "get_device_properties", staticmethod(lambda device=None: props)),
+        (CudaInterface, "get_compute_capability", staticmethod(lambda device=None: 90)),
+        (CudaInterface, "current_device", staticmethod(lambda: 0)),
+        (CudaInterface, "device_count", staticmethod(lambda: 1)),
+        (CudaInterface, "is_bf16_supported", staticmethod(lambda including_emulation=False: True)),
+        (torch.cuda, "get_device_properties", lambda device=None: props),
+        (torch.cuda, "get_device_capability", lambda device=None: (9, 0)),
+        (torch.cuda, "current_device", lambda: 0),
+        (torch.cuda, "device_count", lambda: 1),
+        (torch.cuda, "is_bf16_supported", lambda including_emulation=True: True),
+        (torch.cuda.amp.common, "amp_definitely_not_available", lambda: False),  # so that autocast stays on
+        (CachingAutotuner, "precompile", precompile),
+        (output_code.CompiledFxGraph, "__call__", not_run),
+    ]
+
+
 def unavailable_reason() -> str:
     """Why the offline compile cannot run here (empty when it can)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "TRITON_INTERPRET=1 makes Triton interpret kernels rather than build them; unset it"
+    return missing_internals()
+
+
+def missing_internals() -> str:
+    """What of torch's, Inductor's and Triton's internals the compile patches or uses is missing
+    (empty when nothing is)."""
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-
-        make_backend(GPUTarget("cuda", 90, 32))
-        from torch._dynamo.device_interface import CudaInterface  # noqa: F401
-        from torch._inductor.runtime import triton_helpers  # noqa: F401
+        from torch._inductor.runtime import triton_helpers
         from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+        from triton.compiler import make_backend
+        from triton.runtime.driver import driver
 
-        CachingAutotuner._precompile_worker  # noqa: B018 (the build step this patches around)
-    except Exception as err:  # ImportError, an attribute a torch or Triton version lacks
-        return f"needs Triton's CUDA back end and torch 2.14's Inductor internals: {type(err).__name__}: {err}"
+        from bench.ptxas_report import sm90_target
+
+        make_backend(sm90_target())
+        needed = [(target, name) for target, name, _ in _patches([])]
+        needed += [
+            (CachingAutotuner, "_precompile_worker"),
+            (triton_helpers, "skip_gpu_driver_setup"),
+            (driver, "_active"),
+        ]
+    except Exception as err:  # ImportError, or Triton built without its CUDA back end
+        return f"needs Triton's CUDA back end and torch 2.14's Inductor: {type(err).__name__}: {err}"
+    missing = [f"{getattr(t, '__name__', type(t).__name__)}.{name}" for t, name in needed if not hasattr(t, name)]
+    if missing:
+        return f"this torch or Triton lacks what it patches or uses: {', '.join(missing)} (written for torch 2.14)"
     return ""
 
 
 @contextlib.contextmanager
 def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
-    """``target.name = value`` for the block; a class's own attribute (a staticmethod as such) is
-    put back, an inherited one is deleted again."""
-    own = vars(target)
+    """``target.name = value`` for the block, the attribute put back as it was (for a class: the
+    object in its own ``__dict__``, a staticmethod as such; deleted again if it was inherited)."""
     missing = object()
-    saved = own.get(name, missing) if isinstance(target, type) else getattr(target, name)
+    saved = vars(target).get(name, missing) if isinstance(target, type) else getattr(target, name)
     setattr(target, name, value)
     try:
         yield
@@ -127,61 +189,30 @@ def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sm90_without_a_device(builds: list[tuple[str, int, float]]) -> Iterator[None]:
-    """Torch, Inductor and Triton see an sm_90 CUDA device; each Triton kernel Inductor loads is
-    built (all its configs) and appended to ``builds`` as (name, configs, seconds), not loaded.
-    Everything patched is restored on exit."""
-    from torch._dynamo.device_interface import CudaInterface
+def sm90_without_a_device(builds: list[Build]) -> Iterator[None]:
+    """Torch, Inductor and Triton see an sm_90 CUDA device (`_patches`) for the block; every Triton
+    kernel Inductor loads is built and recorded in ``builds``, not loaded. What it patches is
+    restored on exit, on an error too. Caches torch fills meanwhile (device properties, whether
+    Triton works) keep the H200's description: a process that compiled here should not go on to
+    use a real GPU, which is why `main` compiles one graph per process."""
     from torch._inductor import config as inductor_config
-    from torch._inductor import output_code
     from torch._inductor.runtime import triton_helpers
-    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
     from triton.runtime.driver import driver
 
-    props = H200_PROPERTIES
-
-    def precompile(self, warm_cache_only=False, reload_kernel=None, static_triton_bundle_key=None) -> None:
-        if self.compile_results:
-            return
-        started = time.perf_counter()
-        self._precompile_worker()  # every config to a cubin, as a build worker does
-        builds.append((self.fn.__name__, len(self.compile_results or []), time.perf_counter() - started))
-
-    def not_run(self, *args: Any, **kwargs: Any) -> None:
-        raise NotRun
-
-    patches = [
-        (CudaInterface, "is_available", staticmethod(lambda: True)),  # Inductor's; torch.cuda's stays False
-        (CudaInterface, "get_device_properties", staticmethod(lambda device=None: props)),
-        (CudaInterface, "get_compute_capability", staticmethod(lambda device=None: 90)),
-        (CudaInterface, "current_device", staticmethod(lambda: 0)),
-        (CudaInterface, "device_count", staticmethod(lambda: 1)),
-        (CudaInterface, "is_bf16_supported", staticmethod(lambda including_emulation=False: True)),
-        (torch.cuda, "get_device_properties", lambda device=None: props),
-        (torch.cuda, "get_device_capability", lambda device=None: (9, 0)),
-        (torch.cuda, "current_device", lambda: 0),
-        (torch.cuda, "device_count", lambda: 1),
-        (torch.cuda, "is_bf16_supported", lambda including_emulation=True: True),
-        # Dynamo saves and restores the RNG states around a trace: there is no CUDA one to keep.
-        (torch.cuda, "get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8)),
-        (torch.cuda, "set_rng_state", lambda new_state, device="cuda": None),
-        (torch.cuda.amp.common, "amp_definitely_not_available", lambda: False),  # autocast stays on
-        (triton_helpers, "set_driver_to_gpu", lambda: None),
-        (CachingAutotuner, "precompile", precompile),
-        (output_code.CompiledFxGraph, "__call__", not_run),
-    ]
     saved_driver = driver._active
     with contextlib.ExitStack() as stack:
-        for target, name, value in patches:
+        for target, name, value in _patches(builds):
             stack.enter_context(_patched(target, name, value))
-        stack.enter_context(inductor_config.patch(compile_threads=1))
-        driver.set_active(_TritonTarget())
+        stack.enter_context(inductor_config.patch(compile_threads=1))  # builds in this process, timed
+        stack.enter_context(triton_helpers.skip_gpu_driver_setup())
         stack.callback(setattr, driver, "_active", saved_driver)
+        driver.set_active(_TritonTarget())
         yield
 
 
-def _fake_cuda(model: torch.nn.Module, mode, channels_last: bool) -> torch.nn.Module:
-    """The model with every parameter and buffer replaced by a fake CUDA tensor (frozen, as a teacher's)."""
+def _fake_cuda(model: torch.nn.Module, mode: Any, channels_last: bool) -> torch.nn.Module:
+    """The model with every parameter and buffer replaced by a fake CUDA tensor of ``mode`` (a
+    `FakeTensorMode`), parameters frozen as a teacher's, 4-d ones channels_last if asked."""
     with mode:
         for module in model.modules():
             for name, p in list(module._parameters.items()):
@@ -200,7 +231,8 @@ def compile_teacher_graph(
     pair: str, graph: str, batch: int, resolution: int, dtype: str, channels_last: bool
 ) -> dict[str, Any]:
     """Compiles the live teacher's ``graph`` ("e2kd": forward and explanation sweep; "kd": forward)
-    of ``pair`` for sm_90 and returns what it cost (see the module's docstring)."""
+    of ``pair`` for sm_90, cold (Inductor's and Triton's caches in a temporary folder), on a batch of
+    [batch, 6 or 3, resolution, resolution], and returns what it cost (see the module's docstring)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bench import common
@@ -227,10 +259,16 @@ def compile_teacher_graph(
     )
     compiled = step._compiled(step._teacher_graph(explain), "cuda")
     low_precision = common.DTYPES[dtype] != torch.float32
-    builds: list[tuple[str, int, float]] = []
+    builds: list[Build] = []
     torch._dynamo.reset()
-    started = time.perf_counter()
-    with sm90_without_a_device(builds), inductor_metrics() as counted, mode, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        caches = stack.enter_context(tempfile.TemporaryDirectory(prefix="offline-gpu-compile-"))
+        stack.enter_context(common.environment_variable("TORCHINDUCTOR_CACHE_DIR", os.path.join(caches, "inductor")))
+        stack.enter_context(common.environment_variable("TRITON_CACHE_DIR", os.path.join(caches, "triton")))
+        started = time.perf_counter()
+        stack.enter_context(sm90_without_a_device(builds))
+        counted = stack.enter_context(inductor_metrics())
+        stack.enter_context(mode)
         if low_precision:  # made here: outside the patches autocast finds no CUDA and turns itself off
             stack.enter_context(torch.autocast("cuda", dtype=common.DTYPES[dtype]))
             if not torch.is_autocast_enabled("cuda"):
@@ -239,8 +277,7 @@ def compile_teacher_graph(
             compiled(x)
             raise RuntimeError("bench.offline_gpu_compile: the compiled graph ran; it should have stopped")
         except NotRun:
-            pass
-    wall = time.perf_counter() - started
+            wall = time.perf_counter() - started
     torch._dynamo.reset()
     build_s = sum(seconds for _, _, seconds in builds)
     configs = collections.Counter(n for _, n, _ in builds)
@@ -253,7 +290,6 @@ def compile_teacher_graph(
         "resolution": resolution,
         "dtype": dtype,
         "channels_last": channels_last,
-        "target": "cuda sm_90 (described as an H200)",
         "compile_s": round(wall, 2),
         "build_s": round(build_s, 2),
         "main_process_s": round(wall - build_s, 2),
@@ -268,6 +304,7 @@ def compile_teacher_graph(
 
 
 def table(records: Sequence[dict[str, Any]]) -> str:
+    """The records as a markdown table, one row per compiled graph."""
     from bench import common
 
     headers = ["graph", "batch, size", "compile s", "builds s (serial)", "rest s", "kernels", "configs", "benchmarked"]
@@ -306,31 +343,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.offline_gpu_compile: {reason}", file=sys.stderr)
         return 2
     env = {
-        "torch": torch.__version__,
-        "triton": common.package_version("triton"),
-        "cpu": common.cpu_model(),
-        "cores": common.cpu_cores(),
-        "git_commit": common.git_commit(),
+        **common.environment(torch.device("cpu")),
+        "target": "cuda sm_90, described as an H200",
         "run_id": common.new_run_id(),
         "time": common.utc_now(),
     }
-    log = print if not args.quiet else (lambda *a, **k: None)
-    log(f"compiling the {args.pair} teacher's {args.graph} graph for sm_90, cold ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="offline-gpu-compile-") as caches:
-        with (
-            common.environment_variable("TORCHINDUCTOR_CACHE_DIR", os.path.join(caches, "inductor")),
-            common.environment_variable("TRITON_CACHE_DIR", os.path.join(caches, "triton")),
-        ):
-            record = compile_teacher_graph(
-                args.pair, args.graph, args.batch, args.resolution, args.dtype, not args.no_channels_last
-            )
+    if not args.quiet:
+        print(
+            f"compiling the {args.pair} teacher's {args.graph} graph for sm_90, cold ...", file=sys.stderr, flush=True
+        )
+    record = compile_teacher_graph(
+        args.pair, args.graph, args.batch, args.resolution, args.dtype, not args.no_channels_last
+    )
     records = [{**record, **env}]
     if args.out:
         common.write_jsonl(records, Path(args.out), append=False)
     if args.record:
         path = common.RESULTS_DIR / RESULTS_FILE
         common.write_jsonl(records, path, append=True)
-        log(f"appended the record to {path}", file=sys.stderr)
+        if not args.quiet:
+            print(f"appended the record to {path}", file=sys.stderr)
     print(table(records))
     return 0
 

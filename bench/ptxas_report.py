@@ -300,7 +300,8 @@ class Specialisation:
         return (self.kernel, self.signature, self.constants, self.options)
 
 
-def _target():
+def sm90_target():
+    """The compile target of every offline sm_90 build: CUDA, compute capability 9.0, warps of 32."""
     from triton.backends.compiler import GPUTarget
 
     return GPUTarget("cuda", TARGET_ARCH, 32)
@@ -320,7 +321,7 @@ def specialise(launch: Launch) -> tuple[Specialisation, dict[str, Any]]:
     from triton.runtime.jit import create_function_from_signature
 
     fn = launch.fn
-    backend = make_backend(_target())
+    backend = make_backend(sm90_target())
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, specialization, options)
@@ -359,7 +360,7 @@ def unavailable_reason() -> str:
         import triton  # noqa: F401
         from triton.compiler import make_backend
 
-        make_backend(_target())
+        make_backend(sm90_target())
     except Exception as err:  # ImportError, or a Triton built without its CUDA back end
         return f"Triton's CUDA back end is not usable: {type(err).__name__}: {err}"
     if ptxas_path() is None:
@@ -393,7 +394,7 @@ def compile_ptx(compiled: dict[str, Any], fn: Any) -> tuple[str, int]:
     from triton.compiler import ASTSource
 
     source = ASTSource(fn, compiled["signature"], constexprs=compiled["constexprs"], attrs=compiled["attrs"])
-    kernel = triton.compile(source, target=_target(), options=compiled["options"].__dict__)
+    kernel = triton.compile(source, target=sm90_target(), options=compiled["options"].__dict__)
     return kernel.asm["ptx"], kernel.metadata.shared
 
 
